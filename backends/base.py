@@ -1,0 +1,171 @@
+"""The backend contract: primitives (`Ops`) and an execution engine (`Engine`, `Trainer`).
+
+A backend implements only what differs between frameworks:
+- `Ops`: the array primitives the neutral model, objective and optimizers are written in;
+- `Engine`: moving data and parameters across the framework edge (layouts, dtypes,
+  devices) and compiling/differentiating the neutral functions into a `Trainer`.
+
+Canonical formats at the edge (see normbench.models): images NHWC, conv kernels HWIO,
+dense kernels (in, out), activations NHWC, all as NumPy arrays. Each backend converts
+once on import/export; inside, it may use whatever layout is natural (PyTorch: NCHW).
+
+Every backend package has the same files: `ops.py` (class Ops) and `engine.py`
+(classes Engine and Trainer), with the same public names.
+"""
+
+from __future__ import annotations
+
+import abc
+
+import numpy as np
+
+from normbench.program import TrainingProgram, combine_moments
+
+
+class BackendUnavailable(RuntimeError):
+    """The framework behind a backend is not installed, or the device is absent."""
+
+
+class Ops(abc.ABC):
+    """Primitives on the backend's arrays. `x` is an activation in the backend layout
+    (channel axis = the backend's choice; the primitives know where it is)."""
+
+    @abc.abstractmethod
+    def ndim(self, x) -> int: ...
+    @abc.abstractmethod
+    def conv2d(self, x, kernel, stride: int, pads: tuple[tuple[int, int], tuple[int, int]]):
+        """Cross-correlation with explicit ((top, bottom), (left, right)) zero padding, no bias."""
+    @abc.abstractmethod
+    def dense(self, x, kernel):
+        """x @ kernel for x of shape (batch, in)."""
+    @abc.abstractmethod
+    def flatten(self, x):
+        """(batch, ...) -> (batch, features), features ordered as canonical (h, w, c)."""
+    @abc.abstractmethod
+    def add_channel_bias(self, x, bias): ...
+    @abc.abstractmethod
+    def scale_channels(self, x, scale): ...
+    @abc.abstractmethod
+    def normalize(self, x, mean, var, epsilon: float):
+        """(x - mean) / sqrt(var + epsilon), per channel."""
+    @abc.abstractmethod
+    def batch_norm_train(self, x, scale, shift, epsilon: float):
+        """Training-mode batch norm: (x - mean) / sqrt(var + epsilon) * scale + shift, with
+        the batch's per-channel mean and *biased* variance, gradients flowing through both.
+        `scale` may be None (shift-only). A primitive, not composed from the others,
+        so a backend can use its fused kernel; the parity tests hold every backend to
+        this formula."""
+    @abc.abstractmethod
+    def channel_moments(self, x):
+        """Per-channel (mean, biased variance) over every axis but the channel axis,
+        with a numerically stable algorithm (two-pass or Welford, never E[x^2] - E[x]^2)."""
+    @abc.abstractmethod
+    def reduced_count(self, x) -> int:
+        """Number of values behind each channel's moments (batch x spatial positions)."""
+    @abc.abstractmethod
+    def relu(self, x): ...
+    @abc.abstractmethod
+    def log(self, x): ...
+    @abc.abstractmethod
+    def sqrt(self, x): ...
+    @abc.abstractmethod
+    def sum(self, x):
+        """Sum of all elements (a scalar)."""
+    @abc.abstractmethod
+    def zeros_like(self, x): ...
+    @abc.abstractmethod
+    def stop_gradient(self, x): ...
+    @abc.abstractmethod
+    def softmax_cross_entropy(self, logits, labels):
+        """Mean over the batch of -log softmax(logits)[label]."""
+    @abc.abstractmethod
+    def correct_count(self, logits, labels):
+        """Number of rows whose argmax equals the label."""
+
+
+class Engine(abc.ABC):
+    """One framework on one device in one dtype."""
+
+    name: str = ""
+    framework: str = ""  # import name of the framework, for availability checks
+
+    def __init__(self, device: str | None = None, dtype: str = "float32"):
+        self.dtype = dtype
+        self.device = device
+
+    # ---- description, for provenance
+    @abc.abstractmethod
+    def versions(self) -> dict[str, str]: ...
+    @abc.abstractmethod
+    def device_description(self) -> str: ...
+
+    # ---- the edge
+    @abc.abstractmethod
+    def put_images(self, images_nhwc: np.ndarray): ...
+    @abc.abstractmethod
+    def put_labels(self, labels: np.ndarray): ...
+    @abc.abstractmethod
+    def import_tree(self, tree: dict[str, np.ndarray]) -> dict:
+        """Canonical parameters or state -> backend arrays (layout, dtype, device)."""
+    @abc.abstractmethod
+    def export_tree(self, tree: dict) -> dict[str, np.ndarray]:
+        """Backend arrays -> canonical NumPy arrays."""
+    @abc.abstractmethod
+    def activation_to_numpy(self, x) -> np.ndarray:
+        """A backend activation -> canonical-layout NumPy (NHWC or (batch, features))."""
+    @abc.abstractmethod
+    def to_numpy(self, x) -> np.ndarray:
+        """A layout-free array (scalar, per-channel vector) -> NumPy."""
+    @abc.abstractmethod
+    def synchronize(self) -> None:
+        """Block until queued device work is done (for honest timers)."""
+
+    @abc.abstractmethod
+    def trainer(self, program: TrainingProgram, params: dict[str, np.ndarray], state: dict[str, np.ndarray],
+                train_images, train_labels, track: tuple[str, ...] = ()) -> "Trainer": ...
+
+
+class Trainer(abc.ABC):
+    """Holds one run's parameters, optimizer state and BN state inside the framework."""
+
+    def __init__(self, engine: Engine, program: TrainingProgram, track: tuple[str, ...]):
+        self.engine, self.program, self.track = engine, program, track
+
+    @abc.abstractmethod
+    def step(self, indices: np.ndarray, learning_rate: float) -> dict[str, float]:
+        """One update on the training examples `indices`. Returns the batch's
+        `loss` (total objective), `cross_entropy` and `standardization_loss`."""
+
+    @abc.abstractmethod
+    def export(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Current (params, batch-norm state), canonical NumPy."""
+
+    @abc.abstractmethod
+    def gradients(self, images, labels) -> tuple[dict, dict]:
+        """(canonical gradients of the total loss, canonical training-mode intermediates)
+        on one batch, without updating anything. For parity tests."""
+
+    @abc.abstractmethod
+    def _evaluate_chunk(self, images, labels) -> dict:
+        """`program.evaluation` on one chunk, converted to NumPy."""
+
+    def evaluate(self, images, labels, num_examples: int, chunk_size: int = 2500) -> dict:
+        """Inference-mode metrics over a whole split, aggregated exactly across chunks."""
+        ce_sum, correct, parts, tracked = 0.0, 0, {}, {name: [] for name in self.track}
+        for start in range(0, num_examples, chunk_size):
+            stop = min(start + chunk_size, num_examples)
+            out = self._evaluate_chunk(images[start:stop], labels[start:stop])
+            n = stop - start
+            ce_sum += float(out["cross_entropy_mean"]) * n
+            correct += int(out["correct"])
+            for layer, (mean, var, count) in out["moments"].items():
+                parts.setdefault(layer, []).append((mean, var, count))
+            for layer, values in out["tracked"].items():
+                tracked[layer].append(values)
+        moments = {layer: combine_moments(p) for layer, p in parts.items()}
+        return {
+            "cross_entropy": ce_sum / num_examples,
+            "accuracy": correct / num_examples,
+            "moments": moments,
+            "tracked": {layer: np.concatenate(v) for layer, v in tracked.items()},
+        }

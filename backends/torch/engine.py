@@ -1,0 +1,138 @@
+"""PyTorch engine: eager execution with autograd; parameters are leaf tensors."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from normbench.backends import base
+from normbench.backends.torch.ops import Ops
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class Engine(base.Engine):
+    name = "torch"
+    framework = "torch"
+
+    def __init__(self, device: str | None = None, dtype: str = "float32"):
+        super().__init__(device, dtype)
+        requested = device or "cpu"
+        try:
+            self.torch_device = torch.device(requested)
+        except RuntimeError as exc:
+            raise base.BackendUnavailable(f"torch: invalid device {requested!r}: {exc}") from None
+        if self.torch_device.type == "cuda" and not torch.cuda.is_available():
+            raise base.BackendUnavailable(f"torch: device {requested!r} requested but no CUDA device is available; use --device cpu")
+        if self.torch_device.type == "cuda" and (self.torch_device.index or 0) >= torch.cuda.device_count():
+            raise base.BackendUnavailable(f"torch: device {requested!r} does not exist; {torch.cuda.device_count()} CUDA device(s) present")
+        if self.torch_device.type not in ("cpu", "cuda"):
+            raise base.BackendUnavailable(f"torch: device type {self.torch_device.type!r} is not supported; use cpu or cuda")
+        if self.torch_device.type == "cuda":
+            # TF32 would make float32 matmuls/convs disagree with the other backends at ~1e-3.
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
+        self.device = str(self.torch_device)
+        self.torch_dtype = _DTYPES[dtype]
+        self.ops = Ops()
+
+    def versions(self):
+        return {"torch": torch.__version__}
+
+    def device_description(self):
+        if self.torch_device.type == "cuda":
+            return f"cuda: {torch.cuda.get_device_name(self.torch_device)}"
+        return f"cpu ({torch.get_num_threads()} threads)"
+
+    def put_images(self, images_nhwc):
+        return torch.from_numpy(np.ascontiguousarray(images_nhwc.transpose(0, 3, 1, 2))).to(self.torch_device, self.torch_dtype)
+
+    def put_labels(self, labels):
+        return torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(self.torch_device)
+
+    def import_tree(self, tree):
+        out = {}
+        for name, value in tree.items():
+            value = np.asarray(value)
+            if value.ndim == 4:  # HWIO -> OIHW
+                value = value.transpose(3, 2, 0, 1)
+            out[name] = torch.from_numpy(np.ascontiguousarray(value)).to(self.torch_device, self.torch_dtype)
+        return out
+
+    def export_tree(self, tree):
+        out = {}
+        for name, value in tree.items():
+            value = value.detach().cpu().numpy()
+            out[name] = value.transpose(2, 3, 1, 0) if value.ndim == 4 else value
+        return out
+
+    def activation_to_numpy(self, x):
+        x = x.detach().cpu().numpy()
+        return x.transpose(0, 2, 3, 1) if x.ndim == 4 else x
+
+    def to_numpy(self, x):
+        return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+    def synchronize(self):
+        if self.torch_device.type == "cuda":
+            torch.cuda.synchronize(self.torch_device)
+
+    def trainer(self, program, params, state, train_images, train_labels, track=()):
+        return Trainer(self, program, params, state, train_images, train_labels, track)
+
+
+class Trainer(base.Trainer):
+    def __init__(self, engine, program, params, state, train_images, train_labels, track):
+        super().__init__(engine, program, track)
+        self.ops = engine.ops
+        self.params = {k: v.requires_grad_() for k, v in engine.import_tree(params).items()}
+        self.state = engine.import_tree(state)
+        self.opt_state = program.optimizer.init(self.ops, self.params)
+        self.train_images, self.train_labels = train_images, train_labels
+
+    def _batch(self, indices):
+        index = torch.from_numpy(np.asarray(indices, dtype=np.int64)).to(self.engine.torch_device)
+        return self.train_images.index_select(0, index), self.train_labels.index_select(0, index)
+
+    def step(self, indices, learning_rate):
+        images, labels = self._batch(indices)
+        total, aux = self.program.loss(self.ops, self.params, self.state, images, labels)
+        grads = torch.autograd.grad(total, list(self.params.values()))
+        with torch.no_grad():
+            params, self.opt_state = self.program.optimizer.update(
+                self.ops, self.params, dict(zip(self.params, grads)), self.opt_state, learning_rate)
+        self.params = {k: v.requires_grad_() for k, v in params.items()}
+        self.state = aux["state"]
+        loss, ce, std = torch.stack([total.detach(), aux["cross_entropy"].detach(), aux["standardization_loss"].detach()]).tolist()
+        return {"loss": loss, "cross_entropy": ce, "standardization_loss": std}
+
+    def export(self):
+        return self.engine.export_tree(self.params), self.engine.export_tree(self.state)
+
+    def gradients(self, images, labels):
+        total, aux = self.program.loss(self.ops, self.params, self.state, images, labels)
+        grads = torch.autograd.grad(total, list(self.params.values()))
+        with torch.no_grad():
+            seen = self.program.inspect(self.ops, self.params, self.state, images, labels)
+        e = self.engine
+        intermediates = {
+            "total_loss": e.to_numpy(total), "cross_entropy": e.to_numpy(aux["cross_entropy"]),
+            "standardization_loss": e.to_numpy(seen["standardization_loss"]),
+            "logits": e.activation_to_numpy(seen["logits"]),
+            **{f"preactivation/{k}": e.activation_to_numpy(v) for k, v in seen["preactivations"].items()},
+            **{f"mean/{k}": e.to_numpy(m) for k, (m, _) in seen["moments"].items()},
+            **{f"var/{k}": e.to_numpy(v) for k, (_, v) in seen["moments"].items()},
+            **{f"state/{k}": e.to_numpy(v) for k, v in seen["state"].items()},
+        }
+        return e.export_tree(dict(zip(self.params, grads))), intermediates
+
+    def _evaluate_chunk(self, images, labels):
+        with torch.inference_mode():
+            out = self.program.evaluation(self.ops, self.params, self.state, images, labels, self.track)
+            e = self.engine
+            return {
+                "cross_entropy_mean": out["cross_entropy_mean"].item(),
+                "correct": out["correct"].item(),
+                "moments": {k: (e.to_numpy(m), e.to_numpy(v), n) for k, (m, v, n) in out["moments"].items()},
+                "tracked": {k: e.activation_to_numpy(v) for k, v in out["tracked"].items()},
+            }

@@ -1,0 +1,78 @@
+"""PyTorch primitives. Activations are NCHW (PyTorch's native layout) or (batch, features)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from normbench.backends import base
+
+
+def _channel_view(v, x):
+    return v.view(1, -1, 1, 1) if x.dim() == 4 else v
+
+
+class Ops(base.Ops):
+    def ndim(self, x):
+        return x.dim()
+
+    def conv2d(self, x, kernel, stride, pads):
+        (top, bottom), (left, right) = pads
+        if top == bottom and left == right:
+            return F.conv2d(x, kernel, stride=stride, padding=(top, left))
+        # PyTorch's conv padding is symmetric; TensorFlow's SAME puts the odd pixel at
+        # the bottom/right, so pad explicitly to keep the canonical alignment.
+        return F.conv2d(F.pad(x, (left, right, top, bottom)), kernel, stride=stride)
+
+    def dense(self, x, kernel):
+        return x @ kernel
+
+    def flatten(self, x):
+        if x.dim() == 4:  # NCHW -> canonical (h, w, c) feature order
+            x = x.permute(0, 2, 3, 1)
+        return x.reshape(x.shape[0], -1)
+
+    def add_channel_bias(self, x, bias):
+        return x + _channel_view(bias, x)
+
+    def scale_channels(self, x, scale):
+        return x * _channel_view(scale, x)
+
+    def normalize(self, x, mean, var, epsilon):
+        return (x - _channel_view(mean, x)) * _channel_view(torch.rsqrt(var + epsilon), x)
+
+    def batch_norm_train(self, x, scale, shift, epsilon):
+        # Fused kernel: normalizes with the biased batch variance (as the contract asks);
+        # no running buffers are passed, so it updates nothing behind our back.
+        return F.batch_norm(x, None, None, scale, shift, training=True, momentum=0.0, eps=epsilon)
+
+    def channel_moments(self, x):
+        var, mean = torch.var_mean(x, dim=(0, 2, 3) if x.dim() == 4 else 0, correction=0)
+        return mean, var
+
+    def reduced_count(self, x):
+        return x.numel() // x.shape[1]
+
+    def relu(self, x):
+        return torch.relu(x)
+
+    def log(self, x):
+        return torch.log(x)
+
+    def sqrt(self, x):
+        return torch.sqrt(x)
+
+    def sum(self, x):
+        return x.sum()
+
+    def zeros_like(self, x):
+        return torch.zeros_like(x)
+
+    def stop_gradient(self, x):
+        return x.detach()
+
+    def softmax_cross_entropy(self, logits, labels):
+        return F.cross_entropy(logits, labels)
+
+    def correct_count(self, logits, labels):
+        return (logits.argmax(dim=1) == labels).sum()

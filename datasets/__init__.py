@@ -1,0 +1,46 @@
+"""Data sets for the benchmarks, importable only as ``normbench.datasets``.
+
+    from normbench import datasets
+    mnist = datasets.load("mnist")  # fetched into the cache once, SHA-256 checked on every load
+
+Each data set module provides ``load(data_dir=None, *, fetch=True)`` and a one-line
+``DESCRIPTION``; this registry maps names to them.
+"""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+from . import mnist
+from .base import Dataset, DatasetError, SourceError
+from .idx import IdxFormatError
+
+__all__ = ["Dataset", "DatasetError", "IdxFormatError", "SourceError", "describe", "load", "names"]
+
+_MODULES: dict[str, ModuleType] = {"mnist": mnist}
+
+
+def names() -> list[str]:
+    """The names of the available data sets, sorted."""
+    return sorted(_MODULES)
+
+
+def load(name: str, data_dir: str | os.PathLike | None = None, *, fetch: bool = True) -> Dataset:
+    """Load data set `name`, fetching it into the cache (under `data_dir` if given) when needed.
+
+    Raises DatasetError for an unknown name or when the data cannot be provided.
+    """
+    return _module(name).load(data_dir, fetch=fetch)
+
+
+def describe(name: str) -> str:
+    """One line about data set `name`: where it comes from and its sizes."""
+    return _module(name).DESCRIPTION
+
+
+def _module(name: str) -> ModuleType:
+    try:
+        return _MODULES[name]
+    except KeyError:
+        raise DatasetError(f"unknown data set {name!r}; available: {', '.join(names())}") from None

@@ -1,0 +1,261 @@
+"""The `normbench` command-line tool.
+
+Invalid input (a bad spec, an unknown backend, an absent device, unusable data) exits
+with code 2 and one line on stderr, never a traceback. Finished runs are always kept:
+an interrupted command resumes when re-run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class UsageError(Exception):
+    """Bad command-line input detected by normbench itself."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _apply_overrides(spec, seeds: int | None, steps: int | None):
+    changes = {}
+    if seeds is not None:
+        changes["seeds"] = seeds
+    if steps is not None:
+        changes["steps"] = steps
+        changes["eval_every"] = min(spec.eval_every, steps)
+        # An explicit --steps caps variants that set their own budget too.
+        changes["variants"] = [dict(v, steps=min(v["steps"], steps) if v.get("steps") else None) for v in
+                               [dict(name=x.name, normalization=x.normalization,
+                                     standardization_loss_weight=x.standardization_loss_weight, steps=x.steps)
+                                for x in spec.variants]]
+    return spec.replace(**changes) if changes else spec
+
+
+def _progress_enabled(args) -> bool:
+    return not args.no_progress
+
+
+def _add_run_options(p: argparse.ArgumentParser, default_out: str | None) -> None:
+    p.add_argument("--seeds", type=_positive_int, help="run seeds 0..N-1 instead of the spec's seeds")
+    p.add_argument("--steps", type=_positive_int, help="override the number of training steps (for quick looks)")
+    p.add_argument("--device", help="device for the backend, e.g. cpu, cuda, cuda:1 (default: cpu)")
+    p.add_argument("--out", default=default_out, help="results directory (default: %(default)s)")
+    p.add_argument("--data-dir", help="data cache directory (default: $NORMBENCH_DATA_DIR or ~/.cache/normbench)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="normbench", description="Benchmark the standardization loss against batch norm, identically across PyTorch, JAX and TensorFlow.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run a spec (bundled name or .toml path) on one backend")
+    p.add_argument("spec", help="bundled spec name (see `normbench specs`) or path to a .toml spec")
+    p.add_argument("--backend", required=True, help="torch, jax or tensorflow (see `normbench backends`)")
+    _add_run_options(p, default_out=None)
+
+    p = sub.add_parser("reproduce", help="reproduce a named paper experiment (tables and figures)")
+    p.add_argument("experiment", help="experiment name (see `normbench list`)")
+    p.add_argument("--backend", action="append", dest="backends", help="backend to run (repeatable; default: the experiment's)")
+    _add_run_options(p, default_out=None)
+
+    p = sub.add_parser("report", help="rebuild tables and figures of a results directory from its stored metrics")
+    p.add_argument("dir", help="results directory written by `run` or `reproduce`")
+    p.add_argument("--experiment", help="compare with this paper experiment (default: recorded in the directory)")
+
+    p = sub.add_parser("specs", help="list bundled specs, or print one to copy")
+    p.add_argument("name", nargs="?", help="print this bundled spec's TOML")
+    p.add_argument("--format", action="store_true", help="describe every spec field")
+
+    sub.add_parser("backends", help="list backends and whether they are installed")
+    sub.add_parser("datasets", help="list data sets")
+    sub.add_parser("list", help="list bundled specs, experiments, backends and data sets")
+    return parser
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def _cmd_run(args) -> int:
+    from normbench import backends, runner, spec as spec_module
+
+    spec = _apply_overrides(spec_module.load(args.spec), args.seeds, args.steps)
+    backend = backends.canonical_name(args.backend)
+    out = Path(args.out) if args.out else Path("runs") / spec.name
+    results = runner.run_sweep(spec, [backend], out, device=args.device, data_dir=args.data_dir,
+                               progress=_progress_enabled(args), log=_info)
+    _print_run_summary(results, out)
+    return 0
+
+
+def _cmd_reproduce(args) -> int:
+    from normbench import backends, experiments, report, runner, spec as spec_module
+
+    try:
+        experiment = experiments.get(args.experiment)
+    except KeyError as exc:
+        raise UsageError(exc.args[0]) from None
+    spec = _apply_overrides(spec_module.load(experiment.spec), args.seeds, args.steps)
+    chosen = [backends.canonical_name(b) for b in (args.backends or experiment.default_backends)]
+    out = Path(args.out) if args.out else Path("results") / experiment.name
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "experiment.json").write_text(json.dumps({"experiment": experiment.name, "backends": chosen,
+                                                     "command": " ".join(["normbench", *sys.argv[1:]])}, indent=2) + "\n")
+    runner.run_sweep(spec, chosen, out, device=args.device, data_dir=args.data_dir, progress=_progress_enabled(args), log=_info)
+    built = report.build_report(out, experiment.name)
+    print(built["markdown"])
+    print(f"wrote {out}/table.md, table.tex, table.csv and {', '.join(str(p) for p in built['figures'])}")
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from normbench import experiments, report
+
+    if args.experiment and args.experiment not in experiments.EXPERIMENTS:
+        raise UsageError(f"unknown experiment {args.experiment!r}; choose from {', '.join(experiments.names())}")
+    built = report.build_report(args.dir, args.experiment)
+    print(built["markdown"])
+    print(f"wrote {args.dir}/table.md, table.tex, table.csv and {', '.join(str(p) for p in built['figures'])}")
+    return 0
+
+
+def _cmd_specs(args) -> int:
+    from normbench import spec as spec_module
+
+    if args.format:
+        print(SPEC_FORMAT)
+        return 0
+    bundled = spec_module.bundled_specs()
+    if args.name:
+        if args.name not in bundled:
+            raise UsageError(f"no bundled spec {args.name!r}; bundled: {', '.join(bundled)}")
+        print(bundled[args.name].read_text(), end="")
+        return 0
+    for name, path in bundled.items():
+        s = spec_module.load(path)
+        print(f"{name:12s} {s.description}")
+    print("\n`normbench specs NAME > my.toml` copies one; `normbench specs --format` documents the fields.")
+    return 0
+
+
+def _cmd_backends(_args) -> int:
+    from normbench import backends
+
+    for name in backends.names():
+        state = "available" if backends.is_available(name) else ("framework not installed" if backends.is_implemented(name) else "not implemented")
+        print(f"{name:11s} {state}")
+    return 0
+
+
+def _cmd_datasets(_args) -> int:
+    from normbench import datasets
+
+    for name in datasets.names():
+        print(f"{name:8s} {datasets.describe(name)}")
+    return 0
+
+
+def _cmd_list(args) -> int:
+    from normbench import experiments
+
+    print("bundled specs:")
+    _cmd_specs(argparse.Namespace(format=False, name=None))
+    print("\nexperiments (normbench reproduce NAME):")
+    for name, e in experiments.EXPERIMENTS.items():
+        print(f"  {name:26s} {e.title}")
+    print("\nbackends:")
+    _cmd_backends(args)
+    print("\ndata sets:")
+    _cmd_datasets(args)
+    return 0
+
+
+def _print_run_summary(results, out: Path) -> None:
+    ok = [r for r in results if r.status == "ok"]
+    diverged = [r for r in results if r.status == "diverged"]
+    reused = sum(r.reused for r in results)
+    print(f"{len(results)} runs in {out} ({reused} reused, {len(diverged)} diverged); metrics: {out / 'metrics.csv'}")
+    for r in ok:
+        print(f"  {r.run_dir.relative_to(out)}: final test accuracy {100 * r.final_test_accuracy:.2f}%")
+    for r in diverged:
+        print(f"  {r.run_dir.relative_to(out)}: diverged at step {r.diverged_at_step}")
+
+
+def _info(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+COMMANDS = {"run": _cmd_run, "reproduce": _cmd_reproduce, "report": _cmd_report, "specs": _cmd_specs,
+            "backends": _cmd_backends, "datasets": _cmd_datasets, "list": _cmd_list}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # argparse itself exits 2 with a one-line message on bad usage
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    from normbench.backends import BackendUnavailable, UnknownBackend
+    from normbench.datasets import DatasetError
+    from normbench.runner import ResultsConflict
+    from normbench.spec import SpecError
+
+    try:
+        return COMMANDS[args.command](args)
+    except (UsageError, SpecError, UnknownBackend, BackendUnavailable, DatasetError, ResultsConflict, FileNotFoundError) as exc:
+        print(f"normbench: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("normbench: interrupted; finished runs are kept, re-run the same command to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+SPEC_FORMAT = """\
+normbench spec format (TOML). Unknown keys, wrong types and impossible values are rejected.
+
+top level
+  name                 string, required         experiment name (used for the default output folder)
+  description          string                   one line shown by `normbench specs`
+  model                cnn3 | mlp3 | cnn-tiny | mlp-tiny      (cnn3/mlp3: the paper's; *-tiny: tests)
+  dataset              mnist
+  dtype                float32 | float64        (default float32)
+  batch_size           integer >= 1
+  steps                integer >= 1             SGD updates per run
+  eval_every           integer >= 1             evaluate test set + training subset every N steps (and at 0 and the end)
+  train_eval_examples  integer >= 1             size of the fixed training subset evaluated (default 10000)
+  seeds                integer N (seeds 0..N-1) or a list of distinct integers >= 0
+  track_percentiles    list of layer names      record the 1/20/80/99th percentiles of these pre-activations
+
+[optimizer]            name = sgd | rmsprop | adam; learning_rate > 0; weight_decay >= 0 (0.5*wd*sum(kernel^2))
+  sgd:      momentum in [0, 1) (default 0), nesterov (bool, needs momentum > 0)
+  rmsprop:  decay in [0, 1) (0.9), momentum in [0, 1) (0), epsilon > 0 (1e-10, inside the sqrt)
+  adam:     beta1 (0.9), beta2 (0.999) in [0, 1), epsilon > 0 (1e-8)
+[schedule]             name = constant | step_decay | piecewise; warmup_steps >= 0 (linear ramp from 0)
+  step_decay: decay_rate in (0, 1], decay_every >= 1 (steps)
+  piecewise:  boundaries (increasing steps), multipliers (len(boundaries) + 1 factors)
+[batch_norm]           running_decay in [0, 1) (0.99: running = 0.99*running + 0.01*batch; PyTorch momentum = 1 - this)
+                       epsilon > 0 (1e-3); running_variance = biased | unbiased (estimator stored)
+[standardization_loss] log_epsilon > 0 (1e-8): log(var + log_epsilon) in equation (2)
+[[variant]]            one table per method compared:
+  name                         letters, digits, - _ .
+  normalization                none | batch_norm_shift | batch_norm_scale_shift | standardization_loss
+  standardization_loss_weight  > 0, required for (and only for) standardization_loss
+  steps                        optional per-variant budget (e.g. a longer baseline)
+"""
+
+
+if __name__ == "__main__":
+    sys.exit(main())

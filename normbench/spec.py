@@ -1,0 +1,480 @@
+"""Experiment specs: a framework-agnostic, human-editable description of an experiment.
+
+A spec is a TOML file (comments allowed, standard library parser). It names the model,
+the data set, the optimizer and schedule, the budget, the seeds and a list of
+normalization *variants* to compare. Every numerical convention that frameworks
+disagree on (batch-norm momentum, epsilon, running-variance estimator, the
+log-variance epsilon of the standardization loss) is an explicit field here, so no
+backend default can leak into a result.
+
+Loading validates everything before anything runs: unknown keys, wrong types,
+impossible values and inconsistent combinations raise `SpecError`, whose message is
+one line naming the file, the field and what is allowed.
+
+The bundled spec library lives in ``normbench/specs/``; `bundled_specs()` lists it and
+`resolve_spec_path()` accepts either a path or a bundled name.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on 3.10
+    import tomli as tomllib
+
+MODELS = ("cnn3", "mlp3", "cnn-tiny", "mlp-tiny")
+DATASETS = ("mnist",)
+DTYPES = ("float32", "float64")
+NORMALIZATIONS = ("none", "batch_norm_shift", "batch_norm_scale_shift", "standardization_loss")
+OPTIMIZERS = ("sgd", "rmsprop", "adam")
+SCHEDULES = ("constant", "step_decay", "piecewise")
+RUNNING_VARIANCE = ("biased", "unbiased")
+
+
+class SpecError(ValueError):
+    """A spec is malformed. The message is a single line: `<file>: <field>: <problem>`."""
+
+
+# ----------------------------------------------------------------------------- dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSpec:
+    name: str = "sgd"
+    learning_rate: float = 1e-3
+    # L2 penalty 0.5 * weight_decay * sum(kernel**2), added to the loss. Kernels only
+    # (not biases or batch-norm shifts), as the paper's TensorFlow regularizers did.
+    weight_decay: float = 0.0
+    momentum: float = 0.0  # sgd: heavy-ball coefficient; rmsprop: momentum on the update
+    nesterov: bool = False  # sgd only
+    decay: float = 0.9  # rmsprop: decay of the squared-gradient average
+    beta1: float = 0.9  # adam
+    beta2: float = 0.999  # adam
+    epsilon: float = 1e-8  # rmsprop and adam: added outside the square root
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleSpec:
+    """Learning-rate multiplier per step; the optimizer's learning_rate is the peak."""
+
+    name: str = "constant"
+    warmup_steps: int = 0  # linear ramp from 0 to the peak over this many steps
+    decay_rate: float = 1.0  # step_decay: multiply by this ...
+    decay_every: int = 1  # ... every this many steps (after warm-up)
+    boundaries: tuple[int, ...] = ()  # piecewise: step boundaries ...
+    multipliers: tuple[float, ...] = ()  # ... and len(boundaries) + 1 multipliers
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchNormSpec:
+    # running = running_decay * running + (1 - running_decay) * batch_statistic.
+    # This is TensorFlow/Keras/Flax's `momentum`; PyTorch's momentum is 1 - running_decay.
+    running_decay: float = 0.99
+    epsilon: float = 1e-3  # added to the variance before the square root
+    # Estimator stored in the running variance. Normalization in training always uses
+    # the biased (maximum-likelihood) batch variance; PyTorch stores the unbiased one,
+    # Keras 3 / Flax the biased one.
+    running_variance: str = "biased"
+
+
+@dataclasses.dataclass(frozen=True)
+class StandardizationLossSpec:
+    # log(var + log_epsilon) in equation (2): keeps the loss finite for dead channels.
+    log_epsilon: float = 1e-8
+
+
+@dataclasses.dataclass(frozen=True)
+class VariantSpec:
+    name: str
+    normalization: str
+    standardization_loss_weight: float = 0.0
+    steps: int | None = None  # overrides the experiment's steps for this variant
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentSpec:
+    name: str
+    model: str
+    dataset: str
+    batch_size: int
+    steps: int
+    eval_every: int
+    seeds: tuple[int, ...]
+    variants: tuple[VariantSpec, ...]
+    description: str = ""
+    dtype: str = "float32"
+    train_eval_examples: int = 10000  # fixed training subset evaluated alongside the test set
+    # Layers whose pre-activation percentiles (1, 20, 80, 99) are recorded at every
+    # evaluation (Figure 4). Empty: none.
+    track_percentiles: tuple[str, ...] = ()
+    optimizer: OptimizerSpec = OptimizerSpec()
+    schedule: ScheduleSpec = ScheduleSpec()
+    batch_norm: BatchNormSpec = BatchNormSpec()
+    standardization_loss: StandardizationLossSpec = StandardizationLossSpec()
+    source: str = "<memory>"  # where the spec was read from; not part of the hash
+
+    def steps_for(self, variant: VariantSpec) -> int:
+        return variant.steps if variant.steps is not None else self.steps
+
+    def variant(self, name: str) -> VariantSpec:
+        for v in self.variants:
+            if v.name == name:
+                return v
+        raise SpecError(f"{self.source}: variant: no variant named {name!r}; have {[v.name for v in self.variants]}")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out.pop("source")
+        return out
+
+    def hash(self) -> str:
+        """Content hash of everything that influences a result (not the file name)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def replace(self, **changes: Any) -> "ExperimentSpec":
+        """A copy with top-level fields changed, re-validated as if it had been loaded."""
+        data = self.to_dict()
+        data.update(changes)
+        return from_dict(_to_toml_shape(data), source=self.source)
+
+
+# ----------------------------------------------------------------------------- validation
+
+_REQUIRED = object()
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+class _Checker:
+    """Pops validated fields out of one TOML table, reporting problems as SpecError."""
+
+    def __init__(self, source: str, prefix: str, table: Any):
+        self.source, self.prefix = source, prefix
+        if not isinstance(table, dict):
+            self.fail("", f"expected a table, got {type(table).__name__}")
+        self.table = dict(table)
+
+    def fail(self, field: str, message: str):
+        where = f"{self.prefix}{field}" if field else self.prefix.rstrip(".") or "spec"
+        raise SpecError(f"{self.source}: {where}: {message}")
+
+    def _take(self, field: str, default: Any) -> Any:
+        if field in self.table:
+            return self.table.pop(field)
+        if default is _REQUIRED:
+            self.fail(field, "is required")
+        return default
+
+    def string(self, field, default=_REQUIRED, choices=None) -> str:
+        v = self._take(field, default)
+        if not isinstance(v, str):
+            self.fail(field, f"expected a string, got {v!r}")
+        if choices is not None and v not in choices:
+            self.fail(field, f"unknown value {v!r}; allowed: {', '.join(choices)}")
+        return v
+
+    def integer(self, field, default=_REQUIRED, minimum=None) -> int:
+        v = self._take(field, default)
+        if not _is_int(v):
+            self.fail(field, f"expected an integer, got {v!r}")
+        if minimum is not None and v < minimum:
+            self.fail(field, f"must be >= {minimum}, got {v}")
+        return v
+
+    def number(self, field, default=_REQUIRED, low=None, high=None, low_open=False, high_open=False) -> float:
+        v = self._take(field, default)
+        if not _is_number(v):
+            self.fail(field, f"expected a finite number, got {v!r}")
+        if low is not None and (v < low or (low_open and v == low)):
+            self.fail(field, f"must be {'>' if low_open else '>='} {low}, got {v}")
+        if high is not None and (v > high or (high_open and v == high)):
+            self.fail(field, f"must be {'<' if high_open else '<='} {high}, got {v}")
+        return float(v)
+
+    def boolean(self, field, default=_REQUIRED) -> bool:
+        v = self._take(field, default)
+        if not isinstance(v, bool):
+            self.fail(field, f"expected true or false, got {v!r}")
+        return v
+
+    def int_list(self, field, default=_REQUIRED, minimum=None) -> tuple[int, ...]:
+        v = self._take(field, default)
+        if not isinstance(v, (list, tuple)) or not all(_is_int(x) for x in v):
+            self.fail(field, f"expected a list of integers, got {v!r}")
+        if minimum is not None and any(x < minimum for x in v):
+            self.fail(field, f"every entry must be >= {minimum}, got {list(v)}")
+        return tuple(v)
+
+    def number_list(self, field, default=_REQUIRED) -> tuple[float, ...]:
+        v = self._take(field, default)
+        if not isinstance(v, (list, tuple)) or not all(_is_number(x) for x in v):
+            self.fail(field, f"expected a list of numbers, got {v!r}")
+        return tuple(float(x) for x in v)
+
+    def string_list(self, field, default=_REQUIRED) -> tuple[str, ...]:
+        v = self._take(field, default)
+        if not isinstance(v, (list, tuple)) or not all(isinstance(x, str) for x in v):
+            self.fail(field, f"expected a list of strings, got {v!r}")
+        return tuple(v)
+
+    def done(self):
+        if self.table:
+            key = sorted(self.table)[0]
+            self.fail(key, "unknown key (check the spelling; see `normbench specs --format`)")
+
+
+def _optimizer(source: str, table: Any) -> OptimizerSpec:
+    c = _Checker(source, "optimizer.", table)
+    name = c.string("name", choices=OPTIMIZERS)
+    fields = dict(
+        name=name,
+        learning_rate=c.number("learning_rate", low=0.0, low_open=True),
+        weight_decay=c.number("weight_decay", 0.0, low=0.0),
+    )
+    # Only the fields an optimizer uses are accepted, so a typo'd or misplaced
+    # hyperparameter cannot be silently ignored.
+    if name == "sgd":
+        fields["momentum"] = c.number("momentum", 0.0, low=0.0, high=1.0, high_open=True)
+        fields["nesterov"] = c.boolean("nesterov", False)
+        if fields["nesterov"] and fields["momentum"] == 0.0:
+            c.fail("nesterov", "Nesterov momentum needs momentum > 0")
+    elif name == "rmsprop":
+        fields["decay"] = c.number("decay", 0.9, low=0.0, high=1.0, high_open=True)
+        fields["momentum"] = c.number("momentum", 0.0, low=0.0, high=1.0, high_open=True)
+        fields["epsilon"] = c.number("epsilon", 1e-10, low=0.0, low_open=True)
+    elif name == "adam":
+        fields["beta1"] = c.number("beta1", 0.9, low=0.0, high=1.0, high_open=True)
+        fields["beta2"] = c.number("beta2", 0.999, low=0.0, high=1.0, high_open=True)
+        fields["epsilon"] = c.number("epsilon", 1e-8, low=0.0, low_open=True)
+    c.done()
+    return OptimizerSpec(**fields)
+
+
+def _schedule(source: str, table: Any) -> ScheduleSpec:
+    c = _Checker(source, "schedule.", table)
+    name = c.string("name", "constant", choices=SCHEDULES)
+    fields = dict(name=name, warmup_steps=c.integer("warmup_steps", 0, minimum=0))
+    if name == "step_decay":
+        fields["decay_rate"] = c.number("decay_rate", low=0.0, high=1.0, low_open=True)
+        fields["decay_every"] = c.integer("decay_every", minimum=1)
+    elif name == "piecewise":
+        boundaries = c.int_list("boundaries", minimum=1)
+        multipliers = c.number_list("multipliers")
+        if list(boundaries) != sorted(set(boundaries)):
+            c.fail("boundaries", f"must be strictly increasing, got {list(boundaries)}")
+        if len(multipliers) != len(boundaries) + 1:
+            c.fail("multipliers", f"needs len(boundaries) + 1 = {len(boundaries) + 1} entries, got {len(multipliers)}")
+        if any(m < 0 for m in multipliers):
+            c.fail("multipliers", f"must be >= 0, got {list(multipliers)}")
+        fields.update(boundaries=boundaries, multipliers=multipliers)
+    c.done()
+    return ScheduleSpec(**fields)
+
+
+def _batch_norm(source: str, table: Any) -> BatchNormSpec:
+    c = _Checker(source, "batch_norm.", table)
+    spec = BatchNormSpec(
+        running_decay=c.number("running_decay", 0.99, low=0.0, high=1.0, high_open=True),
+        epsilon=c.number("epsilon", 1e-3, low=0.0, low_open=True),
+        running_variance=c.string("running_variance", "biased", choices=RUNNING_VARIANCE),
+    )
+    c.done()
+    return spec
+
+
+def _standardization_loss(source: str, table: Any) -> StandardizationLossSpec:
+    c = _Checker(source, "standardization_loss.", table)
+    spec = StandardizationLossSpec(log_epsilon=c.number("log_epsilon", 1e-8, low=0.0, low_open=True))
+    c.done()
+    return spec
+
+
+def _variant(source: str, index: int, table: Any) -> VariantSpec:
+    c = _Checker(source, f"variant[{index}].", table)
+    name = c.string("name")
+    if not name or not all(ch.isalnum() or ch in "-_." for ch in name):
+        c.fail("name", f"use letters, digits, '-', '_' or '.' only, got {name!r}")
+    norm = c.string("normalization", choices=NORMALIZATIONS)
+    if norm == "standardization_loss":
+        weight = c.number("standardization_loss_weight", low=0.0, low_open=True)
+    elif "standardization_loss_weight" in c.table:
+        c.fail("standardization_loss_weight", f"only applies to normalization = \"standardization_loss\", not {norm!r}")
+    else:
+        weight = 0.0
+    steps = c.integer("steps", None, minimum=1) if "steps" in c.table else None
+    c.done()
+    return VariantSpec(name=name, normalization=norm, standardization_loss_weight=weight, steps=steps)
+
+
+def from_dict(data: Any, source: str = "<memory>") -> ExperimentSpec:
+    """Validate a parsed TOML document and build the spec (raises SpecError)."""
+    data = copy.deepcopy(data)
+    c = _Checker(source, "", data)
+    name = c.string("name")
+    description = c.string("description", "")
+    model = c.string("model", choices=MODELS)
+    dataset = c.string("dataset", choices=DATASETS)
+    dtype = c.string("dtype", "float32", choices=DTYPES)
+    batch_size = c.integer("batch_size", minimum=1)
+    steps = c.integer("steps", minimum=1)
+    eval_every = c.integer("eval_every", minimum=1)
+    train_eval_examples = c.integer("train_eval_examples", 10000, minimum=1)
+    raw_seeds = c._take("seeds", _REQUIRED)
+    if _is_int(raw_seeds):
+        if raw_seeds < 1:
+            c.fail("seeds", f"a seed count must be >= 1, got {raw_seeds}")
+        seeds = tuple(range(raw_seeds))
+    else:
+        c.table["seeds"] = raw_seeds
+        seeds = c.int_list("seeds", minimum=0)
+        if not seeds:
+            c.fail("seeds", "needs at least one seed")
+        if len(set(seeds)) != len(seeds):
+            c.fail("seeds", f"seeds must be distinct, got {list(seeds)}")
+    track = c.string_list("track_percentiles", ())
+    optimizer = _optimizer(source, c._take("optimizer", _REQUIRED))
+    schedule = _schedule(source, c._take("schedule", {}))
+    batch_norm = _batch_norm(source, c._take("batch_norm", {}))
+    std_loss = _standardization_loss(source, c._take("standardization_loss", {}))
+    raw_variants = c._take("variant", _REQUIRED)
+    if not isinstance(raw_variants, list) or not raw_variants:
+        c.fail("variant", "needs at least one [[variant]] table")
+    variants = tuple(_variant(source, i, v) for i, v in enumerate(raw_variants))
+    c.done()
+
+    names = [v.name for v in variants]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise SpecError(f"{source}: variant: duplicate variant names {duplicates}; each variant needs its own name")
+    spec = ExperimentSpec(
+        name=name, description=description, model=model, dataset=dataset, dtype=dtype,
+        batch_size=batch_size, steps=steps, eval_every=eval_every, seeds=seeds,
+        train_eval_examples=train_eval_examples, track_percentiles=track, variants=variants,
+        optimizer=optimizer, schedule=schedule, batch_norm=batch_norm,
+        standardization_loss=std_loss, source=source,
+    )
+    _check_consistency(spec)
+    return spec
+
+
+def _check_consistency(spec: ExperimentSpec) -> None:
+    """Cross-field checks that need the model and data set."""
+    from normbench import models  # local: models imports this module's constants
+
+    arch = models.ARCHITECTURES[spec.model]
+    layer_names = [layer.name for layer in arch.hidden]
+    for layer in spec.track_percentiles:
+        if layer not in layer_names:
+            raise SpecError(f"{spec.source}: track_percentiles: model {spec.model!r} has no normalized layer {layer!r}; it has {layer_names}")
+    train_size = models.DATASET_SHAPES[spec.dataset]["train_examples"]
+    if spec.batch_size > train_size:
+        raise SpecError(f"{spec.source}: batch_size: {spec.batch_size} exceeds the {train_size} training examples of {spec.dataset}")
+    if spec.train_eval_examples > train_size:
+        raise SpecError(f"{spec.source}: train_eval_examples: {spec.train_eval_examples} exceeds the {train_size} training examples of {spec.dataset}")
+    if spec.batch_size == 1 and any(v.normalization != "none" for v in spec.variants) and not arch.is_convolutional:
+        raise SpecError(f"{spec.source}: batch_size: batch statistics of a dense layer need batch_size >= 2")
+    expected_input = models.DATASET_SHAPES[spec.dataset]["image_shape"]
+    if tuple(arch.input_shape) != tuple(expected_input):
+        raise SpecError(f"{spec.source}: model: {spec.model!r} expects inputs {arch.input_shape}, {spec.dataset!r} gives {expected_input}")
+
+
+def _to_toml_shape(data: dict[str, Any]) -> dict[str, Any]:
+    """Turn `ExperimentSpec.to_dict()` back into the TOML document shape."""
+    out = dict(data)
+    out["variant"] = [{k: v for k, v in var.items() if v is not None and not (k == "standardization_loss_weight" and var["normalization"] != "standardization_loss")} for var in out.pop("variants")]
+    out["seeds"] = out["seeds"] if isinstance(out["seeds"], int) else list(out["seeds"])
+    out["track_percentiles"] = list(out["track_percentiles"])
+    opt = dict(out["optimizer"])
+    keep = {"sgd": ("momentum", "nesterov"), "rmsprop": ("decay", "momentum", "epsilon"), "adam": ("beta1", "beta2", "epsilon")}[opt["name"]]
+    out["optimizer"] = {k: v for k, v in opt.items() if k in ("name", "learning_rate", "weight_decay") + keep}
+    sched = dict(out["schedule"])
+    keep = {"constant": (), "step_decay": ("decay_rate", "decay_every"), "piecewise": ("boundaries", "multipliers")}[sched["name"]]
+    out["schedule"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in sched.items() if k in ("name", "warmup_steps") + keep}
+    return out
+
+
+def to_toml(spec: ExperimentSpec) -> str:
+    """Serialize a spec back to TOML (round-trips through `loads`)."""
+    doc = _to_toml_shape(spec.to_dict())
+    lines: list[str] = []
+    tables = {}
+    for key, value in doc.items():
+        if isinstance(value, dict):
+            tables[key] = value
+        elif key != "variant":
+            lines.append(f"{key} = {_toml_value(value)}")
+    for key, table in tables.items():
+        lines.append(f"\n[{key}]")
+        lines.extend(f"{k} = {_toml_value(v)}" for k, v in table.items())
+    for var in doc["variant"]:
+        lines.append("\n[[variant]]")
+        lines.extend(f"{k} = {_toml_value(v)}" for k, v in var.items())
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {v!r} as TOML")
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def loads(text: str, source: str = "<string>") -> ExperimentSpec:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise SpecError(f"{source}: TOML syntax error: {exc}") from None
+    return from_dict(data, source=source)
+
+
+def bundled_specs() -> dict[str, Path]:
+    """Bundled spec name -> path, for `normbench specs` and name resolution."""
+    folder = resources.files("normbench") / "specs"
+    return {Path(p.name).stem: Path(str(p)) for p in sorted(folder.iterdir(), key=lambda p: p.name) if p.name.endswith(".toml")}
+
+
+def resolve_spec_path(name_or_path: str | Path) -> Path:
+    path = Path(name_or_path)
+    if path.suffix == ".toml" or path.exists():
+        if not path.is_file():
+            raise SpecError(f"{path}: no such spec file; `normbench specs` lists the bundled ones")
+        return path
+    bundled = bundled_specs()
+    if str(name_or_path) in bundled:
+        return bundled[str(name_or_path)]
+    raise SpecError(f"{name_or_path}: neither a spec file nor a bundled spec; bundled: {', '.join(bundled)}")
+
+
+def load(name_or_path: str | Path) -> ExperimentSpec:
+    """Load and validate a spec from a path or a bundled name."""
+    path = resolve_spec_path(name_or_path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"{path}: cannot read the spec: {exc}") from None
+    return loads(text, source=str(path))
