@@ -8,10 +8,31 @@ Results directory layout (everything a report needs, nothing else):
     <out>/runs/<backend>/<variant>/seed-<n>/percentiles.csv   only if the spec tracks layers
     <out>/metrics.csv                                  all finished runs, concatenated
 
-A run is written into a temporary sibling directory and renamed into place when it is
-complete, so a half-written run is never read as a result; a re-run of the same command
-skips every finished run (resume), and a run directory holding a different spec is an
-error rather than something silently mixed in.
+and, hidden, the machinery that keeps it consistent:
+
+    <out>/.lock                                       held while spec.toml or metrics.csv is written
+    <out>/runs/<backend>/<variant>/.seed-<n>.lock     held by the process running that seed
+    <out>/runs/<backend>/<variant>/.seed-<n>.tmp-<pid>/   a run being written
+
+Nothing is lost, whatever happens to a sweep:
+- A run is trained in memory, written into its temporary sibling directory (every file
+  fsynced), renamed into place and the rename fsynced; provenance.json inside it marks it
+  finished. A process killed at any moment leaves either a finished run or nothing usable;
+  its temporary directory is removed by the next process that takes the run's lock (only
+  the lock holder writes there, so whatever it finds is a leftover).
+- Re-running the same command skips every finished run (resume); each run depends on the
+  spec, variant, seed and backend alone, so a resumed sweep's metrics equal an
+  uninterrupted one's (except wall_time_s).
+- Two sweeps into one directory share the work: a run locked by the other process is
+  deferred, and waited for after this process's own runs, so each ends with every run
+  finished and a complete metrics.csv (written under <out>/.lock, atomically).
+- A run directory holding a different spec is an error (ResultsConflict), found before
+  anything runs, rather than something silently mixed in.
+- A run whose loss or evaluation becomes NaN/inf stops there and is recorded as
+  diverged, keeping the metrics of its last finite evaluation; the sweep goes on.
+
+Lock files are left in place on purpose: removing a file another process may be
+waiting to lock would let two processes each hold "the" lock on different files.
 """
 
 from __future__ import annotations
@@ -21,6 +42,7 @@ import csv
 import dataclasses
 import fcntl
 import hashlib
+import io
 import json
 import math
 import os
@@ -32,7 +54,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from normbench import backends as backend_registry
-from normbench import datasets, provenance
+from normbench import datasets, provenance, resources
 from normbench.data_order import BatchOrder, seed_streams, train_eval_subset
 from normbench.program import TrainingProgram, standardization_loss_numpy
 from normbench.spec import ExperimentSpec, VariantSpec, to_toml
@@ -44,7 +66,12 @@ PERCENTILES = (1, 20, 80, 99)
 
 
 class ResultsConflict(RuntimeError):
-    """A results directory already holds a different run at the same place."""
+    """A results directory cannot take this sweep: it holds a different run at the same
+    place or an unreadable run record, or cannot be written. The message is one line."""
+
+
+class ResultsUnwritable(ResultsConflict):
+    """The results directory, or a file in it, cannot be created or written."""
 
 
 @dataclasses.dataclass
@@ -96,7 +123,7 @@ def is_finished(run_dir: Path, key: str) -> bool:
         return False
     try:
         recorded = json.loads(marker.read_text())["run_key"]
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, TypeError):
         raise ResultsConflict(f"{marker}: unreadable provenance; move the run directory away and re-run") from None
     if recorded != key:
         raise ResultsConflict(f"{run_dir}: holds a run of a different spec (run key {recorded}, expected {key}); "
@@ -115,25 +142,100 @@ class _Evaluator:
         }
 
 
+# ----------------------------------------------------------------------------- durable files
+
+
+def _fsync_path(path: Path) -> None:
+    """fsync a file or a directory (a directory's fsync makes renames inside it durable)."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 def _write_csv(path: Path, columns: list[str], rows: Iterable[dict]) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
+    """Replace `path` with `text` so that a reader sees the old file or the new, never a mix."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _fsync_path(path.parent)
+
+
+@contextlib.contextmanager
+def _flock(lock_path: Path, blocking: bool):
+    """An exclusive flock on `lock_path` (created if needed); yields whether it was acquired.
+
+    The kernel releases it when the process dies, however it dies."""
+    with open(lock_path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _directory_lock(out: Path):
+    """Serializes writers of <out>/spec.toml and <out>/metrics.csv, and clears their leftovers."""
+    with _flock(out / ".lock", blocking=True):
+        for name in ("spec.toml", "metrics.csv"):
+            for stale in out.glob(f".{name}.tmp-*"):  # only the lock holder writes these
+                with contextlib.suppress(OSError):
+                    stale.unlink()
+        yield
+
+
+@contextlib.contextmanager
+def _run_lock(run_dir: Path, blocking: bool = False):
+    """An exclusive lock per run: a second sweep defers a run in progress elsewhere."""
+    try:
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        (run_dir.parent / f".{run_dir.name}.lock").touch()
+    except OSError as exc:
+        raise ResultsUnwritable(f"{run_dir.parent}: cannot write ({exc.strerror or exc}); use another --out") from None
+    with _flock(run_dir.parent / f".{run_dir.name}.lock", blocking) as acquired:
+        if acquired:
+            # Only the holder of this lock writes this run, so any temporary directory
+            # seen now was left by a process that was killed while writing it.
+            for stale in run_dir.parent.glob(f".{run_dir.name}.tmp-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+        yield acquired
+
+
+# ----------------------------------------------------------------------------- one run
 
 
 def execute_run(engine, program: TrainingProgram, seed: int, train_images, train_labels, evaluator: _Evaluator,
                 on_step: Callable[[int], None] | None = None) -> dict:
-    """Train one run in memory. Returns rows, percentile rows, status and timings."""
+    """Train one run in memory. Returns rows, percentile rows, status and timings.
+
+    A run diverges when a training step's loss, or any evaluated metric, is NaN or
+    infinite. It stops there; `rows` keep only finite evaluations, `diverged_at_step`
+    is the 1-based training step whose loss was not finite (or the step count of the
+    evaluation that was not), `non_finite` says which quantities were not.
+    """
     spec, variant = program.spec, program.variant
     steps = spec.steps_for(variant)
     params, state = program.initial_parameters(seed)
@@ -145,21 +247,36 @@ def execute_run(engine, program: TrainingProgram, seed: int, train_images, train
     rows, percentile_rows = [], []
     train_time = 0.0
 
-    def evaluate(step: int) -> None:
+    def evaluate(step: int) -> list[str]:
+        """Record the evaluation at `step` if it is finite; return what was not."""
+        new_rows, new_percentiles, non_finite = [], [], []
         for split, (images, labels, n) in evaluator.splits.items():
             result = trainer.evaluate(images, labels, n)
-            rows.append({**base, "step": step, "split": split, "cross_entropy": result["cross_entropy"],
-                         "std_loss": standardization_loss_numpy(result["moments"], spec.standardization_loss.log_epsilon),
-                         "accuracy": result["accuracy"], "wall_time_s": round(train_time, 4)})
+            with np.errstate(all="ignore"):  # an exploding model overflows here; caught just below
+                std_loss = standardization_loss_numpy(result["moments"], spec.standardization_loss.log_epsilon)
+            row = {**base, "step": step, "split": split, "cross_entropy": result["cross_entropy"], "std_loss": std_loss,
+                   "accuracy": result["accuracy"], "wall_time_s": round(train_time, 4)}
+            non_finite += [f"{split}-split {k}" for k in ("cross_entropy", "std_loss", "accuracy") if not math.isfinite(row[k])]
+            new_rows.append(row)
             if split == "test":
                 for layer, values in result["tracked"].items():
-                    for q, value in zip(PERCENTILES, np.percentile(values, PERCENTILES)):
-                        percentile_rows.append({"backend": engine.name, "variant": variant.name, "seed": seed,
+                    with np.errstate(all="ignore"):
+                        quantiles = np.percentile(values, PERCENTILES)
+                    if not np.all(np.isfinite(quantiles)):
+                        non_finite.append(f"test-split {layer} percentiles")
+                    for q, value in zip(PERCENTILES, quantiles):
+                        new_percentiles.append({"backend": engine.name, "variant": variant.name, "seed": seed,
                                                 "step": step, "layer": layer, "percentile": q, "value": float(value)})
+        if not non_finite:
+            rows.extend(new_rows)
+            percentile_rows.extend(new_percentiles)
+        return non_finite
 
-    evaluate(0)
     status, diverged_at = "ok", None
-    for step in range(steps):
+    non_finite = evaluate(0)
+    if non_finite:
+        status, diverged_at = "diverged", 0
+    for step in range(steps if status == "ok" else 0):
         engine.synchronize()
         start = time.perf_counter()
         losses = trainer.step(order.indices(step), program.learning_rate(step))
@@ -167,110 +284,159 @@ def execute_run(engine, program: TrainingProgram, seed: int, train_images, train
         train_time += time.perf_counter() - start
         if on_step is not None:
             on_step(step)
-        if not all(math.isfinite(v) for v in losses.values()):
+        non_finite = [f"training-step {name}" for name, value in losses.items() if not math.isfinite(value)]
+        if non_finite:
             # Keep the metrics of the last finite evaluation; never evaluate a NaN model.
             status, diverged_at = "diverged", step + 1
             break
         if (step + 1) % spec.eval_every == 0 or step + 1 == steps:
-            evaluate(step + 1)
+            non_finite = evaluate(step + 1)
+            if non_finite:
+                status, diverged_at = "diverged", step + 1
+                break
     return {"rows": rows, "percentile_rows": percentile_rows, "status": status, "diverged_at_step": diverged_at,
-            "train_time_s": train_time, "steps_completed": diverged_at or steps}
-
-
-@contextlib.contextmanager
-def _run_lock(run_dir: Path):
-    """An exclusive, non-blocking lock per run: a second sweep skips a run in progress."""
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = run_dir.parent / f".{run_dir.name}.lock"
-    with open(lock_path, "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            "non_finite": non_finite, "last_finite_step": rows[-1]["step"] if rows else None,
+            "train_time_s": train_time, "steps_completed": steps if diverged_at is None else diverged_at}
 
 
 def write_run(run_dir: Path, outcome: dict, record: dict, tracked: bool) -> None:
-    """Write a finished run atomically: a temporary directory renamed into place."""
+    """Write a finished run atomically: a temporary directory renamed into place.
+
+    Call it holding the run's lock (see `_run_lock`)."""
     tmp = run_dir.with_name(f".{run_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    _write_csv(tmp / "metrics.csv", METRIC_COLUMNS, outcome["rows"])
-    if tracked:
-        _write_csv(tmp / "percentiles.csv", PERCENTILE_COLUMNS, outcome["percentile_rows"])
-    _atomic_write_text(tmp / "provenance.json", json.dumps(record, indent=2, sort_keys=True) + "\n")
-    for f in tmp.iterdir():
-        with open(f, "rb") as handle:
-            os.fsync(handle.fileno())
-    if run_dir.exists():  # an unfinished leftover (no provenance): replace it
-        shutil.rmtree(run_dir)
-    os.rename(tmp, run_dir)
+    try:
+        tmp.mkdir(parents=True)
+        _write_csv(tmp / "metrics.csv", METRIC_COLUMNS, outcome["rows"])
+        if tracked:
+            _write_csv(tmp / "percentiles.csv", PERCENTILE_COLUMNS, outcome["percentile_rows"])
+        _atomic_write_text(tmp / "provenance.json", json.dumps(record, indent=2, sort_keys=True) + "\n")
+        _fsync_path(tmp)
+        if run_dir.exists():  # an unfinished leftover (no provenance.json): replace it
+            shutil.rmtree(run_dir)
+        os.rename(tmp, run_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_path(run_dir.parent)
+
+
+# ----------------------------------------------------------------------------- sweeps
 
 
 def run_sweep(spec: ExperimentSpec, backend_names: list[str], out: str | Path, *, device: str | None = None,
               data_dir: str | None = None, progress: bool = True, log=print) -> list[RunResult]:
-    """Run every variant x seed of `spec` on each backend, resuming finished runs."""
+    """Run every variant x seed of `spec` on each backend, resuming finished runs.
+
+    Every check that can fail (unknown backend, a conflicting run in `out`, an
+    unwritable `out`, an absent device, not enough memory, unusable data) runs before
+    any training. Returns one RunResult per run, in spec order.
+    """
     from tqdm.auto import tqdm
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    backend_names = [backend_registry.canonical_name(b) for b in backend_names]
-    _atomic_write_text(out / "spec.toml", f"# resolved spec of this sweep (source: {spec.source})\n" + to_toml(spec))
-    # Engines first: an unknown backend or an absent device fails before any data is touched.
-    created = {b: backend_registry.get_engine(b, device=device, dtype=spec.dtype) for b in backend_names}
-    data = load_data(spec, data_dir)
-    env = provenance.environment()
-    results: list[RunResult] = []
+    backend_names = list(dict.fromkeys(backend_registry.canonical_name(b) for b in backend_names))
     todo = [(b, v, s) for b in backend_names for v in spec.variants for s in spec.seeds]
-    pending = [t for t in todo if not is_finished(run_dir_for(out, t[0], t[1], t[2]), run_key(spec, t[1], t[2], t[0]))]
+    keys = [run_key(spec, v, s, b) for b, v, s in todo]
+    dirs = [run_dir_for(out, b, v, s) for b, v, s in todo]
+    pending = {i for i in range(len(todo)) if not is_finished(dirs[i], keys[i])}  # raises on a conflict
+    # Engines next: an absent framework or device fails before anything is written or loaded.
+    created = {b: backend_registry.get_engine(b, device=device, dtype=spec.dtype) for b in backend_names}
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ResultsUnwritable(f"{out}: cannot create the results directory ({exc.strerror or exc}); use another --out") from None
+    loaded: list[LoadedData] = []
+
+    def data() -> LoadedData:
+        if not loaded:
+            loaded.append(load_data(spec, data_dir))
+        return loaded[0]
+
+    if pending:
+        resources.check_fits(spec, list(created.values()))
+        data()
     if len(pending) < len(todo):
         log(f"resuming: {len(todo) - len(pending)} of {len(todo)} runs already finished in {out}")
-    total_steps = sum(spec.steps_for(v) for _, v, _ in pending)
-    bar = tqdm(total=total_steps, unit="step", disable=not progress, dynamic_ncols=True)
+    source = " ".join(spec.source.splitlines())  # a comment line must stay one line
+    _write_results_file(out, "spec.toml", f"# resolved spec of this sweep (source: {source})\n" + to_toml(spec))
+    env = provenance.environment()
+    results: dict[int, RunResult] = {}
     engines: dict[str, tuple] = {}
-    try:
-        for backend, variant, seed in todo:
-            run_dir = run_dir_for(out, backend, variant, seed)
-            key = run_key(spec, variant, seed, backend)
-            if is_finished(run_dir, key):
-                results.append(_summarize(run_dir, reused=True))
-                continue
-            with _run_lock(run_dir) as acquired:
-                if not acquired:
-                    log(f"skipping {run_dir}: another process is running it")
-                    continue
-                if is_finished(run_dir, key):  # finished by another process meanwhile
-                    results.append(_summarize(run_dir, reused=True))
-                    continue
-                if backend not in engines:
-                    engine = created[backend]
-                    engines[backend] = (engine, engine.put_images(data.train_images), engine.put_labels(data.train_labels),
-                                        _Evaluator(engine, data, spec))
-                engine, train_images, train_labels, evaluator = engines[backend]
-                bar.set_description(f"{backend}/{variant.name}/seed {seed}")
-                started = provenance.now()
-                outcome = execute_run(engine, TrainingProgram(spec, variant), seed, train_images, train_labels,
-                                      evaluator, on_step=lambda _: bar.update(1))
-                record = {
-                    "run_key": run_key(spec, variant, seed, backend), "spec_hash": spec.hash(), "spec_name": spec.name,
-                    "spec_source": spec.source, "backend": backend, "variant": dataclasses.asdict(variant), "seed": seed,
-                    "dtype": spec.dtype, "device": engine.device_description(), "framework_versions": engine.versions(),
-                    "status": outcome["status"], "diverged_at_step": outcome["diverged_at_step"],
-                    "steps_completed": outcome["steps_completed"], "train_time_s": round(outcome["train_time_s"], 3),
-                    "data_files": data.files, "started": started, "finished": provenance.now(), **env,
-                }
+    bar = tqdm(total=sum(spec.steps_for(todo[i][1]) for i in pending), unit="step", disable=not progress, dynamic_ncols=True)
+
+    def attempt(index: int, blocking: bool) -> bool:
+        """Reuse or run todo[index]; False if another process holds it (non-blocking only)."""
+        backend, variant, seed = todo[index]
+        run_dir, key = dirs[index], keys[index]
+        steps = spec.steps_for(variant)
+        if is_finished(run_dir, key):
+            results[index] = _summarize(run_dir, reused=True)
+            bar.update(steps if index in pending else 0)  # pending at the start: finished by another process
+            return True
+        with _run_lock(run_dir, blocking) as acquired:
+            if not acquired:
+                return False
+            if is_finished(run_dir, key):  # finished by another process meanwhile
+                results[index] = _summarize(run_dir, reused=True)
+                bar.update(steps if index in pending else 0)
+                return True
+            if backend not in engines:
+                engine, d = created[backend], data()
+                engines[backend] = (engine, engine.put_images(d.train_images), engine.put_labels(d.train_labels),
+                                    _Evaluator(engine, d, spec))
+            engine, train_images, train_labels, evaluator = engines[backend]
+            bar.set_description(f"{backend}/{variant.name}/seed {seed}")
+            started = provenance.now()
+            outcome = execute_run(engine, TrainingProgram(spec, variant), seed, train_images, train_labels,
+                                  evaluator, on_step=lambda _: bar.update(1))
+            bar.update(steps - outcome["steps_completed"] if index in pending else 0)
+            record = {
+                "run_key": key, "spec_hash": spec.hash(), "spec_name": spec.name,
+                "spec_source": spec.source, "backend": backend, "variant": dataclasses.asdict(variant), "seed": seed,
+                "dtype": spec.dtype, "device": engine.device_description(), "framework_versions": engine.versions(),
+                "status": outcome["status"], "diverged_at_step": outcome["diverged_at_step"],
+                "non_finite": outcome["non_finite"], "last_finite_step": outcome["last_finite_step"],
+                "steps_completed": outcome["steps_completed"], "train_time_s": round(outcome["train_time_s"], 3),
+                "data_files": data().files, "started": started, "finished": provenance.now(), **env,
+            }
+            try:
                 write_run(run_dir, outcome, record, tracked=bool(spec.track_percentiles))
-                if outcome["status"] == "diverged":
-                    log(f"{backend}/{variant.name}/seed {seed}: diverged at step {outcome['diverged_at_step']} (recorded; continuing)")
-                results.append(_summarize(run_dir, reused=False))
+            except OSError as exc:
+                raise ResultsUnwritable(f"{run_dir}: cannot write the run ({exc.strerror or exc}); "
+                                        "finished runs are kept, free space or use another --out") from None
+            if outcome["status"] == "diverged":
+                log(f"{backend}/{variant.name}/seed {seed}: diverged at step {outcome['diverged_at_step']} "
+                    f"({', '.join(outcome['non_finite'])} not finite; recorded, continuing)")
+            results[index] = _summarize(run_dir, reused=False)
+            return True
+
+    try:
+        deferred = []
+        for index in range(len(todo)):
+            if not attempt(index, blocking=False):
+                log(f"{dirs[index]}: another process is running it; coming back to it later")
+                deferred.append(index)
+        for index in deferred:
+            log(f"waiting for another process to finish {dirs[index]}")
+            attempt(index, blocking=True)
+    except KeyboardInterrupt:
+        # Let metrics.csv list what is finished; a second Ctrl-C here loses nothing either.
+        with contextlib.suppress(Exception):
+            collect(out)
+        raise
     finally:
         bar.close()
     collect(out)
-    return results
+    return [results[i] for i in range(len(todo))]
+
+
+def _write_results_file(out: Path, name: str, text: str) -> None:
+    try:
+        with _directory_lock(out):
+            _atomic_write_text(out / name, text)
+    except OSError as exc:
+        raise ResultsUnwritable(f"{out / name}: cannot write ({exc.strerror or exc}); free space or use another --out") from None
 
 
 def _summarize(run_dir: Path, reused: bool) -> RunResult:
@@ -288,12 +454,22 @@ def finished_run_dirs(out: Path) -> list[Path]:
 
 
 def collect(out: str | Path) -> Path:
-    """Concatenate every finished run's metrics into <out>/metrics.csv (atomically)."""
+    """Concatenate every finished run's metrics into <out>/metrics.csv (atomically).
+
+    Runs are taken in path order, so the file depends only on which runs are finished,
+    not on who finished them or when; writers are serialized, so of two sweeps in one
+    directory the one collecting last writes every run either of them finished."""
     out = Path(out)
-    lines: list[str] = [",".join(METRIC_COLUMNS)]
-    for run_dir in finished_run_dirs(out):
-        with open(run_dir / "metrics.csv") as f:
-            body = f.read().splitlines()[1:]
-        lines.extend(body)
-    _atomic_write_text(out / "metrics.csv", "\n".join(lines) + "\n")
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=METRIC_COLUMNS, extrasaction="ignore", restval="", lineterminator="\n")
+    writer.writeheader()
+    try:
+        with _directory_lock(out):
+            for run_dir in finished_run_dirs(out):
+                with open(run_dir / "metrics.csv", newline="") as f:
+                    writer.writerows(csv.DictReader(f))
+            _atomic_write_text(out / "metrics.csv", buffer.getvalue())
+    except OSError as exc:
+        raise ResultsUnwritable(f"{out / 'metrics.csv'}: cannot write ({exc.strerror or exc}); "
+                                "the runs themselves are kept, `normbench report` rebuilds it") from None
     return out / "metrics.csv"

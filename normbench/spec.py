@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import hashlib
 import json
 import math
+import re
 import sys
 from importlib import resources
 from pathlib import Path
@@ -39,10 +41,34 @@ NORMALIZATIONS = ("none", "batch_norm_shift", "batch_norm_scale_shift", "standar
 OPTIMIZERS = ("sgd", "rmsprop", "adam")
 SCHEDULES = ("constant", "step_decay", "piecewise")
 RUNNING_VARIANCE = ("biased", "unbiased")
+MAX_SEEDS = 10000  # an integer `seeds` expands to a tuple: keep a typo from allocating millions
+
+# Keys each table accepts. Optimizer and schedule fields depend on the chosen name, so a
+# hyperparameter of another optimizer is rejected instead of silently ignored.
+TOP_LEVEL_KEYS = ("name", "description", "model", "dataset", "dtype", "batch_size", "steps", "eval_every",
+                  "train_eval_examples", "seeds", "track_percentiles", "optimizer", "schedule", "batch_norm",
+                  "standardization_loss", "variant")
+OPTIMIZER_KEYS = {
+    "sgd": ("name", "learning_rate", "weight_decay", "momentum", "nesterov"),
+    "rmsprop": ("name", "learning_rate", "weight_decay", "decay", "momentum", "epsilon"),
+    "adam": ("name", "learning_rate", "weight_decay", "beta1", "beta2", "epsilon"),
+}
+SCHEDULE_KEYS = {
+    "constant": ("name", "warmup_steps"),
+    "step_decay": ("name", "warmup_steps", "decay_rate", "decay_every"),
+    "piecewise": ("name", "warmup_steps", "boundaries", "multipliers"),
+}
+BATCH_NORM_KEYS = ("running_decay", "epsilon", "running_variance")
+STANDARDIZATION_LOSS_KEYS = ("log_epsilon",)
+VARIANT_KEYS = ("name", "normalization", "standardization_loss_weight", "steps")
 
 
 class SpecError(ValueError):
     """A spec is malformed. The message is a single line: `<file>: <field>: <problem>`."""
+
+    def __init__(self, message: str):
+        # One line, always: a value quoted into a message can never break it up.
+        super().__init__(" ".join(str(message).splitlines()))
 
 
 # ----------------------------------------------------------------------------- dataclasses
@@ -121,7 +147,8 @@ class ExperimentSpec:
     schedule: ScheduleSpec = ScheduleSpec()
     batch_norm: BatchNormSpec = BatchNormSpec()
     standardization_loss: StandardizationLossSpec = StandardizationLossSpec()
-    source: str = "<memory>"  # where the spec was read from; not part of the hash
+    # Where the spec was read from: for messages only, not part of equality or the hash.
+    source: str = dataclasses.field(default="<memory>", compare=False)
 
     def steps_for(self, variant: VariantSpec) -> int:
         return variant.steps if variant.steps is not None else self.steps
@@ -144,8 +171,12 @@ class ExperimentSpec:
 
     def replace(self, **changes: Any) -> "ExperimentSpec":
         """A copy with top-level fields changed, re-validated as if it had been loaded."""
+        fields = [f.name for f in dataclasses.fields(self) if f.name != "source"]
+        unknown = sorted(set(changes) - set(fields))
+        if unknown:
+            raise SpecError(f"{self.source}: {unknown[0]}: unknown field; fields: {', '.join(fields)}")
         data = self.to_dict()
-        data.update(changes)
+        data.update({k: _plain(v) for k, v in changes.items()})
         return from_dict(_to_toml_shape(data), source=self.source)
 
 
@@ -162,6 +193,22 @@ def _is_number(v: Any) -> bool:
     return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
 
 
+def _plain(value: Any) -> Any:
+    """Spec dataclasses (as `replace` may receive them) -> the dicts `to_dict` holds."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    return value
+
+
+def _check_name(c: "_Checker", field: str, name: str) -> None:
+    # Names become directory names (runs/<name>, <out>/runs/<backend>/<variant>): no
+    # separators, no leading dot ("..", hidden files), nothing a shell needs quoted.
+    if not name or not name[0].isalnum() or not all(ch.isalnum() or ch in "-_." for ch in name):
+        c.fail(field, f"must start with a letter or digit and use letters, digits, '-', '_' or '.' only, got {name!r}")
+
+
 class _Checker:
     """Pops validated fields out of one TOML table, reporting problems as SpecError."""
 
@@ -174,6 +221,18 @@ class _Checker:
     def fail(self, field: str, message: str):
         where = f"{self.prefix}{field}" if field else self.prefix.rstrip(".") or "spec"
         raise SpecError(f"{self.source}: {where}: {message}")
+
+    def only(self, allowed: tuple[str, ...], context: str = "", elsewhere: dict[str, str] | None = None) -> None:
+        """Reject any key outside `allowed`, naming what is allowed (and where a key belongs)."""
+        for key in sorted(self.table, key=str):
+            if key in allowed:
+                continue
+            if elsewhere and key in elsewhere:
+                problem = f"does not apply{context}; {elsewhere[key]}"
+            else:
+                close = difflib.get_close_matches(str(key), allowed, n=1)
+                problem = "unknown key" + (f" (did you mean {close[0]!r}?)" if close else "")
+            self.fail(str(key), f"{problem}; allowed here: {', '.join(allowed)}")
 
     def _take(self, field: str, default: Any) -> Any:
         if field in self.table:
@@ -232,17 +291,20 @@ class _Checker:
         v = self._take(field, default)
         if not isinstance(v, (list, tuple)) or not all(isinstance(x, str) for x in v):
             self.fail(field, f"expected a list of strings, got {v!r}")
+        if len(set(v)) != len(v):
+            self.fail(field, f"entries must be distinct, got {list(v)}")
         return tuple(v)
 
     def done(self):
         if self.table:
-            key = sorted(self.table)[0]
-            self.fail(key, "unknown key (check the spelling; see `normbench specs --format`)")
+            key = sorted(self.table, key=str)[0]
+            self.fail(str(key), "unknown key (check the spelling; see `normbench specs --format`)")
 
 
 def _optimizer(source: str, table: Any) -> OptimizerSpec:
     c = _Checker(source, "optimizer.", table)
     name = c.string("name", choices=OPTIMIZERS)
+    c.only(OPTIMIZER_KEYS[name], f" to optimizer {name!r}", _belongs_to(OPTIMIZER_KEYS, "optimizer"))
     fields = dict(
         name=name,
         learning_rate=c.number("learning_rate", low=0.0, low_open=True),
@@ -270,6 +332,7 @@ def _optimizer(source: str, table: Any) -> OptimizerSpec:
 def _schedule(source: str, table: Any) -> ScheduleSpec:
     c = _Checker(source, "schedule.", table)
     name = c.string("name", "constant", choices=SCHEDULES)
+    c.only(SCHEDULE_KEYS[name], f" to schedule {name!r}", _belongs_to(SCHEDULE_KEYS, "schedule"))
     fields = dict(name=name, warmup_steps=c.integer("warmup_steps", 0, minimum=0))
     if name == "step_decay":
         fields["decay_rate"] = c.number("decay_rate", low=0.0, high=1.0, low_open=True)
@@ -290,6 +353,7 @@ def _schedule(source: str, table: Any) -> ScheduleSpec:
 
 def _batch_norm(source: str, table: Any) -> BatchNormSpec:
     c = _Checker(source, "batch_norm.", table)
+    c.only(BATCH_NORM_KEYS)
     spec = BatchNormSpec(
         running_decay=c.number("running_decay", 0.99, low=0.0, high=1.0, high_open=True),
         epsilon=c.number("epsilon", 1e-3, low=0.0, low_open=True),
@@ -301,6 +365,7 @@ def _batch_norm(source: str, table: Any) -> BatchNormSpec:
 
 def _standardization_loss(source: str, table: Any) -> StandardizationLossSpec:
     c = _Checker(source, "standardization_loss.", table)
+    c.only(STANDARDIZATION_LOSS_KEYS)
     spec = StandardizationLossSpec(log_epsilon=c.number("log_epsilon", 1e-8, low=0.0, low_open=True))
     c.done()
     return spec
@@ -308,14 +373,14 @@ def _standardization_loss(source: str, table: Any) -> StandardizationLossSpec:
 
 def _variant(source: str, index: int, table: Any) -> VariantSpec:
     c = _Checker(source, f"variant[{index}].", table)
+    c.only(VARIANT_KEYS)
     name = c.string("name")
-    if not name or not all(ch.isalnum() or ch in "-_." for ch in name):
-        c.fail("name", f"use letters, digits, '-', '_' or '.' only, got {name!r}")
+    _check_name(c, "name", name)
     norm = c.string("normalization", choices=NORMALIZATIONS)
     if norm == "standardization_loss":
         weight = c.number("standardization_loss_weight", low=0.0, low_open=True)
     elif "standardization_loss_weight" in c.table:
-        c.fail("standardization_loss_weight", f"only applies to normalization = \"standardization_loss\", not {norm!r}")
+        c.fail("standardization_loss_weight", f"only applies to normalization = \"standardization_loss\", not {norm!r}; remove it or change the normalization")
     else:
         weight = 0.0
     steps = c.integer("steps", None, minimum=1) if "steps" in c.table else None
@@ -327,7 +392,9 @@ def from_dict(data: Any, source: str = "<memory>") -> ExperimentSpec:
     """Validate a parsed TOML document and build the spec (raises SpecError)."""
     data = copy.deepcopy(data)
     c = _Checker(source, "", data)
+    c.only(TOP_LEVEL_KEYS, elsewhere=_misplaced_top_level_keys())
     name = c.string("name")
+    _check_name(c, "name", name)
     description = c.string("description", "")
     model = c.string("model", choices=MODELS)
     dataset = c.string("dataset", choices=DATASETS)
@@ -338,8 +405,8 @@ def from_dict(data: Any, source: str = "<memory>") -> ExperimentSpec:
     train_eval_examples = c.integer("train_eval_examples", 10000, minimum=1)
     raw_seeds = c._take("seeds", _REQUIRED)
     if _is_int(raw_seeds):
-        if raw_seeds < 1:
-            c.fail("seeds", f"a seed count must be >= 1, got {raw_seeds}")
+        if not 1 <= raw_seeds <= MAX_SEEDS:
+            c.fail("seeds", f"a seed count must be in 1..{MAX_SEEDS}, got {raw_seeds}")
         seeds = tuple(range(raw_seeds))
     else:
         c.table["seeds"] = raw_seeds
@@ -348,6 +415,8 @@ def from_dict(data: Any, source: str = "<memory>") -> ExperimentSpec:
             c.fail("seeds", "needs at least one seed")
         if len(set(seeds)) != len(seeds):
             c.fail("seeds", f"seeds must be distinct, got {list(seeds)}")
+        if len(seeds) > MAX_SEEDS:
+            c.fail("seeds", f"at most {MAX_SEEDS} seeds, got {len(seeds)}")
     track = c.string_list("track_percentiles", ())
     optimizer = _optimizer(source, c._take("optimizer", _REQUIRED))
     schedule = _schedule(source, c._take("schedule", {}))
@@ -355,7 +424,7 @@ def from_dict(data: Any, source: str = "<memory>") -> ExperimentSpec:
     std_loss = _standardization_loss(source, c._take("standardization_loss", {}))
     raw_variants = c._take("variant", _REQUIRED)
     if not isinstance(raw_variants, list) or not raw_variants:
-        c.fail("variant", "needs at least one [[variant]] table")
+        c.fail("variant", f"expected one or more [[variant]] tables (double brackets), got {type(raw_variants).__name__}")
     variants = tuple(_variant(source, i, v) for i, v in enumerate(raw_variants))
     c.done()
 
@@ -372,6 +441,27 @@ def from_dict(data: Any, source: str = "<memory>") -> ExperimentSpec:
     )
     _check_consistency(spec)
     return spec
+
+
+def _belongs_to(keys_by_name: dict[str, tuple[str, ...]], table: str) -> dict[str, str]:
+    """key -> "it is a setting of optimizer name = 'sgd' or 'rmsprop'", for every key some name accepts."""
+    owners: dict[str, list[str]] = {}
+    for choice, keys in keys_by_name.items():
+        for key in keys:
+            owners.setdefault(key, []).append(choice)
+    return {k: f"it is a setting of {table} name = {' or '.join(repr(n) for n in names)}" for k, names in owners.items()}
+
+
+def _misplaced_top_level_keys() -> dict[str, str]:
+    """Table fields written at the top level (a missing [table] header) -> where they belong."""
+    tables: dict[str, list[str]] = {}
+    for header, keys in [("[optimizer]", sum(OPTIMIZER_KEYS.values(), ())), ("[schedule]", sum(SCHEDULE_KEYS.values(), ())),
+                         ("[batch_norm]", BATCH_NORM_KEYS), ("[standardization_loss]", STANDARDIZATION_LOSS_KEYS),
+                         ("[[variant]]", VARIANT_KEYS)]:
+        for key in keys:
+            if key not in TOP_LEVEL_KEYS and header not in tables.setdefault(key, []):
+                tables[key].append(header)
+    return {key: f"it belongs in a {' or '.join(headers)} table" for key, headers in tables.items()}
 
 
 def _check_consistency(spec: ExperimentSpec) -> None:
@@ -435,10 +525,25 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, (int, float)):
         return repr(v)
     if isinstance(v, str):
-        return json.dumps(v)
+        return _toml_string(v)
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     raise TypeError(f"cannot write {v!r} as TOML")
+
+
+def _toml_string(text: str) -> str:
+    """A TOML basic string. Not json.dumps: TOML forbids the surrogate-pair escapes JSON
+    writes for characters outside the BMP, and needs DEL escaped."""
+    escapes = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
+    out = []
+    for ch in text:
+        if ch in escapes:
+            out.append(escapes[ch])
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04X}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
 
 
 # ----------------------------------------------------------------------------- loading
@@ -448,7 +553,11 @@ def loads(text: str, source: str = "<string>") -> ExperimentSpec:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise SpecError(f"{source}: TOML syntax error: {exc}") from None
+        # "Invalid value (at line 3, column 8)" -> "<file>: line 3, column 8: TOML syntax error: invalid value"
+        match = re.fullmatch(r"(.*?)\s*\(at (line \d+, column \d+|end of document)\)", str(exc))
+        where, problem = (match.group(2), match.group(1)) if match else ("TOML", str(exc))
+        raise SpecError(f"{source}: {where}: TOML syntax error: {problem[:1].lower() + problem[1:]}; "
+                        "see `normbench specs --format` for the format") from None
     return from_dict(data, source=source)
 
 
