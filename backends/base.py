@@ -149,8 +149,11 @@ class Trainer(abc.ABC):
     def _evaluate_chunk(self, images, labels) -> dict:
         """`program.evaluation` on one chunk, converted to NumPy."""
 
-    def evaluate(self, images, labels, num_examples: int, chunk_size: int = 2500) -> dict:
-        """Inference-mode metrics over a whole split, aggregated exactly across chunks."""
+    def evaluate(self, images, labels, num_examples: int, chunk_size: int = 500) -> dict:
+        """Inference-mode metrics over a whole split, aggregated exactly across chunks.
+
+        Chunks of 500 keep every intermediate inside the CPU caches: on the 2-core
+        reference machine, 2500-image chunks made evaluating cnn3 twice as slow."""
         ce_sum, correct, parts, tracked = 0.0, 0, {}, {name: [] for name in self.track}
         for start in range(0, num_examples, chunk_size):
             stop = min(start + chunk_size, num_examples)

@@ -58,8 +58,16 @@ def _add_run_options(p: argparse.ArgumentParser, default_out: str | None) -> Non
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (and exit 2), like every other error.
+    Subparsers inherit the class, so `normbench run --steps 0` behaves the same way."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"normbench: error: {self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="normbench", description="Benchmark the standardization loss against batch norm, identically across PyTorch, JAX and TensorFlow.")
+    parser = _Parser(prog="normbench", description="Benchmark the standardization loss against batch norm, identically across PyTorch, JAX and TensorFlow.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("run", help="run a spec (bundled name or .toml path) on one backend")
@@ -68,13 +76,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(p, default_out=None)
 
     p = sub.add_parser("reproduce", help="reproduce a named paper experiment (tables and figures)")
-    p.add_argument("experiment", help="experiment name (see `normbench list`)")
+    p.add_argument("experiment", help="experiment name (see `normbench list`), or all")
     p.add_argument("--backend", action="append", dest="backends", help="backend to run (repeatable; default: the experiment's)")
     _add_run_options(p, default_out=None)
 
     p = sub.add_parser("report", help="rebuild tables and figures of a results directory from its stored metrics")
     p.add_argument("dir", help="results directory written by `run` or `reproduce`")
     p.add_argument("--experiment", help="compare with this paper experiment (default: recorded in the directory)")
+
+    p = sub.add_parser("parity", help="run a spec on every available backend from the same weights and batches and compare")
+    p.add_argument("spec", help="bundled spec name or path to a .toml spec")
+    p.add_argument("--steps", type=_positive_int, default=50, help="training steps whose losses are compared (default: %(default)s)")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="precision (default: %(default)s)")
+    p.add_argument("--backend", action="append", dest="backends", help="backend to include (repeatable; default: all available)")
 
     p = sub.add_parser("specs", help="list bundled specs, or print one to copy")
     p.add_argument("name", nargs="?", help="print this bundled spec's TOML")
@@ -102,8 +116,13 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_reproduce(args) -> int:
-    from normbench import backends, experiments, report, runner, spec as spec_module
+    from normbench import backends, experiments, provenance, report, runner, spec as spec_module
 
+    if args.experiment == "all":  # every experiment, each into <--out or results>/<name>
+        root = Path(args.out) if args.out else Path("results")
+        for name in experiments.names():
+            _cmd_reproduce(argparse.Namespace(**{**vars(args), "experiment": name, "out": str(root / name)}))
+        return 0
     try:
         experiment = experiments.get(args.experiment)
     except KeyError as exc:
@@ -113,11 +132,14 @@ def _cmd_reproduce(args) -> int:
     out = Path(args.out) if args.out else Path("results") / experiment.name
     out.mkdir(parents=True, exist_ok=True)
     (out / "experiment.json").write_text(json.dumps({"experiment": experiment.name, "backends": chosen,
-                                                     "command": " ".join(["normbench", *sys.argv[1:]])}, indent=2) + "\n")
+                                                     "command": provenance.command_line()}, indent=2) + "\n")
     runner.run_sweep(spec, chosen, out, device=args.device, data_dir=args.data_dir, progress=_progress_enabled(args), log=_info)
     built = report.build_report(out, experiment.name)
     print(built["markdown"])
     print(f"wrote {out}/table.md, table.tex, table.csv and {', '.join(str(p) for p in built['figures'])}")
+    index = report.update_index(out)  # results/README.md, when out is results/<experiment>
+    if index:
+        print(f"updated {index}")
     return 0
 
 
@@ -126,10 +148,32 @@ def _cmd_report(args) -> int:
 
     if args.experiment and args.experiment not in experiments.EXPERIMENTS:
         raise UsageError(f"unknown experiment {args.experiment!r}; choose from {', '.join(experiments.names())}")
+    if report.is_results_root(args.dir):  # a folder of experiment folders: rebuild each, then the index
+        for built in report.build_all(args.dir):
+            print(f"wrote {', '.join(str(p) for p in built['figures'])} and their tables")
+        print(f"wrote {Path(args.dir) / report.INDEX_NAME}")
+        return 0
     built = report.build_report(args.dir, args.experiment)
     print(built["markdown"])
     print(f"wrote {args.dir}/table.md, table.tex, table.csv and {', '.join(str(p) for p in built['figures'])}")
+    index = report.update_index(args.dir)
+    if index:
+        print(f"updated {index}")
     return 0
+
+
+def _cmd_parity(args) -> int:
+    from normbench import backends, parity, spec as spec_module
+
+    spec = spec_module.load(args.spec)
+    chosen = [backends.canonical_name(b) for b in args.backends] if args.backends else backends.available()
+    if len(chosen) < 2:
+        raise UsageError(f"parity needs at least two installed backends, have {chosen}; install more with pip install 'normbench[all]'")
+    ok, text = parity.run_parity(spec, steps=args.steps, dtype=args.dtype, backends=chosen)
+    print(text)
+    if not ok:
+        print("normbench: parity: at least one quantity exceeded its tolerance (marked FAIL above)", file=sys.stderr)
+    return 0 if ok else 1
 
 
 def _cmd_specs(args) -> int:
@@ -198,13 +242,17 @@ def _info(message: str) -> None:
     print(message, file=sys.stderr)
 
 
-COMMANDS = {"run": _cmd_run, "reproduce": _cmd_reproduce, "report": _cmd_report, "specs": _cmd_specs,
+COMMANDS = {"run": _cmd_run, "reproduce": _cmd_reproduce, "report": _cmd_report, "parity": _cmd_parity, "specs": _cmd_specs,
             "backends": _cmd_backends, "datasets": _cmd_datasets, "list": _cmd_list}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)  # argparse itself exits 2 with a one-line message on bad usage
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)  # _Parser exits 2 with a one-line message on bad usage
+    from normbench import provenance
+
+    provenance.set_command_line(["normbench", *argv])
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
@@ -215,8 +263,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return COMMANDS[args.command](args)
-    except (UsageError, SpecError, UnknownBackend, BackendUnavailable, DatasetError, ResultsConflict, FileNotFoundError) as exc:
-        print(f"normbench: error: {exc}", file=sys.stderr)
+    except (UsageError, SpecError, UnknownBackend, BackendUnavailable, DatasetError, ResultsConflict, OSError) as exc:
+        # One line, always: multi-line messages (a data fetch lists every source tried) are folded.
+        message = " | ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        print(f"normbench: error: {message}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("normbench: interrupted; finished runs are kept, re-run the same command to resume", file=sys.stderr)

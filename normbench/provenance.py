@@ -38,6 +38,21 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# The command line being served, set by the CLI (which may be called as `main(argv)` from
+# Python, where sys.argv is the caller's, not normbench's).
+_command_line: list[str] | None = None
+
+
+def set_command_line(argv: list[str]) -> None:
+    global _command_line
+    _command_line = list(argv)
+
+
+def command_line() -> str:
+    argv = _command_line if _command_line is not None else [Path(sys.argv[0]).name, *sys.argv[1:]]
+    return " ".join(argv)
+
+
 def environment() -> dict[str, object]:
     import numpy
     return {
@@ -49,7 +64,7 @@ def environment() -> dict[str, object]:
         "hostname": platform.node(),
         "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "command": command_line(),
     }
 
 

@@ -91,7 +91,7 @@ class Trainer(base.Trainer):
         self.train_images, self.train_labels = train_images, train_labels
 
     def _batch(self, indices):
-        index = torch.from_numpy(np.asarray(indices, dtype=np.int64)).to(self.engine.torch_device)
+        index = torch.from_numpy(np.ascontiguousarray(indices, dtype=np.int64)).to(self.engine.torch_device)
         return self.train_images.index_select(0, index), self.train_labels.index_select(0, index)
 
     def step(self, indices, learning_rate):

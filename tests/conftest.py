@@ -1,0 +1,275 @@
+"""Shared test fixtures: one engine per available backend and dtype, small specs and
+programs, and independent NumPy references of the model primitives.
+
+Backends are parametrized over `normbench.backends.names()` with ids; a backend whose
+adapter or framework is not installed is *skipped with its reason* (shown by `-ra`),
+never dropped from the list, so a backend that lands later is covered automatically.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import types
+
+import numpy as np
+import pytest
+
+# TensorFlow imported before torch in one process can crash (duplicate protobuf / OpenMP
+# runtimes); importing torch first is the known-good order. Only needed when both exist.
+if importlib.util.find_spec("torch") is not None and importlib.util.find_spec("tensorflow") is not None:
+    import torch  # noqa: F401
+
+from normbench import backends, spec as spec_module
+from normbench.program import TrainingProgram
+
+DTYPES = ("float64", "float32")
+
+
+def _backend_param(name: str):
+    if backends.is_available(name):
+        return pytest.param(name, id=name)
+    why = "framework not installed" if backends.is_implemented(name) else "adapter not implemented yet"
+    return pytest.param(name, id=name, marks=pytest.mark.skip(reason=f"backend {name!r} unavailable: {why}"))
+
+
+BACKEND_PARAMS = [_backend_param(name) for name in backends.names()]
+
+_ENGINES: dict[tuple[str, str], object] = {}
+
+
+def get_engine(name: str, dtype: str):
+    """One engine per (backend, dtype) for the whole session (creating some is slow)."""
+    key = (name, dtype)
+    if key not in _ENGINES:
+        _ENGINES[key] = backends.get_engine(name, device="cpu", dtype=dtype)
+    return _ENGINES[key]
+
+
+@pytest.fixture(params=BACKEND_PARAMS)
+def backend_name(request) -> str:
+    """Every registered backend name; unavailable ones are skipped with the reason."""
+    return request.param
+
+
+@pytest.fixture(scope="module", params=BACKEND_PARAMS)
+def module_backend_name(request) -> str:
+    """`backend_name` for module-scoped fixtures (e.g. one end-to-end run shared by several tests)."""
+    return request.param
+
+
+@pytest.fixture(params=DTYPES)
+def engine(backend_name, request):
+    """An engine for each available backend, in float64 and in float32."""
+    return get_engine(backend_name, request.param)
+
+
+@pytest.fixture
+def engine64(backend_name):
+    """An engine for each available backend in float64 (for tight numerical checks)."""
+    return get_engine(backend_name, "float64")
+
+
+# ----------------------------------------------------------------------------- specs
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(value)
+
+
+def spec_text(*, name="test", model="mlp-tiny", dtype="float64", batch_size=8, steps=3, eval_every=1, seeds=1,
+              train_eval_examples=64, optimizer=None, schedule=None, batch_norm=None, standardization_loss=None,
+              variants=None, **top) -> str:
+    """TOML text of a small, valid spec; tables are given as dicts, variants as a list of dicts."""
+    lines = [f"{k} = {_toml_value(v)}" for k, v in dict(
+        name=name, model=model, dataset="mnist", dtype=dtype, batch_size=batch_size, steps=steps,
+        eval_every=eval_every, seeds=seeds, train_eval_examples=train_eval_examples, **top).items()]
+    tables = {"optimizer": optimizer or {"name": "sgd", "learning_rate": 0.1}, "schedule": schedule,
+              "batch_norm": batch_norm, "standardization_loss": standardization_loss}
+    for table, fields in tables.items():
+        if fields:
+            lines.append(f"[{table}]")
+            lines.extend(f"{k} = {_toml_value(v)}" for k, v in fields.items())
+    for variant in variants or [{"name": "none", "normalization": "none"}]:
+        lines.append("[[variant]]")
+        lines.extend(f"{k} = {_toml_value(v)}" for k, v in variant.items())
+    return "\n".join(lines) + "\n"
+
+
+def make_spec(**fields):
+    """A validated ExperimentSpec built with `normbench.spec.loads` from `spec_text(**fields)`."""
+    return spec_module.loads(spec_text(**fields), source="<test>")
+
+
+def variant_for(normalization: str, weight: float = 1.0) -> dict:
+    out = {"name": normalization, "normalization": normalization}
+    if normalization == "standardization_loss":
+        out["standardization_loss_weight"] = weight
+    return out
+
+
+def make_program(normalization: str = "none", *, weight: float = 1.0, **fields) -> TrainingProgram:
+    """A TrainingProgram for one variant of a small spec (see `spec_text` for the fields)."""
+    spec = make_spec(variants=[variant_for(normalization, weight)], **fields)
+    return TrainingProgram(spec, spec.variants[0])
+
+
+@pytest.fixture
+def spec_factory():
+    return make_spec
+
+
+@pytest.fixture
+def program_factory():
+    return make_program
+
+
+# ----------------------------------------------------------------------------- NumPy references
+# Written independently of normbench.models: canonical layouts (NHWC, HWIO, (in, out)).
+
+
+def np_conv2d(x, kernel, stride, pads):
+    """Cross-correlation of NHWC `x` with an HWIO kernel, explicit ((top, bottom), (left, right)) zero pads."""
+    (top, bottom), (left, right) = pads
+    xp = np.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+    kh, kw, _, cout = kernel.shape
+    oh = (xp.shape[1] - kh) // stride + 1
+    ow = (xp.shape[2] - kw) // stride + 1
+    out = np.zeros((x.shape[0], oh, ow, cout), dtype=np.result_type(x, kernel))
+    for i in range(kh):
+        for j in range(kw):
+            patch = xp[:, i:i + stride * (oh - 1) + 1:stride, j:j + stride * (ow - 1) + 1:stride, :]
+            out += patch @ kernel[i, j]
+    return out
+
+
+def np_conv2d_kernel_grad(x, upstream, kernel_shape, stride, pads):
+    """d(sum(upstream * conv(x, K))) / dK for the convolution above."""
+    (top, bottom), (left, right) = pads
+    xp = np.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+    kh, kw = kernel_shape[:2]
+    oh, ow = upstream.shape[1:3]
+    grad = np.zeros(kernel_shape)
+    for i in range(kh):
+        for j in range(kw):
+            patch = xp[:, i:i + stride * (oh - 1) + 1:stride, j:j + stride * (ow - 1) + 1:stride, :]
+            grad[i, j] = np.einsum("nhwi,nhwo->io", patch, upstream)
+    return grad
+
+
+def np_conv2d_input_grad(upstream, kernel, input_shape, stride, pads):
+    """d(sum(upstream * conv(x, K))) / dx for the convolution above (a transposed convolution)."""
+    (top, bottom), (left, right) = pads
+    n, h, w, _ = input_shape
+    grad = np.zeros((n, h + top + bottom, w + left + right, kernel.shape[2]))
+    kh, kw = kernel.shape[:2]
+    oh, ow = upstream.shape[1:3]
+    for i in range(kh):
+        for j in range(kw):
+            grad[:, i:i + stride * (oh - 1) + 1:stride, j:j + stride * (ow - 1) + 1:stride, :] += upstream @ kernel[i, j].T
+    return grad[:, top:top + h, left:left + w, :]
+
+
+def np_moments(z):
+    """Per-channel mean and biased variance over every axis but the last (two-pass)."""
+    axes = tuple(range(z.ndim - 1))
+    mean = z.mean(axis=axes)
+    return mean, ((z - mean) ** 2).mean(axis=axes)
+
+
+def np_std_loss(activations, eps):
+    """Equation (2), summed over channels and layers: 0.5 * sum(mu^2 + var - log(var + eps) - 1)."""
+    total = 0.0
+    for z in activations:
+        mean, var = np_moments(z)
+        total += 0.5 * np.sum(mean**2 + var - np.log(var + eps) - 1.0)
+    return float(total)
+
+
+def np_std_loss_grad(z, eps):
+    """d(eq. 2)/dz for one layer: (mu + (1 - 1/(var + eps)) (z - mu)) / n, per channel."""
+    mean, var = np_moments(z)
+    n = z.size // z.shape[-1]
+    return (mean + (1.0 - 1.0 / (var + eps)) * (z - mean)) / n
+
+
+def np_softmax_cross_entropy(logits, labels):
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    return float(-log_probs[np.arange(len(labels)), labels].mean())
+
+
+def np_forward(arch, params, state, images, *, normalization, bn_epsilon=1e-3, training=True):
+    """Reference forward pass of an `Architecture`: (logits, {layer: pre-activation}, {layer: pre-BN z})."""
+    from normbench.models import Conv
+
+    x, preacts, raw = images, {}, {}
+    for (name, _, pads), layer in zip(arch.layer_shapes(), arch.hidden):
+        kernel = params[f"{name}/kernel"]
+        if isinstance(layer, Conv):
+            z = np_conv2d(x, kernel, layer.stride, pads)
+        else:
+            z = x.reshape(x.shape[0], -1) @ kernel
+        raw[name] = z
+        if normalization.startswith("batch_norm"):
+            if training:
+                mean, var = np_moments(z)
+            else:
+                mean, var = state[f"{name}/running_mean"], state[f"{name}/running_var"]
+            z = (z - mean) / np.sqrt(var + bn_epsilon)
+            if f"{name}/scale" in params:
+                z = z * params[f"{name}/scale"]
+            z = z + params[f"{name}/shift"]
+        else:
+            z = z + params[f"{name}/bias"]
+        preacts[name] = z
+        x = np.maximum(z, 0.0)
+    head = arch.head_name
+    logits = x.reshape(x.shape[0], -1) @ params[f"{head}/kernel"] + params[f"{head}/bias"]
+    return logits, preacts, raw
+
+
+def np_objective(program, params, images, labels):
+    """Reference total training loss of a program: CE + L2 weight decay + weight * eq. (2)."""
+    spec = program.spec
+    logits, preacts, _ = np_forward(program.arch, params, {}, images, normalization=program.normalization,
+                                    bn_epsilon=spec.batch_norm.epsilon, training=True)
+    total = np_softmax_cross_entropy(logits, labels)
+    total += 0.5 * spec.optimizer.weight_decay * sum(np.sum(v * v) for k, v in params.items() if k.endswith("/kernel"))
+    if program.std_loss_weight > 0:
+        total += program.std_loss_weight * np_std_loss(preacts.values(), spec.standardization_loss.log_epsilon)
+    return total
+
+
+REFERENCE = types.SimpleNamespace(
+    conv2d=np_conv2d, conv2d_kernel_grad=np_conv2d_kernel_grad, conv2d_input_grad=np_conv2d_input_grad, moments=np_moments, std_loss=np_std_loss,
+    std_loss_grad=np_std_loss_grad, softmax_cross_entropy=np_softmax_cross_entropy, forward=np_forward,
+    objective=np_objective,
+)
+
+
+@pytest.fixture(scope="session")
+def ref():
+    """Independent NumPy references (conv, moments, eq. 2 and its gradient, forward, objective)."""
+    return REFERENCE
+
+
+@pytest.fixture
+def rng(request):
+    """A NumPy generator seeded from the test's id, so every test has its own fixed data."""
+    import zlib
+
+    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture(scope="session")
+def tolerance():
+    """(rtol, atol) per dtype for comparing a backend against a float64 NumPy reference."""
+    return {"float64": (1e-10, 1e-12), "float32": (2e-5, 2e-6)}

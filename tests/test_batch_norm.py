@@ -1,0 +1,173 @@
+"""Batch norm through the neutral `normbench.models.forward`, against NumPy references:
+training-mode forward, backward (central finite differences, float64), running
+statistics (biased and unbiased estimators, a given decay) and inference mode."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from normbench import models
+from normbench.models import Architecture, Conv, Dense
+from normbench.spec import BatchNormSpec
+
+# Conv (asymmetric SAME padding, 6 -> 3) then dense, then the head: every BN code path.
+TINY = Architecture("bn-tiny", (6, 6, 2), (Conv("conv1", 3, 3, 2), Dense("dense1", 4)), 5)
+BN_VARIANTS = ["batch_norm_shift", "batch_norm_scale_shift"]
+
+
+def _random_params(arch, normalization, rng, seed=0):
+    """Initial parameters with random (non-trivial) scales and shifts, so a missing one shows."""
+    params, state = models.init_params(arch, normalization, np.random.SeedSequence(seed))
+    for key in params:
+        if key.endswith("/shift") or key.endswith("/bias"):
+            params[key] = rng.normal(size=params[key].shape) * 0.5
+        elif key.endswith("/scale"):
+            params[key] = rng.uniform(0.5, 2.0, size=params[key].shape)
+    return params, state
+
+
+def _images(rng, n, arch=TINY):
+    # An offset and a non-unit spread: the batch moments are far from (0, 1).
+    return rng.normal(size=(n, *arch.input_shape)) * 2.0 + 0.7
+
+
+@pytest.mark.parametrize("normalization", BN_VARIANTS)
+def test_training_forward(engine64, rng, ref, normalization):
+    bn = BatchNormSpec(running_decay=0.9, epsilon=1e-3)
+    params, state = _random_params(TINY, normalization, rng)
+    assert ("conv1/scale" in params) == (normalization == "batch_norm_scale_shift")
+    assert "conv1/bias" not in params and "logits/bias" in params
+    images = _images(rng, 5)
+    e = engine64
+    out = models.forward(e.ops, TINY, e.import_tree(params), e.import_tree(state), e.put_images(images),
+                         normalization=normalization, batch_norm=bn, training=True, need_moments=True)
+    logits, preacts, raw = ref.forward(TINY, params, state, images, normalization=normalization, bn_epsilon=bn.epsilon)
+    np.testing.assert_allclose(e.activation_to_numpy(out.logits), logits, rtol=1e-10, atol=1e-12)
+    for name, z in preacts.items():
+        np.testing.assert_allclose(e.activation_to_numpy(out.preactivations[name]), z, rtol=1e-10, atol=1e-12)
+        # After BN a layer's batch mean is its shift and its variance scale^2 * var / (var + eps).
+        mean, var = out.moments[name]
+        np.testing.assert_allclose(e.to_numpy(mean), params[f"{name}/shift"], atol=1e-10)
+        scale = params.get(f"{name}/scale", 1.0)
+        raw_var = ref.moments(raw[name])[1]
+        np.testing.assert_allclose(e.to_numpy(var), scale**2 * raw_var / (raw_var + bn.epsilon), rtol=1e-9)
+
+
+@pytest.mark.parametrize("model,normalization", [("cnn-tiny", "batch_norm_scale_shift"), ("mlp-tiny", "batch_norm_shift")])
+def test_training_backward(engine64, program_factory, rng, ref, normalization, model):
+    """Gradients of CE + weight decay through BN (batch moments differentiated) vs central differences."""
+    program = program_factory(normalization, model=model, batch_size=6,
+                              optimizer={"name": "sgd", "learning_rate": 0.1, "weight_decay": 1e-3},
+                              batch_norm={"epsilon": 1e-3})
+    params, state = _random_params(program.arch, normalization, rng, seed=5)
+    images, labels = _images(rng, 6, program.arch), rng.integers(0, 10, size=6)
+    e = engine64
+    x, y = e.put_images(images), e.put_labels(labels)
+    grads, seen = e.trainer(program, params, state, x, y).gradients(x, y)
+    assert set(grads) == set(params)
+    np.testing.assert_allclose(seen["total_loss"], ref.objective(program, params, images, labels), rtol=1e-11)
+
+    def loss_at(name, index, delta):
+        moved = {k: v.copy() for k, v in params.items()}
+        moved[name][index] += delta
+        return ref.objective(program, moved, images, labels)
+
+    h = 1e-6
+    checked = 0
+    for name, value in params.items():
+        # Every scale and shift entry; a few random entries of each kernel.
+        flat = range(value.size) if value.ndim == 1 else rng.choice(value.size, size=4, replace=False)
+        for i in flat:
+            index = np.unravel_index(i, value.shape)
+            numeric = (loss_at(name, index, h) - loss_at(name, index, -h)) / (2 * h)
+            np.testing.assert_allclose(grads[name][index], numeric, rtol=1e-5, atol=1e-8, err_msg=f"{name}{index}")
+            checked += 1
+    assert checked > 20
+    assert np.abs(grads[f"{program.arch.hidden[0].name}/shift"]).max() > 1e-4
+
+
+@pytest.mark.parametrize("running_variance", ["biased", "unbiased"])
+@pytest.mark.parametrize("normalization", BN_VARIANTS)
+def test_running_statistics(engine, rng, ref, running_variance, normalization):
+    """Several training-mode forwards: running = decay * running + (1 - decay) * batch estimate."""
+    decay = 0.8
+    bn = BatchNormSpec(running_decay=decay, epsilon=1e-3, running_variance=running_variance)
+    params, state = _random_params(TINY, normalization, rng)
+    e = engine
+    expected = {k: v.copy() for k, v in state.items()}
+    backend_params, backend_state = e.import_tree(params), e.import_tree(state)
+    for _ in range(4):
+        images = _images(rng, 7).astype(e.dtype).astype(np.float64)
+        out = models.forward(e.ops, TINY, backend_params, backend_state, e.put_images(images),
+                             normalization=normalization, batch_norm=bn, training=True, need_moments=False)
+        backend_state = out.state
+        _, _, raw = ref.forward(TINY, params, state, images, normalization=normalization, bn_epsilon=bn.epsilon)
+        for name, z in raw.items():
+            mean, var = ref.moments(z)
+            count = z.size // z.shape[-1]
+            assert count == (7 * 3 * 3 if name == "conv1" else 7)
+            if running_variance == "unbiased":
+                var = var * count / (count - 1)
+            expected[f"{name}/running_mean"] = decay * expected[f"{name}/running_mean"] + (1 - decay) * mean
+            expected[f"{name}/running_var"] = decay * expected[f"{name}/running_var"] + (1 - decay) * var
+    got = e.export_tree(backend_state)
+    assert set(got) == set(expected)
+    rtol, atol = (1e-10, 1e-12) if e.dtype == "float64" else (1e-4, 1e-5)
+    for key in expected:
+        np.testing.assert_allclose(got[key], expected[key], rtol=rtol, atol=atol, err_msg=key)
+    # The two estimators differ by count / (count - 1), visibly for the dense layer (count 7).
+    assert not np.allclose(expected["dense1/running_var"], state["dense1/running_var"])
+
+
+def test_running_statistics_through_trainer(engine64, program_factory, rng, ref):
+    """The trainer carries the BN state across steps (learning rate 0: parameters stay fixed)."""
+    running_variance = "unbiased"
+    program = program_factory("batch_norm_shift", model="cnn-tiny", batch_size=4,
+                              batch_norm={"running_decay": 0.9, "running_variance": running_variance})
+    params, state = program.initial_parameters(seed=2)
+    images, labels = rng.uniform(0, 1, size=(12, 28, 28, 1)), rng.integers(0, 10, size=12)
+    e = engine64
+    trainer = e.trainer(program, params, state, e.put_images(images), e.put_labels(labels))
+    expected = dict(state)
+    order = rng.permutation(12)
+    for step in range(3):
+        indices = order[4 * step:4 * step + 4]
+        trainer.step(indices, 0.0)
+        _, _, raw = ref.forward(program.arch, params, state, images[indices], normalization="batch_norm_shift")
+        for name, z in raw.items():
+            mean, var = ref.moments(z)
+            n = z.size // z.shape[-1]
+            var = var * n / (n - 1) if running_variance == "unbiased" else var
+            expected[f"{name}/running_mean"] = 0.9 * expected[f"{name}/running_mean"] + 0.1 * mean
+            expected[f"{name}/running_var"] = 0.9 * expected[f"{name}/running_var"] + 0.1 * var
+    new_params, new_state = trainer.export()
+    for key in params:
+        np.testing.assert_array_equal(new_params[key], params[key])
+    for key in expected:
+        np.testing.assert_allclose(new_state[key], expected[key], rtol=1e-10, atol=1e-12, err_msg=key)
+
+
+@pytest.mark.parametrize("normalization", BN_VARIANTS)
+def test_inference_uses_running_statistics(engine, rng, ref, normalization):
+    bn = BatchNormSpec(running_decay=0.99, epsilon=1e-3)
+    params, state = _random_params(TINY, normalization, rng)
+    for key in state:  # running stats unlike any batch's: inference must use these, not the batch's
+        state[key] = rng.uniform(0.5, 2.0, size=state[key].shape) if key.endswith("running_var") else rng.normal(size=state[key].shape)
+    images = _images(rng, 3)
+    e = engine
+    out = models.forward(e.ops, TINY, e.import_tree(params), e.import_tree(state), e.put_images(images),
+                         normalization=normalization, batch_norm=bn, training=False, need_moments=True)
+    logits, preacts, _ = ref.forward(TINY, params, state, images.astype(e.dtype).astype(np.float64),
+                                     normalization=normalization, bn_epsilon=bn.epsilon, training=False)
+    rtol, atol = (1e-10, 1e-12) if e.dtype == "float64" else (1e-4, 1e-4)
+    np.testing.assert_allclose(e.activation_to_numpy(out.logits), logits, rtol=rtol, atol=atol)
+    for name, z in preacts.items():
+        np.testing.assert_allclose(e.activation_to_numpy(out.preactivations[name]), z, rtol=rtol, atol=atol)
+    # Inference does not touch the running statistics.
+    got = e.export_tree(out.state)
+    for key in state:
+        np.testing.assert_allclose(got[key], state[key], rtol=1e-6)
+    # And it differs from training mode on the same batch.
+    train_logits, _, _ = ref.forward(TINY, params, state, images, normalization=normalization, bn_epsilon=bn.epsilon)
+    assert not np.allclose(train_logits, logits, atol=1e-3)

@@ -1,0 +1,138 @@
+"""The command line: bad input exits 2 with one line on stderr (never a traceback);
+the listing commands answer with exit 0."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from normbench import backends, cli, datasets, spec as spec_module
+
+
+def _main(argv, capsys) -> tuple[int, str, str]:
+    """cli.main in process; argparse's own errors arrive as SystemExit."""
+    try:
+        code = cli.main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _assert_usage_error(code, err, *fragments):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{err}"
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("argv,fragments", [
+    (["run", "smoke", "--backend", "nosuchbackend"], ["nosuchbackend", "torch"]),
+    (["run", "nosuchspec", "--backend", "torch"], ["nosuchspec", "smoke"]),
+    (["run", "{tmp}/missing.toml", "--backend", "torch"], ["missing.toml"]),
+    (["run", "smoke", "--backend", "torch", "--steps", "0"], ["--steps"]),
+    (["run", "smoke", "--backend", "torch", "--steps", "abc"], ["--steps", "abc"]),
+    (["run", "smoke", "--backend", "torch", "--seeds", "-1"], ["--seeds"]),
+    (["reproduce", "nosuchexperiment"], ["nosuchexperiment", "mnist-cnn"]),
+    (["report", "{tmp}", "--experiment", "nosuchexperiment"], ["nosuchexperiment"]),
+    (["report", "{tmp}"], ["no finished runs"]),
+    (["report", "{tmp}/absent"], ["absent"]),
+    (["specs", "nosuchspec"], ["nosuchspec"]),
+], ids=["unknown-backend", "unknown-spec", "missing-spec-file", "steps-zero", "steps-not-a-number", "seeds-negative",
+        "unknown-experiment", "report-unknown-experiment", "report-empty-dir", "report-absent-dir", "specs-unknown"])
+def test_bad_input_exits_2_with_one_line(argv, fragments, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nothing written into the repository by accident
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    code, _, err = _main(argv, capsys)
+    _assert_usage_error(code, err, *fragments)
+
+
+def test_bad_spec_content_exits_2(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(spec_module.bundled_specs()["smoke"].read_text().replace('model = "cnn-tiny"', 'model = "resnet"'))
+    code, _, err = _main(["run", str(bad), "--backend", "torch", "--out", str(tmp_path / "out")], capsys)
+    _assert_usage_error(code, err, "model", "resnet")
+
+
+@pytest.mark.skipif(Path("/dev/nvidia0").exists(), reason="a GPU is present: --device cuda is not absent here")
+def test_absent_device_exits_2(backend_name, tmp_path, capsys):
+    code, _, err = _main(["run", "smoke", "--backend", backend_name, "--device", "cuda", "--steps", "1",
+                          "--out", str(tmp_path / "out")], capsys)
+    _assert_usage_error(code, err, "cuda")
+    assert not (tmp_path / "out").exists()  # checked before anything is written
+
+
+@pytest.mark.parametrize("argv", [["run", "smoke", "--backend", "nosuchbackend"],
+                                  ["run", "smoke", "--backend", "torch", "--steps", "0"]], ids=["usage", "argparse"])
+def test_console_script_errors(argv, tmp_path):
+    """The same contract from the installed script, in a real process."""
+    script = Path(sys.executable).with_name("normbench")
+    proc = subprocess.run([str(script), *argv], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.stdout == ""
+
+
+# ----------------------------------------------------------------------------- listings
+
+
+def test_list(capsys):
+    code, out, _ = _main(["list"], capsys)
+    assert code == 0
+    for name in [*spec_module.bundled_specs(), "mnist-cnn", *backends.names(), *datasets.names()]:
+        assert name in out, name
+
+
+def test_specs(capsys):
+    code, out, _ = _main(["specs"], capsys)
+    assert code == 0
+    listed = [line.split()[0] for line in out.splitlines() if line and not line.startswith(("`", " "))]
+    assert set(spec_module.bundled_specs()) <= set(listed)
+
+
+def test_specs_name_prints_the_bundled_toml(capsys):
+    code, out, _ = _main(["specs", "mnist-cnn"], capsys)
+    assert code == 0
+    assert out == spec_module.bundled_specs()["mnist-cnn"].read_text()
+    assert spec_module.loads(out).hash() == spec_module.load("mnist-cnn").hash()  # copyable as is
+
+
+def test_specs_format(capsys):
+    code, out, _ = _main(["specs", "--format"], capsys)
+    assert code == 0
+    for field in ["[optimizer]", "[schedule]", "[batch_norm]", "[standardization_loss]", "[[variant]]",
+                  "running_decay", "log_epsilon", "track_percentiles"]:
+        assert field in out, field
+
+
+def test_backends(capsys):
+    code, out, _ = _main(["backends"], capsys)
+    assert code == 0
+    lines = {line.split()[0]: line for line in out.splitlines() if line.strip()}
+    assert set(backends.names()) <= set(lines)
+    for name in backends.names():
+        assert ("available" in lines[name].split(None, 1)[1]
+                and "not" not in lines[name]) == backends.is_available(name), lines[name]
+
+
+def test_datasets(capsys):
+    code, out, _ = _main(["datasets"], capsys)
+    assert code == 0
+    assert out.split()[0] == "mnist"
+
+
+def test_no_command_prints_help(capsys):
+    code, out, _ = _main([], capsys)
+    assert code == 2
+    assert "run" in out and "report" in out
