@@ -1,0 +1,187 @@
+"""JAX engine: parameters, optimizer state and batch-norm state are pytrees (dicts of
+arrays); one `jax.jit`-compiled function per training step.
+
+Compile cost: `Trainer.compile(batch_size)` compiles the training step ahead of time
+and returns the seconds it took; `step` compiles lazily on first use otherwise, so a
+timer around the first `step` measures compile + run. Evaluation compiles once per
+chunk shape on first use.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from normbench.backends import base
+from normbench.backends.jax.ops import Ops
+
+_DTYPES = {"float32": np.float32, "float64": np.float64}
+
+
+def _find_device(requested: str):
+    kind, _, index_text = requested.partition(":")
+    kind = {"cuda": "gpu"}.get(kind, kind)
+    if kind not in ("cpu", "gpu") or (index_text and not index_text.isdigit()):
+        raise base.BackendUnavailable(f"jax: device {requested!r} is not supported; use cpu, gpu, cuda or cuda:N")
+    try:
+        devices = jax.devices(kind)
+    except RuntimeError:
+        raise base.BackendUnavailable(f"jax: device {requested!r} requested but jax has no {kind} backend here; use --device cpu") from None
+    index = int(index_text or 0)
+    if index >= len(devices):
+        raise base.BackendUnavailable(f"jax: device {requested!r} does not exist; {len(devices)} {kind} device(s) present")
+    return devices[index]
+
+
+class Engine(base.Engine):
+    name = "jax"
+    framework = "jax"
+
+    def __init__(self, device: str | None = None, dtype: str = "float32"):
+        super().__init__(device, dtype)
+        if dtype == "float64":
+            # Without x64 JAX silently computes float64 requests in float32. The switch is
+            # process-global (every later JAX computation may use 64-bit types); float32
+            # engines are unaffected because this engine casts every input explicitly.
+            jax.config.update("jax_enable_x64", True)
+        self.jax_device = _find_device((device or "cpu").lower())
+        self.device = f"{self.jax_device.platform}:{self.jax_device.id}"
+        self.np_dtype = _DTYPES[dtype]
+        self.ops = Ops()
+        self._trainers: weakref.WeakSet = weakref.WeakSet()
+
+    def versions(self):
+        import jaxlib
+
+        return {"jax": jax.__version__, "jaxlib": jaxlib.__version__}
+
+    def device_description(self):
+        if self.jax_device.platform == "cpu":
+            return f"cpu (XLA, {len(jax.devices('cpu'))} device(s))"
+        return f"{self.jax_device.platform}: {self.jax_device.device_kind}"
+
+    def _put(self, array, dtype):
+        return jax.device_put(np.asarray(array, dtype=dtype), self.jax_device)
+
+    def put_images(self, images_nhwc):
+        return self._put(images_nhwc, self.np_dtype)
+
+    def put_labels(self, labels):
+        return self._put(labels, np.int32)
+
+    def import_tree(self, tree):
+        return {name: self._put(value, self.np_dtype) for name, value in tree.items()}
+
+    def export_tree(self, tree):
+        return {name: np.asarray(value) for name, value in jax.device_get(tree).items()}
+
+    def activation_to_numpy(self, x):
+        return np.asarray(jax.device_get(x))
+
+    def to_numpy(self, x):
+        return np.asarray(jax.device_get(x))
+
+    def synchronize(self):
+        # JAX has no device-wide barrier; wait for the arrays of every live trainer.
+        for trainer in list(self._trainers):
+            jax.block_until_ready((trainer.params, trainer.opt_state, trainer.state))
+
+    def trainer(self, program, params, state, train_images, train_labels, track=()):
+        trainer = Trainer(self, program, params, state, train_images, train_labels, track)
+        self._trainers.add(trainer)
+        return trainer
+
+
+class Trainer(base.Trainer):
+    def __init__(self, engine, program, params, state, train_images, train_labels, track):
+        super().__init__(engine, program, track)
+        ops = self.ops = engine.ops
+        self.params = engine.import_tree(params)
+        self.state = engine.import_tree(state)
+        self.opt_state = program.optimizer.init(ops, self.params)
+        self.train_images, self.train_labels = train_images, train_labels
+        self.compile_seconds: dict[int, float] = {}
+
+        def objective(params, state, images, labels):
+            return program.loss(ops, params, state, images, labels)
+
+        value_and_grad = jax.value_and_grad(objective, has_aux=True)
+
+        def train_step(params, opt_state, state, train_images, train_labels, indices, lr):
+            # The batch is gathered on the device from the resident training set: only
+            # the indices cross the host boundary each step.
+            images, labels = train_images[indices], train_labels[indices]
+            (total, aux), grads = value_and_grad(params, state, images, labels)
+            params, opt_state = program.optimizer.update(ops, params, grads, opt_state, lr)
+            losses = jnp.stack([total, aux["cross_entropy"], aux["standardization_loss"]])
+            return params, opt_state, aux["state"], losses
+
+        def gradients(params, state, images, labels):
+            (total, aux), grads = value_and_grad(params, state, images, labels)
+            return grads, total, aux["cross_entropy"], program.inspect(ops, params, state, images, labels)
+
+        def evaluation(params, state, images, labels):
+            out = program.evaluation(ops, params, state, images, labels, track)
+            out["moments"] = {k: (m, v, jnp.asarray(n)) for k, (m, v, n) in out["moments"].items()}
+            return out
+
+        # Donating the old params / optimizer state / BN state lets XLA update them in
+        # place (no second copy of every buffer per step).
+        self._train_step = jax.jit(train_step, donate_argnums=(0, 1, 2))
+        self._compiled: dict[int, object] = {}
+        self._gradients = jax.jit(gradients)
+        self._evaluation = jax.jit(evaluation)
+
+    def _arguments(self, indices, learning_rate):
+        e = self.engine
+        # lr is a 0-d array of the run dtype, so a changing schedule never retraces; both
+        # per-step inputs go to the device in one batched transfer.
+        indices, lr = jax.device_put((np.asarray(indices, np.int32), np.asarray(learning_rate, e.np_dtype)), e.jax_device)
+        return self.params, self.opt_state, self.state, self.train_images, self.train_labels, indices, lr
+
+    def compile(self, batch_size: int) -> float:
+        """Compile the training step for batches of `batch_size` ahead of time (idempotent).
+        Returns the seconds spent tracing, lowering and compiling (0.0 if already done)."""
+        if batch_size in self._compiled:
+            return 0.0
+        start = time.perf_counter()
+        args = self._arguments(np.zeros(batch_size, np.int32), 0.0)
+        self._compiled[batch_size] = self._train_step.lower(*args).compile()
+        self.compile_seconds[batch_size] = time.perf_counter() - start
+        return self.compile_seconds[batch_size]
+
+    def step(self, indices, learning_rate):
+        self.compile(len(indices))
+        self.params, self.opt_state, self.state, losses = self._compiled[len(indices)](*self._arguments(indices, learning_rate))
+        loss, ce, std = np.asarray(losses).tolist()  # waits for the step to finish
+        return {"loss": loss, "cross_entropy": ce, "standardization_loss": std}
+
+    def export(self):
+        return self.engine.export_tree(self.params), self.engine.export_tree(self.state)
+
+    def gradients(self, images, labels):
+        grads, total, cross_entropy, seen = self._gradients(self.params, self.state, images, labels)
+        e = self.engine
+        intermediates = {
+            "total_loss": e.to_numpy(total), "cross_entropy": e.to_numpy(cross_entropy),
+            "standardization_loss": e.to_numpy(seen["standardization_loss"]),
+            "logits": e.activation_to_numpy(seen["logits"]),
+            **{f"preactivation/{k}": e.activation_to_numpy(v) for k, v in seen["preactivations"].items()},
+            **{f"mean/{k}": e.to_numpy(m) for k, (m, _) in seen["moments"].items()},
+            **{f"var/{k}": e.to_numpy(v) for k, (_, v) in seen["moments"].items()},
+            **{f"state/{k}": e.to_numpy(v) for k, v in seen["state"].items()},
+        }
+        return e.export_tree(grads), intermediates
+
+    def _evaluate_chunk(self, images, labels):
+        out = jax.device_get(self._evaluation(self.params, self.state, images, labels))
+        return {
+            "cross_entropy_mean": float(out["cross_entropy_mean"]),
+            "correct": int(out["correct"]),
+            "moments": {k: (np.asarray(m), np.asarray(v), int(n)) for k, (m, v, n) in out["moments"].items()},
+            "tracked": {k: np.asarray(v) for k, v in out["tracked"].items()},
+        }

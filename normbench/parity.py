@@ -1,0 +1,355 @@
+"""Cross-backend numerical agreement: the same program, weights and batches on every backend.
+
+Two checks, each run for every pair of backends:
+
+- `compare_step`: one training-mode forward/backward pass from the canonical initial
+  weights (`TrainingProgram.initial_parameters`) on one batch. Compares the logits,
+  every hidden layer's pre-activation and its per-channel mean and variance, the
+  standardization loss, the cross entropy, the total loss, every gradient and the
+  updated batch-norm running statistics (the keys of `Trainer.gradients`).
+- `compare_trajectory`: K optimizer steps on the batches a real run would see
+  (`BatchOrder` from the run seed's data stream, learning rates from the program's
+  schedule), comparing the three losses at every step, then the final parameters and
+  batch-norm state.
+
+Relative error. For a quantity with values `a` (first backend) and `b` (second), the
+relative error is ``max|a - b| / max(magnitude, tiny)``: one number per quantity, the
+worst element divided by the quantity's magnitude (not element by element, which blows
+up on entries that are zero up to rounding). The magnitude is ``max(max|a|, max|b|)``
+except where that is itself a rounding residue:
+
+- ``mean/<layer>``: the root mean square of the layer's values, ``max_c sqrt(mean_c^2 +
+  var_c)``. After batch norm the per-channel means are zero up to rounding, so their
+  own size says nothing; the error of a mean scales with the values averaged.
+- ``standardization_loss``: the summed magnitudes of equation (2)'s terms,
+  ``0.5 * sum(mean^2 + var + |log(var + eps)| + 1)``. Every channel's term
+  ``var - log var - 1`` cancels to ~0 when var ~ 1 (any batch-normalized layer), so
+  the loss's own value understates the size of the numbers rounded to compute it.
+
+Trajectory losses are compared step by step with the same rule per step (scalars:
+``|a - b| / max(|a|, |b|)``); the row reports the worst step.
+
+Framework-neutral: backends are reached only through `normbench.backends`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections import defaultdict
+
+import numpy as np
+
+from normbench import backends as backend_registry
+from normbench import models
+from normbench.data_order import BatchOrder, seed_streams
+from normbench.program import TrainingProgram
+from normbench.runner import LoadedData, load_data
+from normbench.spec import ExperimentSpec
+
+TINY = np.finfo(np.float64).tiny
+
+# ----------------------------------------------------------------------------- tolerances
+
+# float64: every backend computes the same formulas in double precision, so differences
+# are reduction order only: measured <= 7e-14 (torch-jax and jax-tensorflow over cnn3 and
+# mlp3, all four normalizations; the worst is the ill-conditioned bias gradient described
+# under "gradient" below; 1.3e-13 with PyTorch's fused batch norm). A real formula
+# difference (an epsilon, a biased vs unbiased variance, a padding offset) shows up at
+# >= 1e-6, far above 1e-9.
+FLOAT64_TOLERANCE = 1e-9
+
+# float32 tolerances per kind of quantity (relative error as defined above): 10x the
+# largest error measured, rounded up to 1, 2 or 5 x 10^k. Measured on CPU between torch
+# and jax over models cnn3, mlp3, cnn-tiny and mlp-tiny, all four normalizations, seeds
+# 0-2, batch 128 (and the tiny optimizer specs of tests/test_parity.py), and between
+# jax and tensorflow over cnn3 and mlp3, seeds 0-2. PyTorch ran with its batch norm
+# written out as the two-pass formula and with oneDNN off. Deliberately not absorbed:
+# PyTorch's fused CPU batch norm (F.batch_norm) is ~1e-3 off float64 on cnn3 (see the
+# xfail note in tests/test_parity.py); oneDNN's convolution weight gradients are up to
+# 3e-4 off float64 (serial float32 accumulation over batch x positions), inside the
+# gradient tolerance below but not what set it.
+FLOAT32_TOLERANCES = {
+    # single step
+    "logits": 1e-5,                # measured 8.8e-7
+    "preactivation": 2e-5,         # measured 1.0e-6 (jax-tensorflow)
+    "mean": 5e-6,                  # measured 3.0e-7 (relative to the layer's RMS)
+    "var": 1e-5,                   # measured 7.2e-7
+    "standardization_loss": 1e-6,  # measured 8.0e-8 (relative to the terms' magnitudes)
+    "cross_entropy": 5e-6,         # measured 2.1e-7
+    "total_loss": 5e-6,            # measured 2.1e-7
+    "state": 5e-6,                 # measured 4.1e-7
+    # Measured 2.2e-4 on the bias gradient of cnn3's last layer under the standardization
+    # loss: d/db of the variance term is (1 - 1/var) * sum(z - mean) / n, exactly 0 in
+    # real arithmetic, so it is rounding noise amplified by 1/var ~ 2000 (each backend is
+    # ~1e-4 off float64 there). Every other gradient: <= 8.8e-6. A gradient row that fails
+    # alone with "pre-activation(s) on opposite sides of 0" in its detail is a ReLU flip
+    # (a value within rounding of 0 lands on the other side), not a formula difference.
+    "gradient": 5e-3,
+    # Trajectories (50 steps), measured over cnn3 and mlp3, all normalizations, seeds 0-2,
+    # for every pair of torch (as shipped, and with the two-pass batch norm), jax and
+    # tensorflow. Rounding differences feed back through the updates; two discrete
+    # effects dominate: a ReLU flip (over 50 steps x ~10^6 pre-activations one happens
+    # now and then; cnn3, batch_norm_shift, seed 1, step 37: one flip moved a shift
+    # gradient by 6e-3) and oneDNN's float32 convolution weight gradients (torch and
+    # tensorflow on CPU; up to 3e-4 off float64 in single steps).
+    "trajectory_loss": 5e-3,       # measured 3.1e-4 (jax-tensorflow; 4.2e-4 with torch's fused batch norm)
+    "final_params": 2e-2,          # kernels and scales: measured 1.9e-3
+    # Biases and batch-norm shifts start at 0 and after 50 steps at lr 1e-3 are ~1e-3 in
+    # size: their relative error is that of a sum of 50 small, nearly cancelling batch
+    # gradient sums, where one flip or oneDNN spike moves them by ~1e-5 absolute.
+    "final_offsets": 2e-1,         # measured 2.0e-2 (jax-tensorflow; 6.2e-2 with torch's fused batch norm)
+    "final_state": 2e-2,           # measured 1.5e-3 (running means start at 0 too)
+}
+
+
+def quantity_kind(quantity: str) -> str:
+    """The tolerance class of a quantity name: 'gradient/conv1/kernel' -> 'gradient'."""
+    head = quantity.split("/", 1)[0]
+    if head == "final":
+        return "final_offsets" if quantity.endswith(("/bias", "/shift")) else "final_params"
+    return {"trajectory": "trajectory_loss"}.get(head, head)
+
+
+def tolerance(quantity: str, dtype: str) -> float:
+    if dtype == "float64":
+        return FLOAT64_TOLERANCE
+    return FLOAT32_TOLERANCES[quantity_kind(quantity)]
+
+
+# ----------------------------------------------------------------------------- rows
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One quantity compared between two backends."""
+    pair: str  # "torch-jax"
+    variant: str
+    quantity: str
+    max_abs: float
+    max_rel: float
+    tolerance: float
+    ok: bool
+    detail: str = ""  # where the worst difference sits (trajectory: the step)
+
+
+def _pair_name(a: str, b: str) -> str:
+    return f"{a}-{b}"
+
+
+def _magnitude(name: str, a: np.ndarray, b: np.ndarray, outs_a: dict, outs_b: dict, log_epsilon: float) -> float:
+    if name.startswith("mean/"):
+        layer = name[len("mean/"):]
+        rms = [np.sqrt(o[f"mean/{layer}"] ** 2 + o[f"var/{layer}"]) for o in (outs_a, outs_b) if f"var/{layer}" in o]
+        return float(max(np.max(np.abs(a)), np.max(np.abs(b)), *(np.max(r) for r in rms)))
+    if name == "standardization_loss":
+        terms = []
+        for o in (outs_a, outs_b):
+            total = 0.0
+            for key in o:
+                if key.startswith("mean/"):
+                    m, v = o[key], o["var/" + key[len("mean/"):]]
+                    total += 0.5 * float(np.sum(m * m + v + np.abs(np.log(v + log_epsilon)) + 1.0))
+            terms.append(total)
+        return max(float(np.max(np.abs(a))), float(np.max(np.abs(b))), *terms)
+    return float(max(np.max(np.abs(a)), np.max(np.abs(b)))) if a.size else 0.0
+
+
+def _compare_arrays(name, a, b, outs_a, outs_b, log_epsilon) -> tuple[float, float]:
+    if a.shape != b.shape:
+        return float("inf"), float("inf")
+    if a.size == 0:
+        return 0.0, 0.0
+    max_abs = float(np.max(np.abs(a - b)))
+    if not np.isfinite(max_abs):
+        return float("inf"), float("inf")
+    return max_abs, max_abs / max(_magnitude(name, a, b, outs_a, outs_b, log_epsilon), TINY)
+
+
+def _relu_flips(outs_a: dict, outs_b: dict) -> int:
+    """Pre-activations on opposite sides of 0 in the two backends: each flips one ReLU
+    derivative, a discrete change float32 rounding can cause for values within ~1e-7 of 0."""
+    return sum(int(np.sum((outs_a[k] > 0) != (outs_b[k] > 0))) for k in outs_a
+               if k.startswith("preactivation/") and k in outs_b and outs_a[k].shape == outs_b[k].shape)
+
+
+def compare_outputs(outputs: dict[str, dict[str, np.ndarray]], dtype: str, variant: str, log_epsilon: float) -> list[Row]:
+    """Rows for every pair of backends in `outputs` (backend -> quantity -> array), in
+    the given order. A quantity missing from one backend, a shape mismatch or a
+    non-finite value is a failing row (infinite error)."""
+    rows = []
+    for a_name, b_name in itertools.combinations(outputs, 2):
+        outs_a, outs_b = outputs[a_name], outputs[b_name]
+        pair = _pair_name(a_name, b_name)
+        flips = _relu_flips(outs_a, outs_b)
+        for name in sorted(set(outs_a) | set(outs_b)):
+            tol = tolerance(name, dtype)
+            if name not in outs_a or name not in outs_b:
+                missing = b_name if name in outs_a else a_name
+                rows.append(Row(pair, variant, name, float("inf"), float("inf"), tol, False, f"missing in {missing}"))
+                continue
+            a, b = np.asarray(outs_a[name], np.float64), np.asarray(outs_b[name], np.float64)
+            if name.startswith("trajectory/"):
+                rows.append(_compare_series(pair, variant, name, a, b, tol))
+                continue
+            max_abs, max_rel = _compare_arrays(name, a, b, outs_a, outs_b, log_epsilon)
+            detail = f"{flips} pre-activation(s) on opposite sides of 0" if flips and name.startswith("gradient/") else ""
+            rows.append(Row(pair, variant, name, max_abs, max_rel, tol, bool(max_rel <= tol), detail))
+    return rows
+
+
+def _compare_series(pair, variant, name, a, b, tol) -> Row:
+    """Per-step comparison of a loss series; every step must be within tolerance."""
+    if a.shape != b.shape:
+        return Row(pair, variant, name, float("inf"), float("inf"), tol, False, f"lengths {a.shape} vs {b.shape}")
+    diff = np.abs(a - b)
+    rel = diff / np.maximum(np.maximum(np.abs(a), np.abs(b)), TINY)
+    rel = np.where(np.isfinite(rel), rel, np.inf)
+    worst = int(np.argmax(rel))
+    return Row(pair, variant, name, float(np.max(diff)), float(rel[worst]), tol, bool(np.all(rel <= tol)),
+               f"worst at step {worst + 1} of {len(a)}")
+
+
+# ----------------------------------------------------------------------------- running one backend
+
+_DATA: dict[tuple[str, str | None], LoadedData] = {}
+
+
+def _training_data(spec: ExperimentSpec, data_dir: str | None = None) -> LoadedData:
+    """The data set scaled in float64 (cached). Casting it to float32 gives exactly the
+    arrays `load_data` makes for a float32 spec (scale in float64, round once)."""
+    key = (spec.dataset, data_dir)
+    if key not in _DATA:
+        _DATA[key] = load_data(spec if spec.dtype == "float64" else spec.replace(dtype="float64"), data_dir)
+    return _DATA[key]
+
+
+def first_batch(spec: ExperimentSpec, seed: int) -> np.ndarray:
+    """Indices of the first training batch of run `seed`."""
+    return _batch_order(spec, seed).indices(0)
+
+
+def _batch_order(spec: ExperimentSpec, seed: int) -> BatchOrder:
+    train_examples = models.DATASET_SHAPES[spec.dataset]["train_examples"]
+    return BatchOrder(seed_streams(seed)[1], train_examples, spec.batch_size)
+
+
+def step_outputs(spec: ExperimentSpec, variant_name: str, backend: str, dtype: str, seed: int = 0,
+                 batch_indices: np.ndarray | None = None, device: str | None = None) -> dict[str, np.ndarray]:
+    """Every single-step quantity of one backend, canonical float64 NumPy, keyed by name:
+    'gradient/<param>' plus the intermediates of `Trainer.gradients`."""
+    program = TrainingProgram(spec, spec.variant(variant_name))
+    data = _training_data(spec)
+    indices = first_batch(spec, seed) if batch_indices is None else np.asarray(batch_indices)
+    images, labels = data.train_images[indices].astype(dtype), data.train_labels[indices]
+    engine = backend_registry.get_engine(backend, device=device, dtype=dtype)
+    params, state = program.initial_parameters(seed)
+    x, y = engine.put_images(images), engine.put_labels(labels)
+    trainer = engine.trainer(program, params, state, x, y)
+    grads, intermediates = trainer.gradients(x, y)
+    out = {f"gradient/{k}": np.asarray(v, np.float64) for k, v in grads.items()}
+    out.update({k: np.asarray(v, np.float64) for k, v in intermediates.items()})
+    return out
+
+
+def trajectory_outputs(spec: ExperimentSpec, variant_name: str, backend: str, steps: int, dtype: str, seed: int = 0,
+                       device: str | None = None) -> dict[str, np.ndarray]:
+    """`steps` training steps of one backend as a real run of `seed` takes them.
+    Returns 'trajectory/<loss>' (one value per step), 'final/<param>' and
+    'final_state/<name>', canonical float64 NumPy."""
+    program = TrainingProgram(spec, spec.variant(variant_name))
+    data = _training_data(spec)
+    order = _batch_order(spec, seed)
+    batches = [order.indices(t) for t in range(steps)]
+    # Only the examples these steps visit go to the device; indices are remapped into
+    # that subset, so every batch holds exactly the run's examples in the run's order.
+    used = np.unique(np.concatenate(batches))
+    engine = backend_registry.get_engine(backend, device=device, dtype=dtype)
+    params, state = program.initial_parameters(seed)
+    trainer = engine.trainer(program, params, state, engine.put_images(data.train_images[used].astype(dtype)),
+                             engine.put_labels(data.train_labels[used]))
+    names = ("loss", "cross_entropy", "standardization_loss")
+    losses = {name: np.empty(steps) for name in names}
+    for t, batch in enumerate(batches):
+        result = trainer.step(np.searchsorted(used, batch), program.learning_rate(t))
+        for name in names:
+            losses[name][t] = result[name]
+    final_params, final_state = trainer.export()
+    out = {f"trajectory/{name}": values for name, values in losses.items()}
+    out.update({f"final/{k}": np.asarray(v, np.float64) for k, v in final_params.items()})
+    out.update({f"final_state/{k}": np.asarray(v, np.float64) for k, v in final_state.items()})
+    return out
+
+
+# ----------------------------------------------------------------------------- comparisons
+
+
+def compare_step(spec: ExperimentSpec, variant_name: str, backends: list[str], dtype: str, seed: int = 0,
+                 batch_indices: np.ndarray | None = None, device: str | None = None) -> list[Row]:
+    """One forward/backward pass from identical weights on one batch (default: the first
+    batch of run `seed`), compared for every pair of `backends`."""
+    outputs = {b: step_outputs(spec, variant_name, b, dtype, seed, batch_indices, device) for b in backends}
+    return compare_outputs(outputs, dtype, variant_name, spec.standardization_loss.log_epsilon)
+
+
+def compare_trajectory(spec: ExperimentSpec, variant_name: str, backends: list[str], steps: int, dtype: str,
+                       seed: int = 0, device: str | None = None) -> list[Row]:
+    """`steps` identical training steps on every backend: losses at every step, final
+    parameters and batch-norm state, compared for every pair of `backends`."""
+    outputs = {b: trajectory_outputs(spec, variant_name, b, steps, dtype, seed, device) for b in backends}
+    return compare_outputs(outputs, dtype, variant_name, spec.standardization_loss.log_epsilon)
+
+
+# ----------------------------------------------------------------------------- reporting
+
+
+def _collapsed(quantity: str) -> str:
+    """Table grouping: per-layer and per-parameter quantities by tolerance class
+    ('gradient/conv1/kernel' -> 'gradient'); each trajectory loss on its own."""
+    return quantity if quantity.startswith("trajectory/") else quantity_kind(quantity)
+
+
+def format_table(rows: list[Row]) -> str:
+    """A Markdown table: per variant, backend pair and quantity (per-layer and
+    per-parameter quantities collapsed to their kind), the largest absolute and relative
+    difference, the tolerance and PASS/FAIL; `worst` names the element that set it."""
+    groups: dict[tuple[str, str, str], list[Row]] = defaultdict(list)
+    for row in rows:
+        groups[(row.variant, row.pair, _collapsed(row.quantity))].append(row)
+    header = ["variant", "pair", "quantity", "max abs", "max rel", "tolerance", "result", "worst"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for (variant, pair, quantity), group in groups.items():
+        worst = max(group, key=lambda r: (not r.ok, r.max_rel / r.tolerance if r.tolerance else r.max_rel))
+        where = worst.quantity if worst.quantity != quantity else ""
+        where = "; ".join(x for x in (where, worst.detail) if x)
+        cells = [variant, pair, quantity, f"{max(r.max_abs for r in group):.2e}", f"{worst.max_rel:.2e}",
+                 f"{worst.tolerance:.0e}", "PASS" if all(r.ok for r in group) else "FAIL", where]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run_parity(spec: ExperimentSpec, steps: int, dtype: str, backends: list[str] | None = None, seed: int | None = None,
+               device: str | None = None) -> tuple[bool, str]:
+    """Every variant of `spec` on every backend (default: all available): one compared
+    step on the first batch of the first seed, then `steps` compared training steps.
+    Returns (all quantities within tolerance, a report: provenance and the table)."""
+    chosen = [backend_registry.canonical_name(b) for b in (backends or backend_registry.available())]
+    if len(chosen) < 2:
+        return False, f"parity needs at least two backends; available: {', '.join(chosen) or 'none'}"
+    seed = spec.seeds[0] if seed is None else seed
+    engines = {b: backend_registry.get_engine(b, device=device, dtype=dtype) for b in chosen}  # fail early
+    rows: list[Row] = []
+    for variant in spec.variants:
+        rows += compare_step(spec, variant.name, chosen, dtype, seed, device=device)
+        if steps > 0:
+            rows += compare_trajectory(spec, variant.name, chosen, steps, dtype, seed, device=device)
+    failed = [r for r in rows if not r.ok]
+    lines = [f"parity: spec {spec.name} (hash {spec.hash()}), model {spec.model}, dtype {dtype}, seed {seed}, "
+             f"batch {spec.batch_size}, 1 step + {steps}-step trajectories"]
+    for name, engine in engines.items():
+        versions = ", ".join(f"{k} {v}" for k, v in engine.versions().items())
+        lines.append(f"  {name}: {versions}; {engine.device_description()}")
+    lines += ["", format_table(rows), ""]
+    lines.append(f"{len(rows) - len(failed)} of {len(rows)} quantities within tolerance"
+                 + (f"; FAILED: {', '.join(sorted({f'{r.variant}:{r.pair}:{r.quantity}' for r in failed}))}" if failed else ""))
+    return not failed, "\n".join(lines)

@@ -1,0 +1,249 @@
+"""Tests for normbench.parity: every pair of available backends computes the same numbers.
+
+Parametrized over backend pairs (ids like "torch-jax"); a pair with a backend that is
+not available (adapter not written yet, or framework not installed) is skipped with
+the reason, so a new backend is picked up as soon as `backends.is_available` says so.
+Each backend's outputs are computed once per (model, variant, dtype) in a module-scoped
+cache and shared by the pairwise tests; an exception in a backend is cached too and
+fails every test that needs that backend.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+
+import numpy as np
+import pytest
+
+from normbench import backends, parity
+from normbench import spec as spec_module
+from normbench.program import TrainingProgram
+
+PAIRS = list(itertools.combinations(backends.names(), 2))  # torch-jax, torch-tensorflow, jax-tensorflow
+PAIR_IDS = [f"{a}-{b}" for a, b in PAIRS]
+MODELS = ("cnn3", "mlp3")
+NORMALIZATIONS = spec_module.NORMALIZATIONS  # none, batch_norm_shift, batch_norm_scale_shift, standardization_loss
+SEED = 0
+TRAJECTORY_STEPS = 50
+FLOAT64_BATCH = 64  # float64 single steps use the first 64 examples of the first batch (float64 CPU convs are slow)
+OPTIMIZER_STEPS = 10
+
+# The paper's setup (bundled mnist-cnn: batch 128, SGD lr 1e-3, weight decay 4e-5, batch
+# norm decay 0.99 / epsilon 1e-3), with one variant per normalization.
+_VARIANTS = [{"name": n, "normalization": n, "standardization_loss_weight": 1.0 if n == "standardization_loss" else 0.0,
+              "steps": None} for n in NORMALIZATIONS]
+
+
+@functools.lru_cache(maxsize=None)
+def _paper_spec(model: str) -> spec_module.ExperimentSpec:
+    return spec_module.load("mnist-cnn").replace(name=f"parity-{model}", model=model, variants=_VARIANTS)
+
+
+# A tiny model with each optimizer and a warm-up + step-decay schedule (every update
+# formula and the host-side learning-rate path), in float32 and float64.
+_OPTIMIZER_TABLES = {
+    "sgd_nesterov": 'name = "sgd"\nlearning_rate = 0.05\nmomentum = 0.9\nnesterov = true\nweight_decay = 4e-5',
+    "rmsprop": 'name = "rmsprop"\nlearning_rate = 1e-3\ndecay = 0.9\nmomentum = 0.5\nweight_decay = 4e-5',
+    "adam": 'name = "adam"\nlearning_rate = 1e-3\nweight_decay = 4e-5',
+}
+_TINY_SPEC = """
+name = "parity-{name}"
+model = "cnn-tiny"
+dataset = "mnist"
+batch_size = 32
+steps = {steps}
+eval_every = {steps}
+train_eval_examples = 1000
+seeds = 1
+
+[optimizer]
+{optimizer}
+
+[schedule]
+name = "step_decay"
+warmup_steps = 3
+decay_rate = 0.5
+decay_every = 3
+
+[[variant]]
+name = "batch_norm_scale_shift"  # kernels, scales and shifts: every kind of parameter but biases
+normalization = "batch_norm_scale_shift"
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def _tiny_spec(optimizer: str) -> spec_module.ExperimentSpec:
+    text = _TINY_SPEC.format(name=optimizer, steps=OPTIMIZER_STEPS, optimizer=_OPTIMIZER_TABLES[optimizer])
+    return spec_module.loads(text, source=f"<parity-{optimizer}>")
+
+
+# Known defect, outside this file: backends/torch/ops.py computes batch_norm_train with
+# the fused F.batch_norm, whose float32 CPU kernel is ~1e-3 (relative) off float64 on
+# cnn3 (var/conv1 7e-5, pre-activations 3e-5, gradients 9e-3; the explicit two-pass
+# formula of the contract: <= 1e-6). Strict, so the fix turns these into failures
+# until this marker is removed.
+_TORCH_FUSED_BATCH_NORM = pytest.mark.xfail(
+    reason="torch's fused F.batch_norm is ~1e-3 off float64 in float32 on CPU; write batch_norm_train out (two-pass)",
+    strict=True)
+
+
+def _known_defect(pair, model, normalization, dtype):
+    return "torch" in pair and model == "cnn3" and normalization.startswith("batch_norm") and dtype == "float32"
+
+
+def _require(*names: str) -> None:
+    for name in names:
+        if not backends.is_available(name):
+            pytest.skip(f"backend {name!r} is not available here (adapter not implemented or framework not installed)")
+
+
+class _Cache:
+    """Each backend's outputs, computed once per key; exceptions are remembered and re-raised."""
+
+    def __init__(self):
+        self.values: dict[tuple, object] = {}
+
+    def get(self, key: tuple, compute):
+        if key not in self.values:
+            try:
+                self.values[key] = compute()
+            except Exception as exc:  # noqa: BLE001 - re-raised for every test that needs it
+                self.values[key] = exc
+        value = self.values[key]
+        if isinstance(value, Exception):
+            raise value
+        return value
+
+
+@pytest.fixture(scope="module")
+def cache() -> _Cache:
+    return _Cache()
+
+
+def _step(cache, backend, model, normalization, dtype):
+    spec = _paper_spec(model)
+    batch = parity.first_batch(spec, SEED)
+    if dtype == "float64":
+        batch = batch[:FLOAT64_BATCH]
+    return cache.get(("step", backend, model, normalization, dtype),
+                     lambda: parity.step_outputs(spec, normalization, backend, dtype, SEED, batch))
+
+
+def _trajectory(cache, backend, spec, variant, steps, dtype="float32"):
+    return cache.get(("trajectory", backend, spec.name, variant, steps, dtype),
+                     lambda: parity.trajectory_outputs(spec, variant, backend, steps, dtype, SEED))
+
+
+def _assert_agree(outputs: dict, dtype: str, spec, variant: str) -> None:
+    rows = parity.compare_outputs(outputs, dtype, variant, spec.standardization_loss.log_epsilon)
+    assert rows, "nothing was compared"
+    failed = [r for r in rows if not r.ok]
+    assert not failed, f"{len(failed)} of {len(rows)} quantities exceed the {dtype} tolerance:\n" + parity.format_table(failed)
+
+
+def _expected_step_quantities(spec, normalization) -> set[str]:
+    program = TrainingProgram(spec, spec.variant(normalization))
+    params, state = program.initial_parameters(SEED)
+    layers = [layer.name for layer in program.arch.hidden]
+    return ({f"gradient/{k}" for k in params} | {f"state/{k}" for k in state}
+            | {"logits", "total_loss", "cross_entropy", "standardization_loss"}
+            | {f"{kind}/{layer}" for kind in ("preactivation", "mean", "var") for layer in layers})
+
+
+# ----------------------------------------------------------------------------- single step
+
+
+@pytest.mark.parametrize("normalization", NORMALIZATIONS)
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("backend", backends.names())
+def test_step_outputs_cover_every_quantity(cache, backend, model, normalization):
+    _require(backend)
+    spec = _paper_spec(model)
+    outputs = _step(cache, backend, model, normalization, "float32")
+    assert set(outputs) == _expected_step_quantities(spec, normalization)
+    assert all(np.all(np.isfinite(v)) for v in outputs.values())
+
+
+@pytest.mark.parametrize("normalization", NORMALIZATIONS)
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("pair", PAIRS, ids=PAIR_IDS)
+def test_single_step_float64(cache, pair, model, normalization):
+    _require(*pair)
+    outputs = {b: _step(cache, b, model, normalization, "float64") for b in pair}
+    _assert_agree(outputs, "float64", _paper_spec(model), normalization)
+
+
+@pytest.mark.parametrize("normalization", NORMALIZATIONS)
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("pair", PAIRS, ids=PAIR_IDS)
+def test_single_step_float32(cache, pair, model, normalization, request):
+    _require(*pair)
+    if _known_defect(pair, model, normalization, "float32"):
+        request.applymarker(_TORCH_FUSED_BATCH_NORM)
+    outputs = {b: _step(cache, b, model, normalization, "float32") for b in pair}
+    _assert_agree(outputs, "float32", _paper_spec(model), normalization)
+
+
+# ----------------------------------------------------------------------------- trajectories
+
+
+@pytest.mark.parametrize("normalization", NORMALIZATIONS)
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("pair", PAIRS, ids=PAIR_IDS)
+def test_trajectory_float32(cache, pair, model, normalization):
+    _require(*pair)
+    spec = _paper_spec(model)
+    outputs = {b: _trajectory(cache, b, spec, normalization, TRAJECTORY_STEPS) for b in pair}
+    for b, out in outputs.items():  # the comparison below assumes every step was recorded
+        assert out["trajectory/loss"].shape == (TRAJECTORY_STEPS,), b
+    _assert_agree(outputs, "float32", spec, normalization)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("optimizer", list(_OPTIMIZER_TABLES))
+@pytest.mark.parametrize("pair", PAIRS, ids=PAIR_IDS)
+def test_optimizers_and_schedule(cache, pair, optimizer, dtype):
+    _require(*pair)
+    spec = _tiny_spec(optimizer)
+    variant = spec.variants[0].name
+    outputs = {b: _trajectory(cache, b, spec, variant, OPTIMIZER_STEPS, dtype) for b in pair}
+    _assert_agree(outputs, dtype, spec, variant)
+
+
+# ----------------------------------------------------------------------------- the harness itself
+
+
+def test_relative_error_definitions():
+    a = {"mean/l": np.array([1e-8, -2e-8]), "var/l": np.array([4.0, 1.0]), "standardization_loss": np.array(1e-6),
+         "logits": np.array([[1.0, -3.0]])}
+    b = {"mean/l": np.array([2e-8, -2e-8]), "var/l": np.array([4.0, 1.0]), "standardization_loss": np.array(2e-6),
+         "logits": np.array([[1.0, -2.9]])}
+    rows = {r.quantity: r for r in parity.compare_outputs({"x": a, "y": b}, "float32", "v", log_epsilon=1e-8)}
+    assert rows["mean/l"].max_rel == pytest.approx(1e-8 / 2.0)  # relative to the layer's RMS (sqrt(4))
+    assert rows["logits"].max_rel == pytest.approx(0.1 / 3.0)  # worst element / largest magnitude
+    # equation (2)'s terms: 0.5 * sum(m^2 + v + |log v| + 1) = 0.5 * (4 + log 4 + 1 + 1 + 0 + 1)
+    assert rows["standardization_loss"].max_rel == pytest.approx(1e-6 / (0.5 * (7 + np.log(4))), rel=1e-6)
+    assert not rows["logits"].ok and rows["mean/l"].ok
+
+
+def test_missing_or_non_finite_quantities_fail():
+    rows = parity.compare_outputs({"x": {"logits": np.ones(3), "var/l": np.ones(2)},
+                                   "y": {"logits": np.array([1.0, np.nan, 1.0])}}, "float64", "v", 1e-8)
+    assert {r.quantity: r.ok for r in rows} == {"logits": False, "var/l": False}
+
+
+def test_trajectory_rows_check_every_step():
+    a = {"trajectory/loss": np.array([2.0, 2.0, 2.0])}
+    b = {"trajectory/loss": np.array([2.0, 2.0 * (1 + 1e-1), 2.0])}
+    (row,) = parity.compare_outputs({"x": a, "y": b}, "float32", "v", 1e-8)
+    assert not row.ok and row.detail == "worst at step 2 of 3"
+    assert row.max_rel == pytest.approx(1e-1 / (1 + 1e-1))
+
+
+def test_format_table_marks_failures():
+    rows = [parity.Row("torch-jax", "v", "gradient/conv1/kernel", 1e-3, 1e-2, 1e-4, False),
+            parity.Row("torch-jax", "v", "gradient/conv2/kernel", 1e-9, 1e-8, 1e-4, True)]
+    table = parity.format_table(rows)
+    assert table.count("\n") == 2  # header, rule, one collapsed row
+    assert "FAIL" in table and "gradient/conv1/kernel" in table
