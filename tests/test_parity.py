@@ -83,15 +83,6 @@ def _tiny_spec(optimizer: str) -> spec_module.ExperimentSpec:
 # cnn3 (var/conv1 7e-5, pre-activations 3e-5, gradients 9e-3; the explicit two-pass
 # formula of the contract: <= 1e-6). Strict, so the fix turns these into failures
 # until this marker is removed.
-_TORCH_FUSED_BATCH_NORM = pytest.mark.xfail(
-    reason="torch's fused F.batch_norm is ~1e-3 off float64 in float32 on CPU; write batch_norm_train out (two-pass)",
-    strict=True)
-
-
-def _known_defect(pair, model, normalization, dtype):
-    return "torch" in pair and model == "cnn3" and normalization.startswith("batch_norm") and dtype == "float32"
-
-
 def _require(*names: str) -> None:
     for name in names:
         if not backends.is_available(name):
@@ -177,10 +168,8 @@ def test_single_step_float64(cache, pair, model, normalization):
 @pytest.mark.parametrize("normalization", NORMALIZATIONS)
 @pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("pair", PAIRS, ids=PAIR_IDS)
-def test_single_step_float32(cache, pair, model, normalization, request):
+def test_single_step_float32(cache, pair, model, normalization):
     _require(*pair)
-    if _known_defect(pair, model, normalization, "float32"):
-        request.applymarker(_TORCH_FUSED_BATCH_NORM)
     outputs = {b: _step(cache, b, model, normalization, "float32") for b in pair}
     _assert_agree(outputs, "float32", _paper_spec(model), normalization)
 

@@ -1,0 +1,212 @@
+"""TensorFlow engine: tf.Variables updated by compiled steps (tf.function + GradientTape).
+
+Each step is one call of a compiled function: it gathers the batch from the training set
+already on the device, differentiates the neutral `program.loss`, applies the neutral
+optimizer and assigns the results to the variables, and returns the three losses.
+Functions are traced once per input shape and dtype (the neutral model needs static
+shapes for its Python-int counts), so the learning rate enters as a scalar tensor and a
+schedule never retraces.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+# torch must be loaded before TensorFlow when both end up in one process: the opposite
+# order can crash (their bundled native libraries clash).
+if importlib.util.find_spec("torch") is not None:
+    import torch  # noqa: F401
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from normbench.backends import base  # noqa: E402
+from normbench.backends.tensorflow.ops import Ops  # noqa: E402
+
+_DTYPES = {"float32": tf.float32, "float64": tf.float64}
+
+# XLA (jit_compile=True) only where it measured faster than TensorFlow's graph executor.
+# CPU (TF 2.21, float32, batch 128, paired interleaved timings): XLA steps were 9-21%
+# slower for cnn3 and mlp3 in every variant, and compiled 2-5x longer. GPU: not measured
+# yet, so the graph executor stays the default there too. Engine(jit_compile=True) forces it.
+XLA_BY_DEVICE_TYPE = {"cpu": False, "gpu": False}
+
+
+def _parse_device(requested: str | None) -> tuple[str, str]:
+    """normbench device name -> (canonical name, TensorFlow device string)."""
+    text = (requested or "cpu").strip().lower()
+    kind, _, index = text.partition(":")
+    if kind == "cpu" and index in ("", "0"):
+        return "cpu", "/CPU:0"
+    if kind in ("cuda", "gpu") and (index == "" or index.isdigit()):
+        number = int(index or 0)
+        present = len(tf.config.list_physical_devices("GPU"))
+        if number >= present:
+            raise base.BackendUnavailable(
+                f"tensorflow: device {requested!r} requested but {present} GPU(s) are visible to TensorFlow; use --device cpu")
+        return f"gpu:{number}", f"/GPU:{number}"
+    raise base.BackendUnavailable(f"tensorflow: unknown device {requested!r}; use cpu, gpu, gpu:N, cuda or cuda:N")
+
+
+class Engine(base.Engine):
+    name = "tensorflow"
+    framework = "tensorflow"
+
+    def __init__(self, device: str | None = None, dtype: str = "float32", jit_compile: bool | None = None):
+        super().__init__(device, dtype)
+        self.device, self.tf_device = _parse_device(device)
+        self.device_type = self.device.partition(":")[0]
+        if self.device_type == "gpu":
+            # TF32 would make float32 matmuls/convs disagree with the other backends at ~1e-3.
+            tf.config.experimental.enable_tensor_float_32_execution(False)
+        self.tf_dtype = _DTYPES[dtype]
+        self.jit_compile = XLA_BY_DEVICE_TYPE[self.device_type] if jit_compile is None else bool(jit_compile)
+        self.ops = Ops()
+
+    def versions(self):
+        return {"tensorflow": tf.__version__}
+
+    def device_description(self):
+        compiler = "XLA" if self.jit_compile else "graph"
+        if self.device_type == "gpu":
+            details = tf.config.experimental.get_device_details(tf.config.list_physical_devices("GPU")[int(self.device[4:])])
+            return f"gpu: {details.get('device_name', self.tf_device)} ({compiler})"
+        threads = tf.config.threading.get_intra_op_parallelism_threads() or os.cpu_count()
+        return f"cpu ({threads} threads, {compiler})"
+
+    def _place(self, array: np.ndarray, dtype) -> tf.Tensor:
+        with tf.device(self.tf_device):
+            return tf.identity(tf.convert_to_tensor(array, dtype=dtype))
+
+    def put_images(self, images_nhwc):
+        return self._place(np.asarray(images_nhwc), self.tf_dtype)
+
+    def put_labels(self, labels):
+        return self._place(np.asarray(labels, dtype=np.int64), tf.int64)
+
+    def import_tree(self, tree):
+        # The canonical layouts (HWIO, (in, out), per-channel vectors) are TensorFlow's own.
+        return {name: self._place(np.asarray(value), self.tf_dtype) for name, value in tree.items()}
+
+    def export_tree(self, tree):
+        return {name: self.to_numpy(value) for name, value in tree.items()}
+
+    def activation_to_numpy(self, x):
+        return self.to_numpy(x)
+
+    def to_numpy(self, x):
+        return x.numpy() if isinstance(x, (tf.Tensor, tf.Variable)) else np.asarray(x)
+
+    def synchronize(self):
+        # Calls from Python block until their results exist; queued GPU work from an
+        # async eager context is flushed explicitly.
+        if self.device_type == "gpu":
+            tf.test.experimental.sync_devices()
+
+    def trainer(self, program, params, state, train_images, train_labels, track=()):
+        return Trainer(self, program, params, state, train_images, train_labels, track)
+
+
+class Trainer(base.Trainer):
+    def __init__(self, engine, program, params, state, train_images, train_labels, track):
+        super().__init__(engine, program, track)
+        self.ops = engine.ops
+        with tf.device(engine.tf_device):
+            self.params = {k: tf.Variable(v, trainable=True) for k, v in engine.import_tree(params).items()}
+            self.state = {k: tf.Variable(v, trainable=False) for k, v in engine.import_tree(state).items()}
+            self.opt_state = {k: tf.Variable(v, trainable=False)
+                              for k, v in program.optimizer.init(self.ops, self.params).items()}
+        self.train_images, self.train_labels = train_images, train_labels
+        # autograph=False: the neutral code's Python control flow is static by design.
+        self._functions = {
+            name: tf.function(body, jit_compile=engine.jit_compile, autograph=False)
+            for name, body in (("step", self._train_step_fn), ("gradients", self._gradients_fn),
+                               ("evaluation", self._evaluation_fn))
+        }
+        self._traced = {}
+
+    def _call(self, name, *args):
+        # One trace per input shape, taken explicitly and called directly: the neutral
+        # model needs static shapes (its counts are Python ints), the learning rate is a
+        # tensor so schedules never retrace, and a direct call skips tf.function's
+        # dispatch (and its "frequent retracing" heuristics, which would misfire when a
+        # sweep builds one trainer after another from the same code).
+        key = (name, *((tuple(a.shape), a.dtype) for a in args))
+        with tf.device(self.engine.tf_device):
+            function = self._traced.get(key)
+            if function is None:
+                function = self._traced[key] = self._functions[name].get_concrete_function(*args)
+            return function(*args)
+
+    # ---- compiled bodies (pure functions of the variables' current values)
+    @staticmethod
+    def _values(variables: dict) -> dict:
+        # Reads are ordered before the step's assignments by tf.function's automatic
+        # control dependencies, so the update sees one consistent snapshot.
+        return {k: v.value() for k, v in variables.items()}
+
+    def _loss_and_gradients(self, params, state, images, labels):
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch(params)
+            total, aux = self.program.loss(self.ops, params, state, images, labels)
+        grads = tape.gradient(total, params, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        return total, aux, grads
+
+    def _train_step_fn(self, indices, learning_rate):
+        images, labels = tf.gather(self.train_images, indices), tf.gather(self.train_labels, indices)
+        params, opt_state = self._values(self.params), self._values(self.opt_state)
+        total, aux, grads = self._loss_and_gradients(params, self._values(self.state), images, labels)
+        new_params, new_opt_state = self.program.optimizer.update(self.ops, params, grads, opt_state, learning_rate)
+        for group, values in ((self.params, new_params), (self.opt_state, new_opt_state), (self.state, aux["state"])):
+            for k, variable in group.items():
+                variable.assign(values[k], read_value=False)
+        return tf.stack([total, aux["cross_entropy"], aux["standardization_loss"]])
+
+    def _gradients_fn(self, images, labels):
+        params, state = self._values(self.params), self._values(self.state)
+        total, aux, grads = self._loss_and_gradients(params, state, images, labels)
+        seen = self.program.inspect(self.ops, params, state, images, labels)
+        return total, aux["cross_entropy"], grads, seen
+
+    def _evaluation_fn(self, images, labels):
+        out = self.program.evaluation(self.ops, self._values(self.params), self._values(self.state), images, labels, self.track)
+        counts = {k: n for k, (_, _, n) in out["moments"].items()}
+        out["moments"] = {k: (m, v) for k, (m, v, _) in out["moments"].items()}
+        return out, counts
+
+    # ---- the Trainer contract
+    def step(self, indices, learning_rate):
+        losses = self._call("step", tf.constant(np.asarray(indices, dtype=np.int64)),
+                            tf.constant(learning_rate, dtype=self.engine.tf_dtype))
+        loss, ce, std = losses.numpy().tolist()
+        return {"loss": loss, "cross_entropy": ce, "standardization_loss": std}
+
+    def export(self):
+        return self.engine.export_tree(self.params), self.engine.export_tree(self.state)
+
+    def gradients(self, images, labels):
+        total, cross_entropy, grads, seen = self._call("gradients", images, labels)
+        e = self.engine
+        intermediates = {
+            "total_loss": e.to_numpy(total), "cross_entropy": e.to_numpy(cross_entropy),
+            "standardization_loss": e.to_numpy(seen["standardization_loss"]),
+            "logits": e.activation_to_numpy(seen["logits"]),
+            **{f"preactivation/{k}": e.activation_to_numpy(v) for k, v in seen["preactivations"].items()},
+            **{f"mean/{k}": e.to_numpy(m) for k, (m, _) in seen["moments"].items()},
+            **{f"var/{k}": e.to_numpy(v) for k, (_, v) in seen["moments"].items()},
+            **{f"state/{k}": e.to_numpy(v) for k, v in seen["state"].items()},
+        }
+        return e.export_tree(grads), intermediates
+
+    def _evaluate_chunk(self, images, labels):
+        out, counts = self._call("evaluation", images, labels)
+        e = self.engine
+        return {
+            "cross_entropy_mean": float(out["cross_entropy_mean"]),
+            "correct": int(out["correct"]),
+            "moments": {k: (e.to_numpy(m), e.to_numpy(v), int(counts[k])) for k, (m, v) in out["moments"].items()},
+            "tracked": {k: e.activation_to_numpy(v) for k, v in out["tracked"].items()},
+        }
