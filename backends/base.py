@@ -145,6 +145,19 @@ class Trainer(abc.ABC):
         """(canonical gradients of the total loss, canonical training-mode intermediates)
         on one batch, without updating anything. For parity tests."""
 
+    def _canonical_intermediates(self, total, cross_entropy, seen: dict) -> dict[str, np.ndarray]:
+        """`program.inspect` output (plus the losses) as flat canonical NumPy, for `gradients`."""
+        e = self.engine
+        return {
+            "total_loss": e.to_numpy(total), "cross_entropy": e.to_numpy(cross_entropy),
+            "standardization_loss": e.to_numpy(seen["standardization_loss"]),
+            "logits": e.activation_to_numpy(seen["logits"]),
+            **{f"preactivation/{k}": e.activation_to_numpy(v) for k, v in seen["preactivations"].items()},
+            **{f"mean/{k}": e.to_numpy(m) for k, (m, _) in seen["moments"].items()},
+            **{f"var/{k}": e.to_numpy(v) for k, (_, v) in seen["moments"].items()},
+            **{f"state/{k}": e.to_numpy(v) for k, v in seen["state"].items()},
+        }
+
     @abc.abstractmethod
     def _evaluate_chunk(self, images, labels) -> dict:
         """`program.evaluation` on one chunk, converted to NumPy."""

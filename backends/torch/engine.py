@@ -118,17 +118,8 @@ class Trainer(base.Trainer):
         grads = torch.autograd.grad(total, list(self.params.values()))
         with torch.no_grad():
             seen = self.program.inspect(self.ops, self.params, self.state, images, labels)
-        e = self.engine
-        intermediates = {
-            "total_loss": e.to_numpy(total), "cross_entropy": e.to_numpy(aux["cross_entropy"]),
-            "standardization_loss": e.to_numpy(seen["standardization_loss"]),
-            "logits": e.activation_to_numpy(seen["logits"]),
-            **{f"preactivation/{k}": e.activation_to_numpy(v) for k, v in seen["preactivations"].items()},
-            **{f"mean/{k}": e.to_numpy(m) for k, (m, _) in seen["moments"].items()},
-            **{f"var/{k}": e.to_numpy(v) for k, (_, v) in seen["moments"].items()},
-            **{f"state/{k}": e.to_numpy(v) for k, v in seen["state"].items()},
-        }
-        return e.export_tree(dict(zip(self.params, grads))), intermediates
+        intermediates = self._canonical_intermediates(total, aux["cross_entropy"], seen)
+        return self.engine.export_tree(dict(zip(self.params, grads))), intermediates
 
     def _evaluate_chunk(self, images, labels):
         with torch.inference_mode():
