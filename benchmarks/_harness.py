@@ -1,0 +1,360 @@
+"""Shared machinery of the asv suite: the parameter grid, skips, timed steps, training runs.
+
+Everything that touches a framework goes through `normbench.backends` (engines, trainers)
+or, for device memory counters only, the framework's own query API; the library never
+reads the variables below, only this harness does.
+
+Environment variables:
+  NORMBENCH_BENCH_QUICK=1             tiny budgets (CI smoke runs): 10 training steps, 500
+                                      test images, 3 timing rounds. Numbers are meaningless;
+                                      scripts/nightly.py refuses to record them.
+  NORMBENCH_BENCH_DEVICE=cpu[,cuda]   devices to measure; the others are skipped.
+  NORMBENCH_INJECT_STEP_SLEEP_MS=N    sleep N ms inside every timed backend step (to
+                                      demonstrate that the nightly run catches a regression).
+
+This file is also the training worker: `python _harness.py --train '<json list>'` trains
+runs in a fresh process and prints their measurements (see `train_all`).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import itertools
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from normbench import backends as registry
+from normbench import spec as specs
+from normbench.data_order import BatchOrder, seed_streams
+from normbench.program import TrainingProgram
+from normbench.runner import execute_run, load_data
+
+# ----------------------------------------------------------------------------- the grid
+
+BACKENDS = registry.names()  # every backend stays in the grid; unavailable ones are skipped
+MODELS = ["cnn3", "mlp3"]
+NORMALIZATIONS = ["none", "batch_norm_shift", "standardization_loss"]
+DEVICES = ["cpu", "cuda"]  # "cuda" is skipped where the backend reports no such device
+SPEC_FOR_MODEL = {"cnn3": "mnist-cnn", "mlp3": "mnist-mlp"}  # 1000 steps, SGD lr 1e-3, batch 128
+SEED = 0
+
+# Test accuracy a run must reach for `track_steps_to_target`, per (model, normalization).
+# Read off seed-0 PyTorch curves of the bundled specs (test set every 50 steps; step at
+# which the target was first reached, and the accuracy after 1000 steps, in brackets):
+# each target sits where its curve still climbs, well inside the budget, so a slower
+# convergence moves the step count instead of falling off the end. Plain SGD at lr 1e-3
+# barely trains the unnormalized CNN (14% after 1000 steps): the paper's point.
+TARGET_ACCURACY = {
+    ("cnn3", "none"): 0.11,                  # ~step 600 (14.0%)
+    ("cnn3", "batch_norm_shift"): 0.80,      # step 650  (85.8%)
+    ("cnn3", "standardization_loss"): 0.60,  # step 550  (72.7%)
+    ("mlp3", "none"): 0.30,                  # step 600  (41.8%)
+    ("mlp3", "batch_norm_shift"): 0.70,      # step 650  (78.7%)
+    ("mlp3", "standardization_loss"): 0.45,  # step 650  (55.2%)
+}
+
+# ----------------------------------------------------------------------------- budgets
+
+WARMUP_STEPS = 5  # steps before any steady-state timing (allocator, kernel selection, JIT)
+RATIO_ROUNDS = 40  # alternating rounds for side-by-side ratios (each round times one step of each)
+QUICK_STEPS, QUICK_EVAL_EVERY, QUICK_TEST_EXAMPLES, QUICK_RATIO_ROUNDS = 10, 5, 500, 3
+TRAIN_TIMEOUT_S = 3600  # one training run in its worker process
+SETUP_CACHE_TIMEOUT_S = 4 * 3600  # all runs of one backend
+
+
+def quick() -> bool:
+    return os.environ.get("NORMBENCH_BENCH_QUICK", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def selected_devices() -> list[str]:
+    raw = os.environ.get("NORMBENCH_BENCH_DEVICE", "").strip()
+    return [d.strip() for d in raw.split(",") if d.strip()] if raw else list(DEVICES)
+
+
+def injected_sleep_s() -> float:
+    return float(os.environ.get("NORMBENCH_INJECT_STEP_SLEEP_MS", "0") or 0) / 1000.0
+
+
+def warmup_steps() -> int:
+    return 1 if quick() else WARMUP_STEPS
+
+
+def ratio_rounds() -> int:
+    return QUICK_RATIO_ROUNDS if quick() else RATIO_ROUNDS
+
+
+# ----------------------------------------------------------------------------- engines and data
+
+
+@functools.cache
+def _engine(backend: str, device: str):
+    return registry.get_engine(backend, device=device)
+
+
+def engine(backend: str, device: str):
+    """The backend's engine on `device`, or NotImplementedError (asv's skip) when the
+    adapter, the framework or the device is missing, or the device is deselected."""
+    if not registry.is_available(backend):
+        raise NotImplementedError(f"backend {backend!r} is not available here (see `normbench backends`)")
+    if device not in selected_devices():
+        raise NotImplementedError(f"device {device!r} not selected (NORMBENCH_BENCH_DEVICE={os.environ.get('NORMBENCH_BENCH_DEVICE')})")
+    if device != "cpu" and not _nvidia_driver_present():
+        # Decided without importing the framework: an import costs seconds per benchmark process.
+        raise NotImplementedError(f"device {device!r}: no NVIDIA driver on this machine")
+    try:
+        return _engine(backend, device)
+    except registry.BackendUnavailable as exc:
+        raise NotImplementedError(str(exc)) from None
+
+
+def _nvidia_driver_present() -> bool:
+    return Path("/proc/driver/nvidia/version").exists() or any(Path("/dev").glob("nvidia[0-9]*"))
+
+
+def training_spec(model: str, normalization: str):
+    """(spec, variant) of the benchmark's training run: the bundled spec, seed 0."""
+    spec = specs.load(SPEC_FOR_MODEL[model]).replace(seeds=[SEED])
+    if quick():
+        spec = spec.replace(steps=QUICK_STEPS, eval_every=QUICK_EVAL_EVERY)
+    variant = next(v for v in spec.variants if v.normalization == normalization)
+    return spec, variant
+
+
+@functools.cache
+def mnist():
+    """Real MNIST as the runner loads it (cached in ~/.cache/normbench; fetched once)."""
+    return load_data(training_spec("cnn3", "none")[0])
+
+
+@functools.cache
+def _placed_training_set(backend: str, device: str):
+    eng = engine(backend, device)
+    data = mnist()
+    return eng.put_images(data.train_images), eng.put_labels(data.train_labels)
+
+
+# ----------------------------------------------------------------------------- timed steps
+
+
+class Stepper:
+    """A fresh backend trainer walking through seed 0's batch order. `step()` is the
+    unit every timing benchmark measures: one update, then `synchronize()`, then the
+    injected sleep (if any), all inside the caller's timer."""
+
+    def __init__(self, backend: str, model: str, normalization: str, device: str):
+        self.engine = engine(backend, device)
+        spec, variant = training_spec(model, normalization)
+        self.program = TrainingProgram(spec, variant)
+        params, state = self.program.initial_parameters(SEED)
+        images, labels = _placed_training_set(backend, device)
+        self.trainer = self.engine.trainer(self.program, params, state, images, labels)
+        _, data_seed = seed_streams(SEED)
+        self.order = BatchOrder(data_seed, mnist().train_labels.shape[0], spec.batch_size)
+        self.order.indices(0)  # draw the epoch's permutation now, not inside a timed step
+        self.count = 0
+
+    def step(self) -> None:
+        # Stay inside the first epoch, so no permutation is ever drawn inside a timer.
+        i = self.count % self.order.batches_per_epoch
+        self.count += 1
+        self.trainer.step(self.order.indices(i), self.program.learning_rate(i))
+        self.engine.synchronize()
+        sleep = injected_sleep_s()
+        if sleep:
+            time.sleep(sleep)
+
+    def warm_up(self, steps: int) -> "Stepper":
+        for _ in range(steps):
+            self.step()
+        return self
+
+
+_WARM: dict[tuple, Stepper] = {}
+
+
+def warm_stepper(backend: str, model: str, normalization: str, device: str) -> Stepper:
+    """A warmed-up Stepper, created once per process. This asv re-runs `setup` before
+    every timed sample (asv#966), so setup must fetch rather than rebuild."""
+    key = (backend, model, normalization, device)
+    if key not in _WARM:
+        _WARM[key] = Stepper(*key).warm_up(warmup_steps())
+    return _WARM[key]
+
+
+def side_by_side_medians(steps, rounds: int) -> list[float]:
+    """Median wall time of each callable, measured alternately in the same process
+    (the order reverses every round, so drift and caches hit every callable alike)."""
+    samples = [[] for _ in steps]
+    for r in range(rounds):
+        order = range(len(steps)) if r % 2 == 0 else reversed(range(len(steps)))
+        for k in order:
+            start = time.perf_counter()
+            steps[k]()
+            samples[k].append(time.perf_counter() - start)
+    return [statistics.median(s) for s in samples]
+
+
+def reference_module(backend: str):
+    """benchmarks/reference_<framework>.py, or NotImplementedError when it does not exist."""
+    name = f"{__package__}.reference_{backend}"
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name == name:
+            raise NotImplementedError(f"no reference loop for {backend} (benchmarks/reference_{backend}.py)") from None
+        raise
+
+
+def reference_device(backend: str, device: str):
+    """The `device` argument each reference module takes: reference_jax wants a jax
+    Device (None = jax's default, which is the GPU where there is one); reference_torch
+    and reference_tensorflow take the device name ("cpu", "cuda")."""
+    return engine(backend, device).jax_device if backend == "jax" else device
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def _proc_status_bytes(field: str) -> int:
+    text = Path("/proc/self/status").read_text()
+    return int(re.search(rf"^{field}:\s+(\d+) kB", text, re.M).group(1)) * 1024
+
+
+def _reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0), so the peak covers training only."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _device_peak_probe(backend: str, eng, device: str):
+    """Reset the framework's device peak counter; return a callable reading it, or None
+    where it is not exposed. CPU: never (torch has no host counter, jax's CPU
+    `memory_stats()` is None and TensorFlow reports 0 for CPU:0)."""
+    if device == "cpu":
+        return None
+    if backend == "torch":
+        import torch
+        dev = eng.torch_device
+        torch.cuda.reset_peak_memory_stats(dev)
+        return lambda: int(torch.cuda.max_memory_allocated(dev))
+    if backend == "jax":
+        dev = eng.jax_device
+        if dev.memory_stats() is None:
+            return None
+        # jax cannot reset its peak; the worker process is fresh, so the peak is this run's.
+        return lambda: int(dev.memory_stats()["peak_bytes_in_use"])
+    if backend == "tensorflow":
+        import tensorflow as tf
+        name = eng.tf_device.lstrip("/")  # "/GPU:0" -> "GPU:0"
+        tf.config.experimental.reset_memory_stats(name)
+        return lambda: int(tf.config.experimental.get_memory_info(name)["peak"])
+    return None
+
+
+# ----------------------------------------------------------------------------- training runs
+
+
+class _TestSetEvaluator:
+    """`execute_run`'s evaluator, restricted to the test split (the only one the metrics use)."""
+
+    def __init__(self, eng, data, examples: int):
+        self.splits = {"test": (eng.put_images(data.test_images[:examples]), eng.put_labels(data.test_labels[:examples]), examples)}
+
+
+def train_and_measure(backend: str, model: str, normalization: str, device: str) -> dict:
+    """One real training run (the bundled spec, seed 0, test-set eval every 50 steps),
+    with its host RSS growth and device peak memory. Meant for a fresh process."""
+    eng = engine(backend, device)
+    spec, variant = training_spec(model, normalization)
+    data = mnist()
+    train_images, train_labels = _placed_training_set(backend, device)
+    evaluator = _TestSetEvaluator(eng, data, QUICK_TEST_EXAMPLES if quick() else len(data.test_labels))
+    device_peak = _device_peak_probe(backend, eng, device)
+    rss_before = _proc_status_bytes("VmRSS")
+    peak_reset = _reset_peak_rss()
+    sampled = [rss_before]  # per-step samples: a fallback where VmHWM cannot be reset
+    outcome = execute_run(eng, TrainingProgram(spec, variant), SEED, train_images, train_labels, evaluator,
+                          on_step=lambda _: sampled.append(_proc_status_bytes("VmRSS")))
+    rss_peak = max(max(sampled), _proc_status_bytes("VmHWM") if peak_reset else 0)
+    curve = [(int(r["step"]), float(r["accuracy"])) for r in outcome["rows"] if r["split"] == "test"]
+    target = TARGET_ACCURACY[(model, normalization)]
+    return {
+        "status": outcome["status"],
+        "budget": spec.steps_for(variant),
+        "steps_completed": outcome["steps_completed"],
+        "target_accuracy": target,
+        "steps_to_target": next((s for s, a in curve if a >= target), None),
+        "test_accuracy": curve,
+        "final_test_error": 1.0 - curve[-1][1],
+        "host_rss_growth_bytes": max(rss_peak - rss_before, 0),
+        "device_peak_bytes": device_peak() if device_peak is not None else None,
+        "train_time_s": outcome["train_time_s"],
+        "device_description": eng.device_description(),
+    }
+
+
+_RESULT_MARKER = "NORMBENCH_BENCH_RESULT "
+
+
+def _train_in_fresh_process(runs: list[dict]) -> list[dict]:
+    """`train_and_measure` for each run, in one new worker process."""
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--train", json.dumps(runs)],
+                          stdout=subprocess.PIPE, text=True, timeout=TRAIN_TIMEOUT_S * len(runs))
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(_RESULT_MARKER)]
+    if proc.returncode != 0 or not lines:
+        names = ", ".join("/".join(r.values()) for r in runs)
+        raise RuntimeError(f"training worker for {names} failed (exit {proc.returncode}); its traceback is on stderr above")
+    return json.loads(lines[-1][len(_RESULT_MARKER):])
+
+
+def run_key(model: str, normalization: str, device: str) -> str:
+    return f"{model}/{normalization}/{device}"
+
+
+def train_all(backend: str) -> dict:
+    """The body of each backend's asv `setup_cache`: every model x normalization x device
+    trained once; skipped combinations are recorded with the reason.
+
+    Each run gets a fresh worker process, so its peak RSS, device peak and allocator
+    caches are its own, not left over from the runs before it. Under NORMBENCH_BENCH_QUICK
+    all runs share one worker (the same code path, one framework import instead of six)."""
+    results, todo = {}, []
+    for model, normalization, device in itertools.product(MODELS, NORMALIZATIONS, DEVICES):
+        try:
+            engine(backend, device)
+        except NotImplementedError as exc:
+            results[run_key(model, normalization, device)] = {"skipped": str(exc)}
+            continue
+        todo.append({"backend": backend, "model": model, "normalization": normalization, "device": device})
+    for batch in ([todo] if quick() and todo else [[run] for run in todo]):
+        started = time.perf_counter()
+        for run, result in zip(batch, _train_in_fresh_process(batch)):
+            results[run_key(run["model"], run["normalization"], run["device"])] = result
+        print(f"trained {len(batch)} {backend} run(s) in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+    return {"backend": backend, "quick": quick(), "runs": results}
+
+
+def training_result(cache: dict, model: str, normalization: str, device: str) -> dict:
+    """One run's measurements from a `train_all` cache, or NotImplementedError (skip)."""
+    run = cache["runs"][run_key(model, normalization, device)]
+    if "skipped" in run:
+        raise NotImplementedError(run["skipped"])
+    return run
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[1] != "--train":
+        sys.exit("usage: python _harness.py --train '[{\"backend\": ..., \"model\": ..., \"normalization\": ..., \"device\": ...}, ...]'")
+    measured = [train_and_measure(**run) for run in json.loads(sys.argv[2])]
+    print(_RESULT_MARKER + json.dumps(measured), flush=True)
