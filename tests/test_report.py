@@ -1,0 +1,321 @@
+"""Tests for normbench.report and normbench.figures: tables, figures and the results
+index, built from small synthetic results directories (fake runs written with
+runner.write_run, no training), including diverged runs and missing backends."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+import pytest
+
+from normbench import cli, experiments, figures, report, runner, spec as spec_module
+
+STARTED, FINISHED = "2026-01-02T10:00:00+00:00", "2026-01-02T10:00:30+00:00"
+
+
+def fake_run(out, backend, variant, normalization, seed, curve, *, weight=0.0, steps=100, eval_every=50,
+             diverged_at=None, percentiles=None):
+    """Write one finished run. curve(step) -> (cross_entropy, accuracy); a diverged run
+    keeps its evaluations before `diverged_at`. percentiles(step) -> {q: value} for conv3."""
+    last = steps if diverged_at is None else diverged_at - 1
+    evaluated = [s for s in range(0, steps + 1, eval_every) if s <= last]
+    rows, prow = [], []
+    for step in evaluated:
+        for split, offset in (("train", 0.02), ("test", 0.0)):
+            ce, acc = curve(step)
+            rows.append({"backend": backend, "model": "cnn3", "variant": variant, "normalization": normalization,
+                         "std_loss_weight": weight, "seed": seed, "step": step, "split": split,
+                         "cross_entropy": ce - offset, "std_loss": 1.0, "accuracy": min(acc + offset, 1.0),
+                         "wall_time_s": step / 100})
+        if percentiles is not None:
+            for q, value in percentiles(step).items():
+                prow.append({"backend": backend, "variant": variant, "seed": seed, "step": step, "layer": "conv3",
+                             "percentile": q, "value": value})
+    status = "ok" if diverged_at is None else "diverged"
+    record = {"run_key": f"{backend}-{variant}-{seed}", "spec_hash": "feedfacecafebeef", "backend": backend,
+              "variant": {"name": variant, "normalization": normalization, "standardization_loss_weight": weight,
+                          "steps": None},
+              "seed": seed, "status": status, "diverged_at_step": diverged_at, "train_time_s": 12.5,
+              "steps_completed": steps if diverged_at is None else diverged_at,
+              "device": "cpu (2 threads)", "framework_versions": {backend: "9.9"}, "git_commit": "0123456789abcdef",
+              "git_dirty": False, "normbench_version": "0.1.0", "python": "3.11.7", "numpy": "2.4.6",
+              "hostname": "testbox", "cpu": "Test CPU", "cpu_count": 2, "started": STARTED, "finished": FINISHED,
+              "data_files": {"train-images-idx3-ubyte": "ab" * 32}}
+    runner.write_run(runner.run_dir_for(out, backend, spec_module.VariantSpec(variant, normalization, weight), seed),
+                     {"rows": rows, "percentile_rows": prow}, record, tracked=percentiles is not None)
+
+
+def mark(out, experiment):
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "experiment.json").write_text(json.dumps({"experiment": experiment}))
+
+
+def rising(final_accuracy, final_ce=0.5, steps=100):
+    return lambda s: (2.3 - (2.3 - final_ce) * s / steps, 0.1 + (final_accuracy - 0.1) * s / steps)
+
+
+def read_table(out):
+    return (out / "table.md").read_text(), pd.read_csv(out / "table.csv")
+
+
+def assert_figure(out, stem):
+    for suffix in (".png", ".pdf"):
+        path = out / f"{stem}{suffix}"
+        assert path.exists() and path.stat().st_size > 1000, path
+
+
+# ----------------------------------------------------------------------------- Figures 1 and 3
+
+
+@pytest.fixture(scope="module")
+def results_root(tmp_path_factory):
+    """One results/ folder shared by the module's experiment fixtures (as the index sees it)."""
+    return tmp_path_factory.mktemp("results")
+
+
+@pytest.fixture(scope="module")
+def curves_dir(results_root):
+    """mnist-cnn with torch complete, jax missing a variant, tensorflow absent; one diverged run."""
+    out = results_root / "mnist-cnn"
+    mark(out, "mnist-cnn")
+    methods = [("none", "none", 0.25), ("batch_norm", "batch_norm_shift", 0.86),
+               ("standardization_loss", "standardization_loss", 0.60)]
+    for backend in ("torch", "jax"):
+        for variant, norm, acc in methods:
+            if backend == "jax" and variant == "batch_norm":
+                continue  # a backend missing a method
+            for seed in range(3):
+                diverged = 40 if (backend == "torch" and variant == "standardization_loss" and seed == 2) else None
+                fake_run(out, backend, variant, norm, seed, rising(acc + 0.01 * seed), diverged_at=diverged)
+    return out, report.build_report(out)
+
+
+def test_curves_table_counts_diverged_runs_and_never_averages_them(curves_dir):
+    out, built = curves_dir
+    md, csv = read_table(out)
+    row = csv[(csv.backend == "torch") & (csv.variant == "standardization_loss")].iloc[0]
+    assert (row.n, row.diverged) == (2, 1)
+    assert row["mean"] == pytest.approx(60.5)  # seeds 0 and 1 only: 60 and 61
+    assert "diverged runs (1 here)" in md
+
+
+def test_curves_report_handles_a_missing_backend_and_method(curves_dir):
+    out, built = curves_dir
+    _, csv = read_table(out)
+    assert set(csv.backend) == {"torch", "jax"}
+    assert not ((csv.backend == "jax") & (csv.variant == "batch_norm")).any()
+    assert_figure(out, "curves")
+
+
+def test_curves_table_states_differences_from_the_paper(curves_dir):
+    out, _ = curves_dir
+    md, csv = read_table(out)
+    # standardization loss 60.5% is below the paper's 75.2 ± 2.6 band; none (25-27%) is inside 24.6 ± 6.5
+    assert "**Differs from the paper:** standardization_loss on torch" in md
+    assert "**Differs from the paper:** none on torch" not in md
+    assert "3 seeds per variant and backend" in md
+    assert "\\pm" in (out / "table.tex").read_text()
+
+
+def test_mlp_table_says_the_paper_gives_no_numbers(tmp_path):
+    out = tmp_path / "mnist-mlp"
+    mark(out, "mnist-mlp")
+    for seed in range(2):
+        fake_run(out, "torch", "none", "none", seed, rising(0.5))
+    built = report.build_report(out)
+    assert "paper %" not in built["markdown"]
+    assert "states no MLP numbers" in built["markdown"]
+
+
+# ----------------------------------------------------------------------------- Figure 2 bottom
+
+
+def points(weights, means, baseline_n=5, diverged=None):
+    diverged = diverged or [0] * len(weights)
+    return pd.DataFrame({"weight": weights, "mean": means, "n": [baseline_n - d for d in diverged], "diverged": diverged})
+
+
+def test_collapse_starts_at_the_first_weight_above_the_best_below_the_baseline():
+    a = report.collapse_analysis(points([0.01, 0.1, 1, 3, 10], [40, 60, 75, 30, 10]), baseline_mean=35)
+    assert a["best_weight"] == 1 and a["onset"] == 3
+    assert a["drop_onset"] == 3  # 30 is more than 10 points below 75
+    assert a["collapsed"] == {0.01: False, 0.1: False, 1.0: False, 3.0: True, 10.0: True}
+
+
+def test_no_collapse_when_every_weight_beats_the_baseline():
+    a = report.collapse_analysis(points([0.1, 1, 10], [50, 75, 70]), baseline_mean=25)
+    assert a["onset"] is None and a["drop_onset"] is None
+
+
+def test_small_weights_below_the_baseline_are_not_a_collapse():
+    # Below the baseline at small weights is "too weak to help", not the collapse the paper describes.
+    a = report.collapse_analysis(points([0.001, 0.01, 0.1, 1], [20, 30, 60, 55]), baseline_mean=25)
+    assert a["best_weight"] == 0.1 and a["onset"] is None and not any(a["collapsed"].values())
+
+
+def test_mostly_diverged_or_entirely_diverged_weights_collapse():
+    a = report.collapse_analysis(points([0.1, 1, 10], [60, 70, math.nan], diverged=[0, 0, 5]), baseline_mean=25)
+    assert a["onset"] == 10
+    a = report.collapse_analysis(points([0.1, 1, 10], [60, 70, 65], diverged=[0, 0, 3]), baseline_mean=25)
+    assert a["onset"] == 10  # 3 of 5 diverged, though the 2 left are fine
+    a = report.collapse_analysis(points([0.1, 1, 10], [60, 70, 65], diverged=[0, 0, 2]), baseline_mean=25)
+    assert a["onset"] is None
+
+
+def test_a_drop_from_the_best_is_reported_separately():
+    a = report.collapse_analysis(points([0.1, 1, 3, 10], [60, 80, 65, 40]), baseline_mean=25)
+    assert a["onset"] is None and a["drop_onset"] == 3
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(results_root):
+    out = results_root / "mnist-cnn-weight-sweep"
+    mark(out, "mnist-cnn-weight-sweep")
+    accuracy = {0.001: 0.26, 0.01: 0.35, 0.1: 0.60, 1.0: 0.76, 3.0: 0.50, 10.0: 0.12}
+    for seed in range(3):
+        # 1000 steps, as in the paper: only then are the paper's Section 4.1 numbers compared.
+        fake_run(out, "torch", "none", "none", seed, rising(0.25 + 0.01 * seed, steps=1000), steps=1000, eval_every=1000)
+        fake_run(out, "torch", "batch_norm", "batch_norm_shift", seed, rising(0.86, steps=1000), steps=1000, eval_every=1000)
+        for w, acc in accuracy.items():
+            fake_run(out, "torch", f"std_loss_w{w:g}", "standardization_loss", seed, rising(acc + 0.01 * seed, steps=1000),
+                     weight=w, steps=1000, eval_every=1000, diverged_at=(300 if (w == 10.0 and seed == 0) else None))
+    return out, report.build_report(out)
+
+
+def test_weight_sweep_table_states_where_the_collapse_starts(sweep_dir):
+    out, built = sweep_dir
+    md, csv = read_table(out)
+    assert "**The collapse starts at weight 10**" in md  # 3.0 (51%) is above the none mean (26%)
+    assert "drop of more than 10 points below the best starts at weight 3" in md
+    assert "Collapse rule:" in md
+    row = csv[csv.variant == "std_loss_w10"].iloc[0]
+    assert (row.n, row.diverged, bool(row.collapsed)) == (2, 1, True)
+    assert csv[csv.variant == "std_loss_w1"].iloc[0]["mean"] == pytest.approx(77.0)
+
+
+def test_weight_sweep_figure_exists_with_references(sweep_dir):
+    out, built = sweep_dir
+    assert_figure(out, "accuracy_vs_weight")
+    md, _ = read_table(out)
+    assert "75.2 ± 2.6" in md  # the paper's weight-1.0 value beside std_loss_w1
+
+
+# ----------------------------------------------------------------------------- Figure 2 top
+
+
+def test_regularization_shift_at_equal_cross_entropy(tmp_path):
+    out = tmp_path / "mnist-cnn-regularization"
+    mark(out, "mnist-cnn-regularization")
+    # none: accuracy = 1 - ce/2.5 along its 500-step trajectory; standardization loss lies 5 points above it.
+    baseline = lambda s: (2.3 - 1.8 * s / 500, 1 - (2.3 - 1.8 * s / 500) / 2.5)
+    shifted = lambda s: (2.3 - 1.0 * s / 100, 1 - (2.3 - 1.0 * s / 100) / 2.5 + 0.05)
+    for seed in range(2):
+        fake_run(out, "torch", "none", "none", seed, baseline, steps=500)
+        fake_run(out, "torch", "standardization_loss", "standardization_loss", seed, shifted, weight=1.0)
+    built = report.build_report(out)
+    t = built["table"]
+    sl = t[t.variant == "standardization_loss"].iloc[0]
+    assert sl.delta_vs_none == pytest.approx(5.0)
+    steps = sorted(t[t.variant == "none"].step)
+    assert steps == [100, 500]  # the common budget and the baseline's own
+    assert_figure(out, "cross_entropy_vs_accuracy")
+
+
+# ----------------------------------------------------------------------------- Figure 4
+
+
+@pytest.fixture(scope="module")
+def features_dir(results_root):
+    out = results_root / "mnist-cnn-features"
+    mark(out, "mnist-cnn-features")
+    spreads = {"none": 0.02, "batch_norm": 0.0, "standardization_loss": 0.002}
+    norms = {"none": "none", "batch_norm": "batch_norm_shift", "standardization_loss": "standardization_loss"}
+    for variant, growth in spreads.items():
+        for seed in range(2):
+            pct = lambda s, g=growth: {1: -1 - g * s, 20: -0.3, 80: 0.4 + g * s / 2, 99: 1.5 + g * s}
+            fake_run(out, "torch", variant, norms[variant], seed, rising(0.8), steps=2000, eval_every=200,
+                     percentiles=pct, diverged_at=(900 if (variant == "none" and seed == 1) else None))
+    return out, report.build_report(out)
+
+
+def test_percentile_figure_and_table(features_dir):
+    out, built = features_dir
+    assert_figure(out, "percentiles")
+    _, csv = read_table(out)
+    assert sorted(csv.step.unique()) == [0, 1000, 2000]
+    none_end = csv[(csv.variant == "none") & (csv.step == 2000)].iloc[0]
+    assert none_end.n == 1  # the diverged seed is not averaged
+    assert none_end.p99 == pytest.approx(1.5 + 0.02 * 2000)
+    assert none_end.width == pytest.approx(2.5 + 0.04 * 2000)
+    md = built["markdown"]
+    assert "Spread over training: none (torch)" in md and "8.6K steps" in md
+    tex = (out / "table.tex").read_text()
+    assert "99th $-$ 1st" in tex and "standardization\\_loss" in tex and "±" not in tex
+
+
+def test_percentile_panels_follow_the_paper_and_its_colours():
+    order = figures.feature_panel_order(["none", "batch_norm", "sl"],
+                                        {"none": "none", "batch_norm": "batch_norm_shift", "sl": "standardization_loss"})
+    assert order == ["none", "sl", "batch_norm"]
+    assert figures.PERCENTILE_COLORS == {1: "#000000", 20: "#0072B2", 80: "#009E73", 99: "#D55E00"}
+    assert [figures.ordinal(q) for q in (1, 2, 3, 11, 20, 99)] == ["1st", "2nd", "3rd", "11th", "20th", "99th"]
+
+
+# ----------------------------------------------------------------------------- index and CLI
+
+
+def test_index_embeds_figures_tables_cost_and_provenance(results_root, curves_dir, sweep_dir, features_dir):
+    root = results_root
+    path = report.write_index(root)
+    text = path.read_text()
+    assert "![mnist-cnn: curves](mnist-cnn/curves.png)" in text
+    assert (curves_dir[0] / "table.md").read_text().strip() in text
+    # the fake runs used 3 seeds of 100 steps, not the spec's 10 of 1000: the command says so
+    assert "`normbench reproduce mnist-cnn --backend torch --backend jax --seeds 3 --steps 100`" in text
+    assert "`normbench reproduce mnist-cnn-weight-sweep --backend torch --seeds 3`" in text
+    assert "on testbox: Test CPU, 2 cores" in text and "git commit 0123456789ab" in text
+    assert "## mnist-mlp" in text and "Not run yet" in text
+    assert "![mnist-cnn-features: percentiles](mnist-cnn-features/percentiles.png)" in text
+    assert "jax 9.9" in text and "torch 9.9" in text
+
+
+def test_report_command_rebuilds_a_results_root(tmp_path, capsys):
+    out = tmp_path / "results" / "mnist-mlp"
+    mark(out, "mnist-mlp")
+    fake_run(out, "torch", "none", "none", 0, rising(0.5))
+    assert report.is_results_root(tmp_path / "results") and not report.is_results_root(out)
+    assert cli.main(["report", str(tmp_path / "results")]) == 0
+    assert (out / "curves.png").exists() and (tmp_path / "results" / "README.md").exists()
+    assert cli.main(["report", str(out)]) == 0  # one experiment: its report and the index beside it
+    assert "updated" in capsys.readouterr().out
+
+
+def test_every_experiment_has_a_bundled_spec_and_a_known_kind():
+    bundled = spec_module.bundled_specs()
+    for name, e in experiments.EXPERIMENTS.items():
+        assert e.spec in bundled and e.kind in experiments.REPORT_KINDS
+        s = spec_module.load(e.spec)
+        if e.kind == "features":
+            assert s.track_percentiles
+        if e.kind == "weight_sweep":
+            ws = sorted(v.standardization_loss_weight for v in s.variants if v.normalization == "standardization_loss")
+            assert len(ws) >= 9 and ws[0] == 0.001 and ws[-1] == 10
+            assert {v.normalization for v in s.variants} >= {"none", "batch_norm_shift"}
+        if e.kind == "regularization":
+            assert any(v.normalization == "none" and s.steps_for(v) == 5000 for v in s.variants)
+        for variant in e.paper_test_accuracy:
+            assert variant in {v.name for v in s.variants}
+
+
+def test_index_flags_incomplete_experiments_and_keeps_recorded_overrides(tmp_path):
+    out = tmp_path / "results" / "mnist-mlp"
+    mark(out, "mnist-mlp")
+    (out / "experiment.json").write_text(json.dumps({"experiment": "mnist-mlp",
+                                                     "command": "normbench reproduce mnist-mlp --backend tf --seeds 2 --no-progress"}))
+    fake_run(out, "tensorflow", "none", "none", 0, rising(0.5))
+    report.build_report(out)
+    text = report.write_index(tmp_path / "results").read_text()
+    assert "| 1 of 6 runs: **incomplete** |" in text  # 3 variants x 2 seeds x 1 backend
+    assert "`normbench reproduce mnist-mlp --backend tensorflow --seeds 2`" in text
