@@ -22,6 +22,10 @@ import numpy as np
 from normbench.program import TrainingProgram, combine_moments
 
 
+# What `Trainer.step` returns per step, in this order.
+STEP_LOSSES = ("loss", "cross_entropy", "standardization_loss")
+
+
 class BackendUnavailable(RuntimeError):
     """The framework behind a backend is not installed, or the device is absent."""
 
@@ -50,15 +54,26 @@ class Ops(abc.ABC):
         """(x - mean) / sqrt(var + epsilon), per channel."""
     @abc.abstractmethod
     def batch_norm_train(self, x, scale, shift, epsilon: float):
-        """Training-mode batch norm: (x - mean) / sqrt(var + epsilon) * scale + shift, with
-        the batch's per-channel mean and *biased* variance, gradients flowing through both.
-        `scale` may be None (shift-only). A primitive, not composed from the others,
-        so a backend can use its fused kernel; the parity tests hold every backend to
-        this formula."""
+        """Training-mode batch norm. Returns (y, mean, var): y = (x - mean) / sqrt(var +
+        epsilon) * scale + shift with the batch's per-channel mean and *biased* variance,
+        gradients flowing through both; and those mean and var as constants (no
+        gradient), for the running averages. `scale` may be None (shift-only).
+
+        A primitive, not composed from the others, so a backend can use its fused
+        kernel and reuse the statistics it computed; the parity tests hold every
+        backend to this formula."""
+
+    def moving_average(self, running, value, decay: float):
+        """decay * running + (1 - decay) * value (batch norm's running statistics).
+        A backend may use a fused interpolation (PyTorch's lerp): same value, fewer ops."""
+        return running * decay + value * (1.0 - decay)
     @abc.abstractmethod
     def channel_moments(self, x):
         """Per-channel (mean, biased variance) over every axis but the channel axis,
-        with a numerically stable algorithm (two-pass or Welford, never E[x^2] - E[x]^2)."""
+        with a numerically stable algorithm (two-pass or Welford, never E[x^2] - E[x]^2).
+
+        A backend may stop the gradient through the mean used to centre the variance:
+        d var / d mean = -2 * mean(x - mean) is exactly zero, so only rounding changes."""
     @abc.abstractmethod
     def reduced_count(self, x) -> int:
         """Number of values behind each channel's moments (batch x spatial positions)."""
@@ -117,6 +132,10 @@ class Engine(abc.ABC):
     def to_numpy(self, x) -> np.ndarray:
         """A layout-free array (scalar, per-channel vector) -> NumPy."""
     @abc.abstractmethod
+    def stack_to_numpy(self, arrays: list) -> np.ndarray:
+        """Equal-shaped backend arrays -> one NumPy array, stacked on a new first axis
+        on the device and read back in a single transfer."""
+    @abc.abstractmethod
     def synchronize(self) -> None:
         """Block until queued device work is done (for honest timers)."""
 
@@ -132,9 +151,24 @@ class Trainer(abc.ABC):
         self.engine, self.program, self.track = engine, program, track
 
     @abc.abstractmethod
-    def step(self, indices: np.ndarray, learning_rate: float) -> dict[str, float]:
-        """One update on the training examples `indices`. Returns the batch's
-        `loss` (total objective), `cross_entropy` and `standardization_loss`."""
+    def step(self, indices: np.ndarray, learning_rate: float):
+        """One update on the training examples `indices`. Returns the batch's losses,
+        `STEP_LOSSES` in order, as a backend array of shape (3,) that is *not* read back:
+        `loss` is `program.loss` (cross entropy + weighted standardization loss; the L2
+        term acts through its gradient and is not included).
+
+        Reading a device value back every step forces a host-device sync per step (on
+        CPU ~4% of an MLP step, far more on a GPU); callers collect the arrays and read
+        many steps at once with `read_losses`."""
+
+    def read_losses(self, step_losses: list) -> np.ndarray:
+        """Arrays returned by `step` -> float NumPy of shape (steps, 3), in one transfer."""
+        return self.engine.stack_to_numpy(step_losses).reshape(len(step_losses), len(STEP_LOSSES))
+
+    def step_and_read(self, indices: np.ndarray, learning_rate: float) -> dict[str, float]:
+        """`step`, then its losses as Python floats (a sync per step: for tests and tools)."""
+        values = self.read_losses([self.step(indices, learning_rate)])[0]
+        return {name: float(v) for name, v in zip(STEP_LOSSES, values)}
 
     @abc.abstractmethod
     def export(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -142,14 +176,14 @@ class Trainer(abc.ABC):
 
     @abc.abstractmethod
     def gradients(self, images, labels) -> tuple[dict, dict]:
-        """(canonical gradients of the total loss, canonical training-mode intermediates)
+        """(canonical gradients of the full objective, L2 included; canonical training-mode intermediates)
         on one batch, without updating anything. For parity tests."""
 
-    def _canonical_intermediates(self, total, cross_entropy, seen: dict) -> dict[str, np.ndarray]:
-        """`program.inspect` output (plus the losses) as flat canonical NumPy, for `gradients`."""
+    def _canonical_intermediates(self, seen: dict) -> dict[str, np.ndarray]:
+        """`program.inspect` output as flat canonical NumPy, for `gradients`."""
         e = self.engine
         return {
-            "total_loss": e.to_numpy(total), "cross_entropy": e.to_numpy(cross_entropy),
+            "total_loss": e.to_numpy(seen["total_loss"]), "cross_entropy": e.to_numpy(seen["cross_entropy"]),
             "standardization_loss": e.to_numpy(seen["standardization_loss"]),
             "logits": e.activation_to_numpy(seen["logits"]),
             **{f"preactivation/{k}": e.activation_to_numpy(v) for k, v in seen["preactivations"].items()},

@@ -162,9 +162,9 @@ def forward(ops, arch: Architecture, params: dict, state: dict, images, *, norma
             scale = params.get(f"{name}/scale")
             if training:
                 # Running statistics see the batch moments as constants (no gradient through them).
-                mean, var = ops.channel_moments(ops.stop_gradient(z))
-                _update_running(ops, new_state, name, mean, var, ops.reduced_count(z), batch_norm)
-                z = ops.batch_norm_train(z, scale, params[f"{name}/shift"], batch_norm.epsilon)
+                count = ops.reduced_count(z)
+                z, mean, var = ops.batch_norm_train(z, scale, params[f"{name}/shift"], batch_norm.epsilon)
+                _update_running(ops, new_state, name, mean, var, count, batch_norm)
             else:
                 mean, var = state[f"{name}/running_mean"], state[f"{name}/running_var"]
                 z = ops.normalize(z, mean, var, batch_norm.epsilon)
@@ -187,5 +187,5 @@ def _update_running(ops, state: dict, name: str, mean, var, count: int, batch_no
     decay = batch_norm.running_decay
     if batch_norm.running_variance == "unbiased":
         var = var * (count / max(count - 1, 1))
-    state[f"{name}/running_mean"] = state[f"{name}/running_mean"] * decay + mean * (1.0 - decay)
-    state[f"{name}/running_var"] = state[f"{name}/running_var"] * decay + var * (1.0 - decay)
+    state[f"{name}/running_mean"] = ops.moving_average(state[f"{name}/running_mean"], mean, decay)
+    state[f"{name}/running_var"] = ops.moving_average(state[f"{name}/running_var"], var, decay)

@@ -268,14 +268,10 @@ def trajectory_outputs(spec: ExperimentSpec, variant_name: str, backend: str, st
     params, state = program.initial_parameters(seed)
     trainer = engine.trainer(program, params, state, engine.put_images(data.train_images[used].astype(dtype)),
                              engine.put_labels(data.train_labels[used]))
-    names = ("loss", "cross_entropy", "standardization_loss")
-    losses = {name: np.empty(steps) for name in names}
-    for t, batch in enumerate(batches):
-        result = trainer.step(np.searchsorted(used, batch), program.learning_rate(t))
-        for name in names:
-            losses[name][t] = result[name]
+    step_losses = [trainer.step(np.searchsorted(used, batch), program.learning_rate(t)) for t, batch in enumerate(batches)]
+    losses = trainer.read_losses(step_losses).astype(np.float64)
     final_params, final_state = trainer.export()
-    out = {f"trajectory/{name}": values for name, values in losses.items()}
+    out = {f"trajectory/{name}": losses[:, k] for k, name in enumerate(backend_registry.STEP_LOSSES)}
     out.update({f"final/{k}": np.asarray(v, np.float64) for k, v in final_params.items()})
     out.update({f"final_state/{k}": np.asarray(v, np.float64) for k, v in final_state.items()})
     return out

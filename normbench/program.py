@@ -34,11 +34,17 @@ class TrainingProgram:
                               batch_norm=self.spec.batch_norm, training=training, need_moments=need_moments)
 
     def loss(self, ops, params: dict, state: dict, images, labels):
-        """Training-mode objective: (total, aux). aux holds the components and the new BN state."""
+        """The differentiated objective: cross entropy + weight x standardization loss.
+        Returns (total, aux); aux holds the components and the new BN state.
+
+        The L2 term is not in this graph: `update` adds its gradient, weight_decay x
+        kernel, directly. The mathematics is the same; in eager frameworks (PyTorch,
+        TensorFlow graphs of small ops) differentiating a sum of squares per kernel
+        cost ~10% of an MLP step, which a hand-written loop does not pay."""
         use_std = self.std_loss_weight > 0
         out = self._forward(ops, params, state, images, training=True, need_moments=use_std)
         cross_entropy = ops.softmax_cross_entropy(out.logits, labels)
-        total = cross_entropy + objectives.weight_decay_penalty(ops, params, self.spec.optimizer.weight_decay)
+        total = cross_entropy
         if use_std:
             std_loss = objectives.standardization_loss(ops, out.moments, self.spec.standardization_loss.log_epsilon)
             total = total + self.std_loss_weight * std_loss
@@ -46,14 +52,31 @@ class TrainingProgram:
             std_loss = ops.zeros_like(cross_entropy)
         return total, {"cross_entropy": cross_entropy, "standardization_loss": std_loss, "state": out.state}
 
+    def objective_gradients(self, ops, params: dict, loss_grads: dict) -> dict:
+        """Gradients of the full objective (`loss` + L2) from the gradients of `loss`."""
+        return objectives.add_weight_decay_gradient(ops, params, loss_grads, self.spec.optimizer.weight_decay)
+
+    def update(self, ops, params: dict, loss_grads: dict, opt_state: dict, learning_rate):
+        """One optimizer step from the gradients of `loss`: (new params, new optimizer state)."""
+        grads = self.objective_gradients(ops, params, loss_grads)
+        return self.optimizer.update(ops, params, grads, opt_state, learning_rate)
+
     def inspect(self, ops, params: dict, state: dict, images, labels) -> dict:
-        """Training-mode forward exposing every intermediate quantity (for parity tests)."""
+        """Training-mode forward exposing every intermediate quantity (for parity tests),
+        including the full objective's value `total_loss` (with the L2 penalty)."""
         out = self._forward(ops, params, state, images, training=True, need_moments=True)
+        std_loss = objectives.standardization_loss(ops, out.moments, self.spec.standardization_loss.log_epsilon)
+        cross_entropy = ops.softmax_cross_entropy(out.logits, labels)
+        total = cross_entropy + objectives.weight_decay_penalty(ops, params, self.spec.optimizer.weight_decay)
+        if self.std_loss_weight > 0:
+            total = total + self.std_loss_weight * std_loss
         return {
             "logits": out.logits,
             "preactivations": out.preactivations,
             "moments": out.moments,
-            "standardization_loss": objectives.standardization_loss(ops, out.moments, self.spec.standardization_loss.log_epsilon),
+            "cross_entropy": cross_entropy,
+            "standardization_loss": std_loss,
+            "total_loss": total,
             "state": out.state,
         }
 

@@ -63,6 +63,9 @@ METRIC_COLUMNS = ["backend", "model", "variant", "normalization", "std_loss_weig
                   "cross_entropy", "std_loss", "accuracy", "wall_time_s"]
 PERCENTILE_COLUMNS = ["backend", "variant", "seed", "step", "layer", "percentile", "value"]
 PERCENTILES = (1, 20, 80, 99)
+# Training losses are read back (and checked for divergence) at every evaluation and at
+# least this often, not every step: a per-step read is a host-device sync per step.
+LOSS_CHECK_EVERY = 100
 
 
 class ResultsConflict(RuntimeError):
@@ -232,9 +235,11 @@ def execute_run(engine, program: TrainingProgram, seed: int, train_images, train
     """Train one run in memory. Returns rows, percentile rows, status and timings.
 
     A run diverges when a training step's loss, or any evaluated metric, is NaN or
-    infinite. It stops there; `rows` keep only finite evaluations, `diverged_at_step`
-    is the 1-based training step whose loss was not finite (or the step count of the
-    evaluation that was not), `non_finite` says which quantities were not.
+    infinite. Losses are read at every evaluation and every LOSS_CHECK_EVERY steps; the
+    run stops at the check that finds one. `rows` keep only finite evaluations,
+    `diverged_at_step` is the 1-based training step whose loss was first not finite (or
+    the step count of the evaluation that was not), `non_finite` says which quantities
+    were not. `train_time_s` covers training steps (and `on_step`), not evaluations.
     """
     spec, variant = program.spec, program.variant
     steps = spec.steps_for(variant)
@@ -276,24 +281,35 @@ def execute_run(engine, program: TrainingProgram, seed: int, train_images, train
     non_finite = evaluate(0)
     if non_finite:
         status, diverged_at = "diverged", 0
+    first, pending = 0, []  # steps [first, first + len(pending)) ran; their losses are not read yet
+    engine.synchronize()
+    start = time.perf_counter()
     for step in range(steps if status == "ok" else 0):
-        engine.synchronize()
-        start = time.perf_counter()
-        losses = trainer.step(order.indices(step), program.learning_rate(step))
-        engine.synchronize()
-        train_time += time.perf_counter() - start
+        pending.append(trainer.step(order.indices(step), program.learning_rate(step)))
         if on_step is not None:
             on_step(step)
-        non_finite = [f"training-step {name}" for name, value in losses.items() if not math.isfinite(value)]
-        if non_finite:
+        at_evaluation = (step + 1) % spec.eval_every == 0 or step + 1 == steps
+        if not (at_evaluation or len(pending) == LOSS_CHECK_EVERY):
+            continue
+        # One sync and one transfer per interval: the timer covers the steps only.
+        engine.synchronize()
+        train_time += time.perf_counter() - start
+        losses = trainer.read_losses(pending)
+        bad = ~np.isfinite(losses)
+        if bad.any():
             # Keep the metrics of the last finite evaluation; never evaluate a NaN model.
-            status, diverged_at = "diverged", step + 1
+            row = int(np.argmax(bad.any(axis=1)))
+            status, diverged_at = "diverged", first + row + 1
+            non_finite = [f"training-step {name}" for name, b in zip(backend_registry.STEP_LOSSES, bad[row]) if b]
             break
-        if (step + 1) % spec.eval_every == 0 or step + 1 == steps:
+        first, pending = step + 1, []
+        if at_evaluation:
             non_finite = evaluate(step + 1)
             if non_finite:
                 status, diverged_at = "diverged", step + 1
                 break
+        engine.synchronize()
+        start = time.perf_counter()
     return {"rows": rows, "percentile_rows": percentile_rows, "status": status, "diverged_at_step": diverged_at,
             "non_finite": non_finite, "last_finite_step": rows[-1]["step"] if rows else None,
             "train_time_s": train_time, "steps_completed": steps if diverged_at is None else diverged_at}

@@ -171,3 +171,35 @@ def test_inference_uses_running_statistics(engine, rng, ref, normalization):
     # And it differs from training mode on the same batch.
     train_logits, _, _ = ref.forward(TINY, params, state, images, normalization=normalization, bn_epsilon=bn.epsilon)
     assert not np.allclose(train_logits, logits, atol=1e-3)
+
+
+@pytest.mark.parametrize("shape", [(64, 10), (16, 5, 5, 4)])
+def test_batch_norm_train_returns_the_batch_statistics_it_used(engine, rng, shape):
+    """The primitive's (mean, biased var) feed the running averages: they must be the
+    batch's, in every backend and dtype, and a dead (constant) channel's var must be 0
+    or a rounding-level positive, never negative."""
+    e = engine
+    x = rng.standard_normal(shape) * 2.0 + 3.0
+    x[..., 0] = 0.7  # a dead channel: zero variance
+    x = x.astype(e.dtype).astype(np.float64)  # the reference sees exactly the backend's input
+    tol = 1e-12 if e.dtype == "float64" else 2e-6
+    y, mean, var = e.ops.batch_norm_train(e.put_images(x.astype(e.dtype)) if len(shape) == 4 else
+                                          e.import_tree({"x": x})["x"], None, e.import_tree({"s": np.zeros(shape[-1])})["s"], 1e-3)
+    axes = tuple(range(len(shape) - 1))
+    got_mean, got_var = e.to_numpy(mean), e.to_numpy(var)
+    np.testing.assert_allclose(got_mean, x.mean(axes), rtol=tol, atol=tol)
+    np.testing.assert_allclose(got_var, x.var(axes), rtol=tol * 10, atol=tol * 1e-3)
+    assert got_var[0] >= 0.0
+    expected = (x - x.mean(axes)) / np.sqrt(x.var(axes) + 1e-3)
+    # float32: the dead channel's x - mean is a rounding error of the mean (~1e-7 of 0.7),
+    # magnified 30x by 1/sqrt(epsilon).
+    np.testing.assert_allclose(e.activation_to_numpy(y), expected, rtol=tol * 10, atol=tol * 10 if e.dtype == "float64" else 3e-5)
+
+
+def test_moving_average_is_decay_times_running_plus_the_rest(engine, rng):
+    e = engine
+    running, value = (a.astype(e.dtype).astype(np.float64) for a in (rng.random(7), rng.standard_normal(7)))
+    got = e.to_numpy(e.ops.moving_average(*[e.import_tree({"a": a})["a"] for a in (running, value)], 0.99))
+    # Absolute tolerance at the inputs' rounding: a result near zero is a cancellation.
+    eps = np.finfo(e.dtype).eps
+    np.testing.assert_allclose(got, 0.99 * running + 0.01 * value, rtol=4 * eps, atol=4 * eps)

@@ -78,11 +78,6 @@ def _tiny_spec(optimizer: str) -> spec_module.ExperimentSpec:
     return spec_module.loads(text, source=f"<parity-{optimizer}>")
 
 
-# Known defect, outside this file: backends/torch/ops.py computes batch_norm_train with
-# the fused F.batch_norm, whose float32 CPU kernel is ~1e-3 (relative) off float64 on
-# cnn3 (var/conv1 7e-5, pre-activations 3e-5, gradients 9e-3; the explicit two-pass
-# formula of the contract: <= 1e-6). Strict, so the fix turns these into failures
-# until this marker is removed.
 def _require(*names: str) -> None:
     for name in names:
         if not backends.is_available(name):

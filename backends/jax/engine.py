@@ -85,6 +85,9 @@ class Engine(base.Engine):
     def to_numpy(self, x):
         return np.asarray(jax.device_get(x))
 
+    def stack_to_numpy(self, arrays):
+        return np.asarray(jax.device_get(jnp.stack(arrays)))
+
     def synchronize(self):
         # JAX has no device-wide barrier; wait for the arrays of every live trainer.
         for trainer in list(self._trainers):
@@ -116,13 +119,13 @@ class Trainer(base.Trainer):
             # the indices cross the host boundary each step.
             images, labels = train_images[indices], train_labels[indices]
             (total, aux), grads = value_and_grad(params, state, images, labels)
-            params, opt_state = program.optimizer.update(ops, params, grads, opt_state, lr)
+            params, opt_state = program.update(ops, params, grads, opt_state, lr)
             losses = jnp.stack([total, aux["cross_entropy"], aux["standardization_loss"]])
             return params, opt_state, aux["state"], losses
 
         def gradients(params, state, images, labels):
-            (total, aux), grads = value_and_grad(params, state, images, labels)
-            return grads, total, aux["cross_entropy"], program.inspect(ops, params, state, images, labels)
+            _, grads = value_and_grad(params, state, images, labels)
+            return program.objective_gradients(ops, params, grads), program.inspect(ops, params, state, images, labels)
 
         def evaluation(params, state, images, labels):
             out = program.evaluation(ops, params, state, images, labels, track)
@@ -157,16 +160,14 @@ class Trainer(base.Trainer):
     def step(self, indices, learning_rate):
         self.compile(len(indices))
         self.params, self.opt_state, self.state, losses = self._compiled[len(indices)](*self._arguments(indices, learning_rate))
-        loss, ce, std = np.asarray(losses).tolist()  # waits for the step to finish
-        return {"loss": loss, "cross_entropy": ce, "standardization_loss": std}
+        return losses
 
     def export(self):
         return self.engine.export_tree(self.params), self.engine.export_tree(self.state)
 
     def gradients(self, images, labels):
-        grads, total, cross_entropy, seen = self._gradients(self.params, self.state, images, labels)
-        intermediates = self._canonical_intermediates(total, cross_entropy, seen)
-        return self.engine.export_tree(grads), intermediates
+        grads, seen = self._gradients(self.params, self.state, images, labels)
+        return self.engine.export_tree(grads), self._canonical_intermediates(seen)
 
     def _evaluate_chunk(self, images, labels):
         out = jax.device_get(self._evaluation(self.params, self.state, images, labels))

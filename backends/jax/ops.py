@@ -53,7 +53,7 @@ class Ops(base.Ops):
         y = (x - mean) * lax.rsqrt(var + epsilon)
         if scale is not None:
             y = y * scale
-        return y + shift
+        return y + shift, lax.stop_gradient(mean), lax.stop_gradient(var)
 
     def channel_moments(self, x):
         return _moments(x)

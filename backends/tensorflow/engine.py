@@ -100,6 +100,10 @@ class Engine(base.Engine):
     def to_numpy(self, x):
         return x.numpy() if isinstance(x, (tf.Tensor, tf.Variable)) else np.asarray(x)
 
+    def stack_to_numpy(self, arrays):
+        with tf.device(self.tf_device):
+            return tf.stack(arrays).numpy()
+
     def synchronize(self):
         # Calls from Python block until their results exist; queued GPU work from an
         # async eager context is flushed explicitly.
@@ -127,19 +131,26 @@ class Trainer(base.Trainer):
                                ("evaluation", self._evaluation_fn))
         }
         self._traced = {}
+        self._steps, self._learning_rates = {}, {}  # batch size -> traced step; lr value -> tensor
+
+    def _concrete(self, name, *args):
+        """The traced function `name` for these argument shapes and dtypes (traced once).
+
+        One trace per input shape, taken explicitly and called directly: the neutral
+        model needs static shapes (its counts are Python ints), the learning rate is a
+        tensor so schedules never retrace, and a direct call skips tf.function's dispatch
+        (and its "frequent retracing" heuristics, which would misfire when a sweep builds
+        one trainer after another from the same code)."""
+        key = (name, *((tuple(a.shape), a.dtype) for a in args))
+        function = self._traced.get(key)
+        if function is None:
+            with tf.device(self.engine.tf_device):
+                function = self._traced[key] = self._functions[name].get_concrete_function(*args)
+        return function
 
     def _call(self, name, *args):
-        # One trace per input shape, taken explicitly and called directly: the neutral
-        # model needs static shapes (its counts are Python ints), the learning rate is a
-        # tensor so schedules never retrace, and a direct call skips tf.function's
-        # dispatch (and its "frequent retracing" heuristics, which would misfire when a
-        # sweep builds one trainer after another from the same code).
-        key = (name, *((tuple(a.shape), a.dtype) for a in args))
         with tf.device(self.engine.tf_device):
-            function = self._traced.get(key)
-            if function is None:
-                function = self._traced[key] = self._functions[name].get_concrete_function(*args)
-            return function(*args)
+            return self._concrete(name, *args)(*args)
 
     # ---- compiled bodies (pure functions of the variables' current values)
     @staticmethod
@@ -159,7 +170,7 @@ class Trainer(base.Trainer):
         images, labels = tf.gather(self.train_images, indices), tf.gather(self.train_labels, indices)
         params, opt_state = self._values(self.params), self._values(self.opt_state)
         total, aux, grads = self._loss_and_gradients(params, self._values(self.state), images, labels)
-        new_params, new_opt_state = self.program.optimizer.update(self.ops, params, grads, opt_state, learning_rate)
+        new_params, new_opt_state = self.program.update(self.ops, params, grads, opt_state, learning_rate)
         for group, values in ((self.params, new_params), (self.opt_state, new_opt_state), (self.state, aux["state"])):
             for k, variable in group.items():
                 variable.assign(values[k], read_value=False)
@@ -167,9 +178,8 @@ class Trainer(base.Trainer):
 
     def _gradients_fn(self, images, labels):
         params, state = self._values(self.params), self._values(self.state)
-        total, aux, grads = self._loss_and_gradients(params, state, images, labels)
-        seen = self.program.inspect(self.ops, params, state, images, labels)
-        return total, aux["cross_entropy"], grads, seen
+        _, _, grads = self._loss_and_gradients(params, state, images, labels)
+        return self.program.objective_gradients(self.ops, params, grads), self.program.inspect(self.ops, params, state, images, labels)
 
     def _evaluation_fn(self, images, labels):
         out = self.program.evaluation(self.ops, self._values(self.params), self._values(self.state), images, labels, self.track)
@@ -179,18 +189,26 @@ class Trainer(base.Trainer):
 
     # ---- the Trainer contract
     def step(self, indices, learning_rate):
-        losses = self._call("step", tf.constant(np.asarray(indices, dtype=np.int64)),
-                            tf.constant(learning_rate, dtype=self.engine.tf_dtype))
-        loss, ce, std = losses.numpy().tolist()
-        return {"loss": loss, "cross_entropy": ce, "standardization_loss": std}
+        with tf.device(self.engine.tf_device):
+            indices = tf.constant(np.asarray(indices, dtype=np.int64))
+            lr = self._learning_rates.get(learning_rate)
+            if lr is None:
+                # Creating an eager tensor costs ~30 us, 3% of an MLP step; a schedule
+                # repeats its values, so each is made once (warm-up ramps stay bounded).
+                if len(self._learning_rates) >= 256:
+                    self._learning_rates.clear()
+                lr = self._learning_rates[learning_rate] = tf.constant(learning_rate, dtype=self.engine.tf_dtype)
+            step = self._steps.get(len(indices))
+            if step is None:
+                step = self._steps[len(indices)] = self._concrete("step", indices, lr)
+        return step(indices, lr)
 
     def export(self):
         return self.engine.export_tree(self.params), self.engine.export_tree(self.state)
 
     def gradients(self, images, labels):
-        total, cross_entropy, grads, seen = self._call("gradients", images, labels)
-        intermediates = self._canonical_intermediates(total, cross_entropy, seen)
-        return self.engine.export_tree(grads), intermediates
+        grads, seen = self._call("gradients", images, labels)
+        return self.engine.export_tree(grads), self._canonical_intermediates(seen)
 
     def _evaluate_chunk(self, images, labels):
         out, counts = self._call("evaluation", images, labels)

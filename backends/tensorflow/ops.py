@@ -54,15 +54,20 @@ class Ops(base.Ops):
         # the Bessel-corrected variance), and tf.nn.moments stops the gradient through the
         # mean inside the variance. This is the contract's two-pass formula, with gradients
         # through mean and variance, in every rank and dtype.
-        centered = x - _channel_mean(x)
-        inverse_std = tf.math.rsqrt(_channel_mean(tf.square(centered)) + epsilon)
+        mean = _channel_mean(x)
+        centered = x - mean
+        var = _channel_mean(tf.square(centered))
+        inverse_std = tf.math.rsqrt(var + epsilon)
         if scale is not None:
             inverse_std = inverse_std * scale
-        return centered * inverse_std + shift
+        return centered * inverse_std + shift, tf.stop_gradient(mean), tf.stop_gradient(var)
 
     def channel_moments(self, x):
         mean = _channel_mean(x)
-        return mean, _channel_mean(tf.square(x - mean))
+        # The contract allows stopping the gradient through the centering mean (its
+        # derivative is exactly zero); here that removes a few ops from every backward
+        # pass, which measured ~5% of an MLP step with the standardization loss.
+        return mean, _channel_mean(tf.math.squared_difference(x, tf.stop_gradient(mean)))
 
     def reduced_count(self, x):
         # Needs static shapes: compiled functions are traced per input shape (see engine).

@@ -77,6 +77,9 @@ class Engine(base.Engine):
     def to_numpy(self, x):
         return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
+    def stack_to_numpy(self, arrays):
+        return torch.stack(arrays).cpu().numpy()
+
     def synchronize(self):
         if self.torch_device.type == "cuda":
             torch.cuda.synchronize(self.torch_device)
@@ -103,23 +106,22 @@ class Trainer(base.Trainer):
         total, aux = self.program.loss(self.ops, self.params, self.state, images, labels)
         grads = torch.autograd.grad(total, list(self.params.values()))
         with torch.no_grad():
-            params, self.opt_state = self.program.optimizer.update(
+            params, self.opt_state = self.program.update(
                 self.ops, self.params, dict(zip(self.params, grads)), self.opt_state, learning_rate)
         self.params = {k: v.requires_grad_() for k, v in params.items()}
         self.state = aux["state"]
-        loss, ce, std = torch.stack([total.detach(), aux["cross_entropy"].detach(), aux["standardization_loss"].detach()]).tolist()
-        return {"loss": loss, "cross_entropy": ce, "standardization_loss": std}
+        return torch.stack([total.detach(), aux["cross_entropy"].detach(), aux["standardization_loss"].detach()])
 
     def export(self):
         return self.engine.export_tree(self.params), self.engine.export_tree(self.state)
 
     def gradients(self, images, labels):
-        total, aux = self.program.loss(self.ops, self.params, self.state, images, labels)
+        total, _ = self.program.loss(self.ops, self.params, self.state, images, labels)
         grads = torch.autograd.grad(total, list(self.params.values()))
         with torch.no_grad():
+            grads = self.program.objective_gradients(self.ops, self.params, dict(zip(self.params, grads)))
             seen = self.program.inspect(self.ops, self.params, self.state, images, labels)
-        intermediates = self._canonical_intermediates(total, aux["cross_entropy"], seen)
-        return self.engine.export_tree(dict(zip(self.params, grads))), intermediates
+        return self.engine.export_tree(grads), self._canonical_intermediates(seen)
 
     def _evaluate_chunk(self, images, labels):
         with torch.inference_mode():

@@ -42,9 +42,18 @@ class Ops(base.Ops):
         return (x - _channel_view(mean, x)) * _channel_view(torch.rsqrt(var + epsilon), x)
 
     def batch_norm_train(self, x, scale, shift, epsilon):
-        # Fused kernel: normalizes with the biased batch variance (as the contract asks);
-        # no running buffers are passed, so it updates nothing behind our back.
-        return F.batch_norm(x, None, None, scale, shift, training=True, momentum=0.0, eps=epsilon)
+        # Fused kernel (the one F.batch_norm calls on CPU): normalizes with the biased
+        # batch variance, as the contract asks, and hands back the mean and 1/sqrt(var +
+        # eps) it used. No running buffers are passed, so it updates nothing behind our
+        # back (its own running variance would be the unbiased one). Recovering var from
+        # invstd is exact to rounding relative to var + eps; the clamp keeps a dead
+        # channel's var from rounding below zero.
+        y, mean, invstd = torch.native_batch_norm(x, scale, shift, None, None, True, 0.0, epsilon)
+        return y, mean, (invstd.square().reciprocal() - epsilon).clamp_min(0.0)
+
+    def moving_average(self, running, value, decay):
+        # value + decay * (running - value): one fused op instead of three.
+        return torch.lerp(value, running, decay)
 
     def channel_moments(self, x):
         # Two-pass, written out: torch.var_mean over the (0, 2, 3) axes of an NCHW tensor
