@@ -63,7 +63,11 @@ TARGET_ACCURACY = {
 # ----------------------------------------------------------------------------- budgets
 
 WARMUP_STEPS = 5  # steps before any steady-state timing (allocator, kernel selection, JIT)
-RATIO_ROUNDS = 40  # alternating rounds for side-by-side ratios (each round times one step of each)
+# Side-by-side ratios: alternating rounds (each times one step of each callable), at
+# least RATIO_ROUNDS and until RATIO_SECONDS have been measured. A 1 ms MLP step needs
+# about a thousand rounds for a median stable to ~1% on a noisy 2-core machine; 40
+# rounds of it wandered by +-8%.
+RATIO_ROUNDS, RATIO_SECONDS = 40, 3.0
 QUICK_STEPS, QUICK_EVAL_EVERY, QUICK_TEST_EXAMPLES, QUICK_RATIO_ROUNDS = 10, 5, 500, 3
 TRAIN_TIMEOUT_S = 3600  # one training run in its worker process
 SETUP_CACHE_TIMEOUT_S = 4 * 3600  # all runs of one backend
@@ -86,8 +90,9 @@ def warmup_steps() -> int:
     return 1 if quick() else WARMUP_STEPS
 
 
-def ratio_rounds() -> int:
-    return QUICK_RATIO_ROUNDS if quick() else RATIO_ROUNDS
+def ratio_rounds() -> tuple[int, float]:
+    """(minimum rounds, minimum measured seconds) for `side_by_side_medians`."""
+    return (QUICK_RATIO_ROUNDS, 0.0) if quick() else (RATIO_ROUNDS, RATIO_SECONDS)
 
 
 # ----------------------------------------------------------------------------- engines and data
@@ -188,16 +193,21 @@ def warm_stepper(backend: str, model: str, normalization: str, device: str) -> S
     return _WARM[key]
 
 
-def side_by_side_medians(steps, rounds: int) -> list[float]:
+def side_by_side_medians(steps, rounds: int, min_seconds: float = 0.0) -> list[float]:
     """Median wall time of each callable, measured alternately in the same process
-    (the order reverses every round, so drift and caches hit every callable alike)."""
+    (the order reverses every round, so drift and caches hit every callable alike),
+    over at least `rounds` rounds and until `min_seconds` of steps have been timed."""
     samples = [[] for _ in steps]
-    for r in range(rounds):
+    measured, r = 0.0, 0
+    while r < rounds or measured < min_seconds:
         order = range(len(steps)) if r % 2 == 0 else reversed(range(len(steps)))
         for k in order:
             start = time.perf_counter()
             steps[k]()
-            samples[k].append(time.perf_counter() - start)
+            elapsed = time.perf_counter() - start
+            samples[k].append(elapsed)
+            measured += elapsed
+        r += 1
     return [statistics.median(s) for s in samples]
 
 

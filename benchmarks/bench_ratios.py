@@ -20,7 +20,7 @@ class NormalizationOverhead:
         self.variant = h.warm_stepper(backend, model, normalization, device)
 
     def track_overhead_vs_none(self, backend, model, normalization, device):
-        variant, baseline = h.side_by_side_medians([self.variant.step, self.baseline.step], h.ratio_rounds())
+        variant, baseline = h.side_by_side_medians([self.variant.step, self.baseline.step], *h.ratio_rounds())
         print(f"{backend}/{model}/{device}: {normalization} {variant * 1e3:.2f} ms, none {baseline * 1e3:.2f} ms per step")
         return variant / baseline
 
@@ -51,6 +51,6 @@ class ReferenceRatio:
         self.count += 1
 
     def track_ratio_to_reference(self, backend, model, normalization, device):
-        ours, reference = h.side_by_side_medians([self.stepper.step, self._reference], h.ratio_rounds())
+        ours, reference = h.side_by_side_medians([self.stepper.step, self._reference], *h.ratio_rounds())
         print(f"{backend}/{model}/{normalization}/{device}: backend {ours * 1e3:.2f} ms, reference {reference * 1e3:.2f} ms per step")
         return ours / reference
