@@ -103,7 +103,9 @@ EXPERIMENTS: dict[str, Experiment] = {
         notes=MNIST_NOTES + (
             "The paper gives no numbers for Figure 2 (bottom) other than the weight-1.0 point of Section 4.1. Its "
             "claim: increasing the weight over [0.001, 10] increased accuracy, \"although beyond a particular "
-            "weighting the predictive performance collapsed\"; it does not say at which weight.",
+            "weighting the predictive performance collapsed\"; it does not say at which weight, nor whether within "
+            "[0.001, 10] or beyond it. normbench sweeps the paper's range at half-decade steps and goes on to 30 and "
+            "100 to find out.",
         ),
     ),
     "mnist-mlp": Experiment(

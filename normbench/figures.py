@@ -140,7 +140,7 @@ def regularization_figure(data: pd.DataFrame, variant_order: list[str], colors: 
 
 def weight_sweep_figure(finals: pd.DataFrame, references: pd.DataFrame, diverged: pd.DataFrame,
                         onsets: dict[str, float | None], steps: int | None, colors: dict[str, str],
-                        path_stem: Path, title: str) -> list[Path]:
+                        path_stem: Path, title: str, paper_points: dict[float, tuple[float, float]] | None = None) -> list[Path]:
     """Final test accuracy against the standardization-loss weight; one column per backend.
 
     finals:     one row per finished standardization-loss run: backend, weight, seed, accuracy_pct
@@ -148,6 +148,7 @@ def weight_sweep_figure(finals: pd.DataFrame, references: pd.DataFrame, diverged
                 a horizontal line at the mean with a ± sd band)
     diverged:   backend, weight, count of diverged runs (drawn as x on the bottom edge)
     onsets:     backend -> the weight where the collapse starts (a vertical dotted line), or None
+    paper_points: weight -> (mean, sd) the paper states (open grey diamonds)
     """
     plt = _pyplot()
     backends_ = backend_order(set(finals.backend) | set(references.backend) | set(diverged.backend))
@@ -171,6 +172,9 @@ def weight_sweep_figure(finals: pd.DataFrame, references: pd.DataFrame, diverged
             g = d.groupby("weight").accuracy_pct.agg(["mean", "std", "count"]).reset_index().fillna({"std": 0.0})
             ax.errorbar(g.weight, g["mean"], yerr=g["std"], color=red, marker="s", markersize=4.5, linewidth=1.3,
                         capsize=2, label="standardization loss (mean ± sd)")
+        for w, (mean, sd) in (paper_points or {}).items():
+            ax.errorbar([w], [mean], yerr=[sd], color="0.35", marker="D", markersize=6, markerfacecolor="none",
+                        capsize=2, linestyle="none", label="paper, Section 4.1 (mean ± sd)")
         dv = diverged[(diverged.backend == backend) & (diverged["count"] > 0)]
         for r in dv.itertuples():
             ax.plot(r.weight, 0.02, marker="x", color=red, markersize=7, transform=ax.get_xaxis_transform(),
