@@ -49,11 +49,11 @@ def _progress_enabled(args) -> bool:
     return not args.no_progress
 
 
-def _add_run_options(p: argparse.ArgumentParser, default_out: str | None) -> None:
+def _add_run_options(p: argparse.ArgumentParser, default_out: str) -> None:
     p.add_argument("--seeds", type=_positive_int, help="run seeds 0..N-1 instead of the spec's seeds")
     p.add_argument("--steps", type=_positive_int, help="override the number of training steps (for quick looks)")
     p.add_argument("--device", help="device for the backend, e.g. cpu, cuda, cuda:1 (default: cpu)")
-    p.add_argument("--out", default=default_out, help="results directory (default: %(default)s)")
+    p.add_argument("--out", help=f"results directory (default: {default_out})")
     p.add_argument("--data-dir", help="data cache directory (default: $NORMBENCH_DATA_DIR or ~/.cache/normbench)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -73,12 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a spec (bundled name or .toml path) on one backend")
     p.add_argument("spec", help="bundled spec name (see `normbench specs`) or path to a .toml spec")
     p.add_argument("--backend", required=True, help="torch, jax or tensorflow (see `normbench backends`)")
-    _add_run_options(p, default_out=None)
+    _add_run_options(p, default_out="runs/<spec name>")
 
     p = sub.add_parser("reproduce", help="reproduce a named paper experiment (tables and figures)")
     p.add_argument("experiment", help="experiment name (see `normbench list`), or all")
     p.add_argument("--backend", action="append", dest="backends", help="backend to run (repeatable; default: the experiment's)")
-    _add_run_options(p, default_out=None)
+    _add_run_options(p, default_out="results/<experiment>; with `all`, one per experiment under it")
 
     p = sub.add_parser("report", help="rebuild tables and figures of a results directory from its stored metrics")
     p.add_argument("dir", help="results directory written by `run` or `reproduce`")

@@ -9,6 +9,7 @@ Diverged runs are counted and listed, never averaged into a mean.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -17,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from normbench import experiments, runner, stats
+from normbench import spec as spec_module
 
 # Okabe-Ito colours (colour-blind safe) in the paper's roles: none black,
 # standardization loss red (vermillion), batch norm blue.
@@ -192,9 +194,10 @@ def build_report(out: str | Path, experiment_name: str | None = None) -> dict:
     variant_order = list(dict.fromkeys([*metrics.variant, *status.variant]))  # status: also runs with no finite row
     spec_path = out / "spec.toml"
     if spec_path.exists():
-        from normbench import spec as spec_module
         declared = [v.name for v in spec_module.load(spec_path).variants]
         variant_order = [v for v in declared if v in set(variant_order)] + [v for v in variant_order if v not in declared]
+    if experiment is not None and spec_path.exists():
+        experiment = _with_budget_override(experiment, spec_module.load(spec_path))
     title = experiment.title if experiment else f"results in {out.name}"
     runner.collect(out)
     kind = experiment.kind if experiment else "curves"
@@ -218,6 +221,21 @@ def build_report(out: str | Path, experiment_name: str | None = None) -> dict:
     table.to_csv(out / "table.csv", index=False, float_format="%.4f")
     figures = curves_figure(metrics, status, variant_order, out / "curves", title)
     return {"table": table, "markdown": markdown, "figures": figures, "status": status}
+
+
+def _with_budget_override(experiment, ran):
+    """`experiment` as the runs in `ran` (their resolved spec) can honestly be reported:
+    when `--steps` changed the training budget, the title says so and the paper's
+    numbers, all stated for the experiment's own budget, are not compared."""
+    planned = spec_module.load(experiment.spec)
+    budgets = lambda s: [s.steps_for(v) for v in s.variants]
+    if budgets(ran) == budgets(planned):
+        return experiment
+    note = (f"**Training budget overridden** (`--steps {ran.steps}`): these runs are not the experiment's "
+            f"{planned.steps}-step budget, so its title's step count does not apply and the paper's numbers are not "
+            "compared; run without `--steps` to reproduce the paper's setting.")
+    return dataclasses.replace(experiment, title=f"{experiment.title} [budget overridden: {ran.steps} steps]",
+                               paper_test_accuracy={}, notes=(note, *experiment.notes))
 
 
 def agreement_markdown(agreement: pd.DataFrame) -> str:
@@ -735,7 +753,6 @@ def regenerate_command(name: str, records: list[dict], recorded: dict[str, str] 
     Backends come from the runs; --seeds / --steps from the recorded command, or, when
     none is recorded, inferred from the runs against the experiment's spec."""
     from normbench import figures
-    from normbench import spec as spec_module
 
     backends_ = figures.backend_order({r["backend"] for r in records})
     flags = "".join(f" --backend {b}" for b in backends_)

@@ -320,3 +320,21 @@ def test_index_flags_incomplete_experiments_and_keeps_recorded_overrides(tmp_pat
     text = report.write_index(tmp_path / "results").read_text()
     assert "| 1 of 6 runs: **incomplete** |" in text  # 3 variants x 2 seeds x 1 backend
     assert "`normbench reproduce mnist-mlp --backend tensorflow --seeds 2`" in text
+
+
+@pytest.mark.parametrize("steps", [100, 1000])
+def test_a_run_with_an_overridden_budget_is_titled_so_and_never_compared_with_the_paper(tmp_path, steps):
+    out = tmp_path / "mnist-cnn"
+    mark(out, "mnist-cnn")
+    resolved = spec_module.load("mnist-cnn").replace(steps=steps, eval_every=50, seeds=1)
+    (out / "spec.toml").write_text(spec_module.to_toml(resolved))
+    for variant, norm, acc in [("none", "none", 0.25), ("batch_norm", "batch_norm_shift", 0.86),
+                               ("standardization_loss", "standardization_loss", 0.75)]:
+        fake_run(out, "torch", variant, norm, 0, rising(acc, steps=steps), steps=steps)
+    md = report.build_report(out)["markdown"]
+    paper_bn = "85.6 ± 1.1"  # the paper's batch-norm CNN result (Section 4.1), stated for 1000 steps
+    if steps == 1000:
+        assert "budget overridden" not in md.lower() and paper_bn in md
+    else:
+        assert "[budget overridden: 100 steps]" in md and "**Training budget overridden** (`--steps 100`)" in md
+        assert paper_bn not in md
