@@ -459,8 +459,13 @@ def regularization_report(out: Path, experiment, metrics: pd.DataFrame, status: 
                     curve = _reference_curve(ok[ok.backend == backend], backend, ref)
                     shifts = [100 * r.accuracy - accuracy_at_equal_cross_entropy(curve, r.cross_entropy) for r in test.itertuples()]
                     shift = _mean_sd(shifts)
+                    in_range = sum(not _is_missing(x) for x in shifts)
                     record[f"delta_vs_{ref}"], record[f"delta_vs_{ref}_sd"] = shift
-                    cells.append(_fmt(*shift) if not _is_missing(shift[0]) else "outside its range")
+                    record[f"delta_vs_{ref}_n"] = in_range
+                    if _is_missing(shift[0]):
+                        cells.append("outside its range")
+                    else:  # say when only some runs' cross entropies fall inside the reference's range
+                        cells.append(_fmt(*shift) + (f" ({in_range} of {len(shifts)} runs in range)" if in_range < len(shifts) else ""))
                 # The paper's numbers (Section 4.1) are for 1000 steps: shown only beside 1000-step rows.
                 paper = experiment.paper_test_accuracy.get(variant) if experiment and step == PAPER_STEPS else None
                 cells += _paper_cells(paper, te_acc[0])
@@ -473,9 +478,9 @@ def regularization_report(out: Path, experiment, metrics: pd.DataFrame, status: 
     table = pd.DataFrame(records)
     notes = [
         "Δ test accuracy at equal test CE (cross entropy): each run's accuracy minus the reference's mean test trajectory "
-        "(linearly interpolated) at the run's own test cross entropy, mean ± sd over runs. Positive = more accuracy "
-        "for the same cross entropy, i.e. a regularization effect; \"outside its range\" = the reference never reached "
-        "that cross entropy.",
+        "(linearly interpolated) at the run's own test cross entropy, mean ± sd over the runs whose cross entropy the "
+        "reference's trajectory reaches (how many, when not all). Positive = more accuracy for the same cross entropy, "
+        "i.e. a regularization effect; \"outside its range\" = the reference never reached that cross entropy.",
         seeds_note(status), *paper_difference_notes(diffs), *(experiment.notes if experiment else ()),
     ]
     figs = figures.regularization_figure(ok, variant_order, colors, common, out / FIGURE_STEMS["regularization"], title)

@@ -214,10 +214,14 @@ def test_regularization_shift_at_equal_cross_entropy(tmp_path):
     for seed in range(2):
         fake_run(out, "torch", "none", "none", seed, baseline, steps=500)
         fake_run(out, "torch", "standardization_loss", "standardization_loss", seed, shifted, weight=1.0)
+    # A third run ends at a cross entropy (0.3) the baseline never reaches (0.5 at best): no shift for it.
+    beyond = lambda s: (2.3 - 2.0 * s / 100, 0.9)
+    fake_run(out, "torch", "standardization_loss", "standardization_loss", 2, beyond, weight=1.0)
     built = report.build_report(out)
     t = built["table"]
     sl = t[t.variant == "standardization_loss"].iloc[0]
-    assert sl.delta_vs_none == pytest.approx(5.0)
+    assert sl.delta_vs_none == pytest.approx(5.0) and sl.delta_vs_none_n == 2
+    assert "5.0 ± 0.0 (2 of 3 runs in range)" in built["markdown"]
     steps = sorted(t[t.variant == "none"].step)
     assert steps == [100, 500]  # the common budget and the baseline's own
     assert_figure(out, "cross_entropy_vs_accuracy")
