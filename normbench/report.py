@@ -412,6 +412,42 @@ def accuracy_at_equal_cross_entropy(curve, cross_entropy: float) -> float:
 
 # ----------------------------------------------------------------------------- Figure 2 top
 
+# The paper's reading of Figure 2 (top), Section 4.1: the standardization loss's points lie
+# "a slight upward shift with respect to BN but not the baseline model".
+PAPER_UPWARD_SHIFT = {"batch_norm": True, "none": False}
+
+
+def _shift_direction(mean: float, sd: float) -> str:
+    """'upward' / 'downward' when the mean shift is larger than its seed-to-seed sd, else 'none'."""
+    if _is_missing(mean):
+        return "unknown"
+    spread = 0.0 if _is_missing(sd) else sd
+    return "upward" if mean > spread else "downward" if mean < -spread else "none"
+
+
+def regularization_verdicts(table: pd.DataFrame, references: dict) -> list[str]:
+    """One sentence per backend: the standardization loss's shift at equal cross entropy
+    against each reference, beside the paper's reading, and whether they agree."""
+    if table.empty:
+        return []
+    out = []
+    sl = table[table.variant.map(lambda v: "standardization" in v or v.startswith("std_loss"))]
+    for r in sl.itertuples():
+        parts, differs = [], False
+        for role, ref in references.items():
+            if ref is None or not hasattr(r, f"delta_vs_{ref}"):
+                continue
+            mean, sd = getattr(r, f"delta_vs_{ref}"), getattr(r, f"delta_vs_{ref}_sd")
+            seen = _shift_direction(mean, sd)
+            expected = "upward" if PAPER_UPWARD_SHIFT[role] else "none"
+            differs |= seen != expected
+            parts.append(f"vs {ref} {_fmt(mean, sd)} points ({seen}; paper: {expected})")
+        if parts:
+            verdict = "**Differs from the paper**" if differs else "Agrees with the paper"
+            out.append(f"{verdict} on {r.backend}: the standardization loss's shift at equal test cross entropy, "
+                       + "; ".join(parts) + ". A shift counts when its mean exceeds its sd over runs.")
+    return out
+
 
 def regularization_report(out: Path, experiment, metrics: pd.DataFrame, status: pd.DataFrame,
                           variant_order: list[str], title: str) -> dict:
@@ -476,7 +512,9 @@ def regularization_report(out: Path, experiment, metrics: pd.DataFrame, status: 
                 rows.append(cells)
                 records.append(record)
     table = pd.DataFrame(records)
+    verdicts = regularization_verdicts(table, references)
     notes = [
+        *verdicts,
         "Δ test accuracy at equal test CE (cross entropy): each run's accuracy minus the reference's mean test trajectory "
         "(linearly interpolated) at the run's own test cross entropy, mean ± sd over the runs whose cross entropy the "
         "reference's trajectory reaches (how many, when not all). Positive = more accuracy for the same cross entropy, "
