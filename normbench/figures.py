@@ -179,8 +179,9 @@ def weight_sweep_figure(finals: pd.DataFrame, references: pd.DataFrame, diverged
         for r in dv.itertuples():
             ax.plot(r.weight, 0.02, marker="x", color=red, markersize=7, transform=ax.get_xaxis_transform(),
                     clip_on=False, linestyle="none")
-            ax.annotate(f"{r.count} diverged", (r.weight, 0.05), xycoords=("data", "axes fraction"), fontsize=6.5,
-                        color=red, ha="center")
+            # Two short lines: neighbouring weights are half a decade apart, too close for one long label.
+            ax.annotate(f"{r.count}\ndiverged", (r.weight, 0.05), xycoords=("data", "axes fraction"), fontsize=6.5,
+                        color=red, ha="center", va="bottom", linespacing=1.0)
         onset = onsets.get(backend)
         if onset is not None:
             ax.axvline(onset, color="0.3", linestyle=":", linewidth=1.2)

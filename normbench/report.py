@@ -611,8 +611,10 @@ def weight_sweep_report(out: Path, experiment, metrics: pd.DataFrame, status: pd
                 f"no-normalization mean {_fmt(baseline)}%. ")
         if analysis["onset"] is not None:
             at = points[points.weight == analysis["onset"]].iloc[0]
-            text += (f"**The collapse starts at weight {analysis['onset']:g}** "
-                     f"(mean {_fmt(at['mean'])}%, {int(at.diverged)} of {int(at.n + at.diverged)} runs diverged). ")
+            total = int(at.n + at.diverged)
+            what = (f"all {total} runs diverged" if int(at.n) == 0 else
+                    f"mean {_fmt(at['mean'])}%, {int(at.diverged)} of {total} runs diverged")
+            text += f"**The collapse starts at weight {analysis['onset']:g}** ({what}). "
             if analysis["onset"] > PAPER_MAX_WEIGHT:
                 text += (f"That is beyond the paper's range [0.001, {PAPER_MAX_WEIGHT:g}], within which it reports the "
                          "collapse (read literally); within that range, accuracy does not collapse here. ")
