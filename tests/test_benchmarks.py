@@ -8,6 +8,7 @@ passes here is what `asv run` executes.
 from __future__ import annotations
 
 import importlib
+import json
 import math
 import sys
 from pathlib import Path
@@ -187,3 +188,40 @@ def test_nightly_flags_regressions_by_unit_threshold():
         ("gone", ("torch", "cpu")): "FAILED",
     }  # skipped on both sides (cuda): not listed
     assert "| REGRESSION | `t` | torch, cpu | 1 s | 1.25 s | +25.0% | +20% |" in nightly.markdown(rows, "a" * 40, "b" * 40, "m")
+
+
+class _FakeGridResult(_FakeResult):
+    """A recorded run over the suite's real grids (backend x model x normalization x device
+    for timings; model x normalization x device for a backend's training class)."""
+
+    started_at = {"bench": 1795570000000}
+    params = {"python": "/nonexistent/python"}
+
+    def get_result_params(self, key):
+        grid = [["'cnn3'"], ["'none'", "'batch_norm_shift'"], ["'cpu'", "'cuda'"]]
+        return [["'torch'"], *grid] if key.startswith("bench_step_time") else grid
+
+
+def test_nightly_export_writes_every_recorded_value_and_skips_the_absent(tmp_path):
+    nightly = _load_nightly()
+    nan = float("nan")
+    result = _FakeGridResult({"bench_step_time.TimeStep.time_step": [0.0123, nan, 0.0111, nan],
+                              "bench_training.JaxTraining.track_final_test_error": [0.86, nan, 0.1424, nan]})
+    names = ["model", "normalization", "device"]
+    benchmarks = {"bench_step_time.TimeStep.time_step": {"unit": "seconds", "param_names": ["backend", *names]},
+                  "bench_training.JaxTraining.track_final_test_error": {"unit": "fraction", "param_names": names}}
+    info = {"cpu": "Test CPU", "num_cpu": "2", "ram": str(8 * 2**30), "os": "Linux"}
+    written = nightly.export([result], benchmarks, "m", info, "c" * 40, tmp_path, "python scripts/nightly.py --export x")
+    rows = (tmp_path / "benchmarks.csv").read_text().splitlines()
+    assert rows[1:] == [  # cuda was skipped (n/a): left out
+        "bench_step_time.TimeStep.time_step,seconds,torch,cnn3,none,cpu,0.0123",
+        "bench_step_time.TimeStep.time_step,seconds,torch,cnn3,batch_norm_shift,cpu,0.0111",
+        "bench_training.JaxTraining.track_final_test_error,fraction,,cnn3,none,cpu,0.86",
+        "bench_training.JaxTraining.track_final_test_error,fraction,,cnn3,batch_norm_shift,cpu,0.1424"]
+    text = (tmp_path / "README.md").read_text()
+    assert "| torch | cnn3 | 12.3 ms | 11.1 ms |" in text
+    assert "| jax | cnn3 | 86.00% | 14.24% |" in text  # the backend of a training class comes from its name
+    assert "cuda" not in text
+    provenance = json.loads((tmp_path / "provenance.json").read_text())
+    assert provenance["commit"] == "c" * 40 and provenance["records"] == 4 and "no longer exists" in provenance["packages"]
+    assert [p.name for p in written] == ["README.md", "benchmarks.csv", "provenance.json"]
