@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -225,3 +226,29 @@ def test_nightly_export_writes_every_recorded_value_and_skips_the_absent(tmp_pat
     provenance = json.loads((tmp_path / "provenance.json").read_text())
     assert provenance["commit"] == "c" * 40 and provenance["records"] == 4 and "no longer exists" in provenance["packages"]
     assert [p.name for p in written] == ["README.md", "benchmarks.csv", "provenance.json"]
+
+
+def test_nightly_keeps_a_timing_regression_only_when_a_second_measurement_confirms_it():
+    nightly = _load_nightly()
+    nan = float("nan")
+    units = {"t": "seconds", "u": "seconds", "s": "steps"}
+    base = [_FakeResult({"t": [1.0, nan], "u": [1.0, nan], "s": [500, nan]})]
+    first = [_FakeResult({"t": [1.3, nan], "u": [1.3, nan], "s": [700, nan]})]
+    second = [_FakeResult({"t": [1.3, nan], "u": [1.05, nan], "s": [700, nan]})]
+    everything = lambda key, params: True
+    asked = []
+
+    def remeasure(regexes):
+        asked.extend(regexes)
+        return nightly.compare(base, second, units, everything)
+
+    rows = nightly.confirm_regressions(nightly.compare(base, first, units, everything), remeasure)
+    status = {r["benchmark"]: r["status"] for r in rows}
+    # t stays slow: confirmed; u was noise; steps are deterministic and never re-measured.
+    assert status == {"t": "REGRESSION", "u": "unconfirmed", "s": "REGRESSION"}
+    assert asked == [r"^t\('torch',\ 'cpu'\)$", r"^u\('torch',\ 'cpu'\)$"]
+    assert re.search(asked[0], "t('torch', 'cpu')") and not re.search(asked[0], "t('torch', 'cuda')")
+    md = nightly.markdown(rows, "a" * 40, "b" * 40, "m")
+    assert "*unconfirmed*: over its threshold when first measured (`u` torch, cpu 1.3 s)" in md
+    # Nothing flagged: nothing re-measured.
+    assert nightly.confirm_regressions(nightly.compare(base, base, units, everything), remeasure) and len(asked) == 2
