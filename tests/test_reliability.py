@@ -79,8 +79,16 @@ def normbench(*args) -> list[str]:
     return [sys.executable, "-m", "normbench.cli", *map(str, args)]
 
 
+def _default_sigint() -> None:
+    # A shell starts background jobs with SIGINT ignored, and Python then keeps it ignored
+    # (no KeyboardInterrupt): the Ctrl-C test would see a sweep that cannot be interrupted
+    # whenever pytest itself runs in the background. Restore the default in the child.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(*args, env=ONE_THREAD) -> subprocess.Popen:
-    return subprocess.Popen(normbench(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen(normbench(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=_default_sigint)
 
 
 def finish(proc: subprocess.Popen, timeout: float = 600) -> subprocess.CompletedProcess:
