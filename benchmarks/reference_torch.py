@@ -68,7 +68,12 @@ class _Net(nn.Module):
 def _standardization_loss(preactivations):
     total = 0.0
     for z in preactivations:
-        var, mean = torch.var_mean(z, dim=(0, 2, 3) if z.dim() == 4 else 0, correction=0)
+        # Two reductions, not torch.var_mean: over NCHW's (0, 2, 3) axes var_mean is 2-5x
+        # slower on CPU, and a yardstick must be the fastest plain way to write the loop.
+        dims = (0, 2, 3) if z.dim() == 4 else (0,)
+        mean = z.mean(dim=dims, keepdim=True)
+        var = (z - mean).square().mean(dim=dims)
+        mean = mean.flatten()
         total = total + 0.5 * torch.sum(mean * mean + var - torch.log(var + LOG_EPSILON) - 1.0)
     return total
 
