@@ -79,16 +79,19 @@ def normbench(*args) -> list[str]:
     return [sys.executable, "-m", "normbench.cli", *map(str, args)]
 
 
-def _default_sigint() -> None:
-    # A shell starts background jobs with SIGINT ignored, and Python then keeps it ignored
-    # (no KeyboardInterrupt): the Ctrl-C test would see a sweep that cannot be interrupted
-    # whenever pytest itself runs in the background. Restore the default in the child.
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def start(*args, env=ONE_THREAD) -> subprocess.Popen:
-    return subprocess.Popen(normbench(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            preexec_fn=_default_sigint)
+    # A shell starts background jobs with SIGINT ignored; an ignored signal stays ignored
+    # across exec, and Python then installs no KeyboardInterrupt handler, so the Ctrl-C
+    # test would meet a sweep that cannot be interrupted whenever pytest runs in the
+    # background. A *handled* signal is reset to the default across exec: handle it while
+    # spawning. (Not preexec_fn: forking a process that has started JAX's threads risks a
+    # deadlock, and Python warns about exactly that.)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen(normbench(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 def finish(proc: subprocess.Popen, timeout: float = 600) -> subprocess.CompletedProcess:
