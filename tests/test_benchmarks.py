@@ -231,10 +231,10 @@ def test_nightly_export_writes_every_recorded_value_and_skips_the_absent(tmp_pat
 def test_nightly_keeps_a_timing_regression_only_when_a_second_measurement_confirms_it():
     nightly = _load_nightly()
     nan = float("nan")
-    units = {"t": "seconds", "u": "seconds", "s": "steps"}
-    base = [_FakeResult({"t": [1.0, nan], "u": [1.0, nan], "s": [500, nan]})]
-    first = [_FakeResult({"t": [1.3, nan], "u": [1.3, nan], "s": [700, nan]})]
-    second = [_FakeResult({"t": [1.3, nan], "u": [1.05, nan], "s": [700, nan]})]
+    units = {"t": "seconds", "u": "seconds", "s": "steps", "m": "bytes"}
+    base = [_FakeResult({"t": [1.0, nan], "u": [1.0, nan], "s": [500, nan], "m": [300e6, nan]})]
+    first = [_FakeResult({"t": [1.3, nan], "u": [1.3, nan], "s": [700, nan], "m": [600e6, nan]})]
+    second = [_FakeResult({"t": [1.3, nan], "u": [1.05, nan], "s": [700, nan], "m": [310e6, nan]})]
     everything = lambda key, params: True
     asked = []
 
@@ -244,11 +244,11 @@ def test_nightly_keeps_a_timing_regression_only_when_a_second_measurement_confir
 
     rows = nightly.confirm_regressions(nightly.compare(base, first, units, everything), remeasure)
     status = {r["benchmark"]: r["status"] for r in rows}
-    # t stays slow: confirmed; u was noise; steps are deterministic and never re-measured.
-    assert status == {"t": "REGRESSION", "u": "unconfirmed", "s": "REGRESSION"}
-    assert asked == [r"^t\('torch',\ 'cpu'\)$", r"^u\('torch',\ 'cpu'\)$"]
-    assert re.search(asked[0], "t('torch', 'cpu')") and not re.search(asked[0], "t('torch', 'cuda')")
+    # t stays slow: confirmed; u and the memory m were noise; steps are deterministic and never re-measured.
+    assert status == {"t": "REGRESSION", "u": "unconfirmed", "s": "REGRESSION", "m": "unconfirmed"}
+    assert asked == [r"^m\('torch',\ 'cpu'\)$", r"^t\('torch',\ 'cpu'\)$", r"^u\('torch',\ 'cpu'\)$"]
+    assert re.search(asked[1], "t('torch', 'cpu')") and not re.search(asked[1], "t('torch', 'cuda')")
     md = nightly.markdown(rows, "a" * 40, "b" * 40, "m")
-    assert "*unconfirmed*: over its threshold when first measured (`u` torch, cpu 1.3 s)" in md
+    assert "*unconfirmed*: over its threshold when first measured (`m` torch, cpu 572.2 MiB, `u` torch, cpu 1.3 s)" in md
     # Nothing flagged: nothing re-measured.
-    assert nightly.confirm_regressions(nightly.compare(base, base, units, everything), remeasure) and len(asked) == 2
+    assert nightly.confirm_regressions(nightly.compare(base, base, units, everything), remeasure) and len(asked) == 3
