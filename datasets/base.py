@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from normbench.durable import fsync_path
+
 try:
     import fcntl
 except ImportError:  # not POSIX: fetch without the inter-process lock
@@ -227,10 +229,10 @@ def _fetch_from(
                 continue
             verified[name] = digest
         for name in verified:
-            _fsync_file(staging / name)
+            fsync_path(staging / name)
             os.replace(staging / name, directory / name)
         if verified:
-            _fsync_file(directory)  # make the renames themselves durable
+            fsync_path(directory)  # make the renames themselves durable
         return verified, shortfalls
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -280,14 +282,6 @@ def _remove_stale_staging(directory: Path) -> None:
     # was left behind by a process that died mid-fetch.
     for stale in directory.glob(f"{_STAGING_PREFIX}*"):
         shutil.rmtree(stale, ignore_errors=True)
-
-
-def _fsync_file(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def _unusable(directory: Path, error: OSError) -> DatasetError:

@@ -194,10 +194,11 @@ def build_report(out: str | Path, experiment_name: str | None = None) -> dict:
     variant_order = list(dict.fromkeys([*metrics.variant, *status.variant]))  # status: also runs with no finite row
     spec_path = out / "spec.toml"
     if spec_path.exists():
-        declared = [v.name for v in spec_module.load(spec_path).variants]
+        ran = spec_module.load(spec_path)  # the resolved spec the runs were made with
+        declared = [v.name for v in ran.variants]
         variant_order = [v for v in declared if v in set(variant_order)] + [v for v in variant_order if v not in declared]
-    if experiment is not None and spec_path.exists():
-        experiment = _with_budget_override(experiment, spec_module.load(spec_path))
+        if experiment is not None:
+            experiment = _with_budget_override(experiment, ran)
     title = experiment.title if experiment else f"results in {out.name}"
     runner.collect(out)
     kind = experiment.kind if experiment else "curves"

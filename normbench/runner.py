@@ -56,6 +56,7 @@ import numpy as np
 from normbench import backends as backend_registry
 from normbench import datasets, provenance, resources
 from normbench.data_order import BatchOrder, seed_streams, train_eval_subset
+from normbench.durable import fsync_path
 from normbench.program import TrainingProgram, standardization_loss_numpy
 from normbench.spec import ExperimentSpec, VariantSpec, to_toml
 
@@ -148,15 +149,6 @@ class _Evaluator:
 # ----------------------------------------------------------------------------- durable files
 
 
-def _fsync_path(path: Path) -> None:
-    """fsync a file or a directory (a directory's fsync makes renames inside it durable)."""
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
 def _write_csv(path: Path, columns: list[str], rows: Iterable[dict]) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
@@ -179,7 +171,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-    _fsync_path(path.parent)
+    fsync_path(path.parent)
 
 
 @contextlib.contextmanager
@@ -327,14 +319,14 @@ def write_run(run_dir: Path, outcome: dict, record: dict, tracked: bool) -> None
         if tracked:
             _write_csv(tmp / "percentiles.csv", PERCENTILE_COLUMNS, outcome["percentile_rows"])
         _atomic_write_text(tmp / "provenance.json", json.dumps(record, indent=2, sort_keys=True) + "\n")
-        _fsync_path(tmp)
+        fsync_path(tmp)
         if run_dir.exists():  # an unfinished leftover (no provenance.json): replace it
             shutil.rmtree(run_dir)
         os.rename(tmp, run_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync_path(run_dir.parent)
+    fsync_path(run_dir.parent)
 
 
 # ----------------------------------------------------------------------------- sweeps

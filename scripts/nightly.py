@@ -287,12 +287,12 @@ def export(results: list, benchmarks: dict, machine: str, info: dict, commit: st
     records = []
     for result in results:
         for key in sorted(result.get_all_result_keys()):
-            names = benchmarks[key].get("param_names", []) if key in benchmarks else []
+            described = benchmarks.get(key, {})
+            names, unit = described.get("param_names", []), described.get("unit", "")
             for params, (value, _, _) in _unroll(result, key).items():
                 if value is None or _is_na(value):
                     continue  # skipped here (absent framework or device) or failed
-                records.append({"benchmark": key, "unit": benchmarks[key].get("unit", "") if key in benchmarks else "",
-                                **dict(zip(names, params)), "value": value})
+                records.append({"benchmark": key, "unit": unit, **dict(zip(names, params)), "value": value})
     out.mkdir(parents=True, exist_ok=True)
     columns = ["benchmark", "unit", "backend", "model", "normalization", "device", "value"]
     with open(out / "benchmarks.csv", "w", newline="") as f:
