@@ -239,13 +239,19 @@ def _with_budget_override(experiment, ran):
                                paper_test_accuracy={}, notes=(note, *experiment.notes))
 
 
+def _agreement_verdict(agree) -> str:
+    if agree is None or (isinstance(agree, float) and math.isnan(agree)):
+        return "n/a (needs 2 runs a side)"
+    return "yes" if agree else "**no**"
+
+
 def agreement_markdown(agreement: pd.DataFrame) -> str:
     lines = ["", f"**Backend agreement**: final test accuracy, two-sided Welch t-test per method and backend pair; "
              f"the backends agree when p >= {stats.AGREEMENT_ALPHA:g}.", "",
              "| method | backends | means (%) | n | Welch t | p | agree |", "|---|---|---|---|---|---|---|"]
     for r in agreement.itertuples():
         lines.append(f"| {r.variant} | {r.pair} | {r.mean_left:.2f} vs {r.mean_right:.2f} | {r.n_left} vs {r.n_right} | "
-                     f"{r.welch_t:.3g} | {r.p_value:.3g} | {'yes' if r.agree else '**no**'} |")
+                     f"{r.welch_t:.3g} | {r.p_value:.3g} | {_agreement_verdict(r.agree)} |")
     return "\n".join(lines) + "\n"
 
 

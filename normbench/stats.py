@@ -27,7 +27,8 @@ def welch_test(a, b) -> tuple[float, float]:
 
 
 def backend_agreement(finals: pd.DataFrame, variant_order: list[str], value: str = "accuracy_pct") -> pd.DataFrame:
-    """For each variant and backend pair: means, Welch p-value and whether they agree."""
+    """For each variant and backend pair: means, Welch p-value and whether they agree
+    (`agree` is None where the test cannot be made: fewer than 2 runs on a side)."""
     rows = []
     for variant in variant_order:
         d = finals[finals.variant == variant]
@@ -36,5 +37,5 @@ def backend_agreement(finals: pd.DataFrame, variant_order: list[str], value: str
             t, p = welch_test(a, b)
             rows.append({"variant": variant, "pair": f"{left} vs {right}", "mean_left": a.mean(), "mean_right": b.mean(),
                          "n_left": len(a), "n_right": len(b), "welch_t": t, "p_value": p,
-                         "agree": bool(p >= AGREEMENT_ALPHA) if not np.isnan(p) else False})
+                         "agree": bool(p >= AGREEMENT_ALPHA) if not np.isnan(p) else None})
     return pd.DataFrame(rows)

@@ -345,3 +345,17 @@ def test_a_run_with_an_overridden_budget_is_titled_so_and_never_compared_with_th
     else:
         assert "[budget overridden: 100 steps]" in md and "**Training budget overridden** (`--steps 100`)" in md
         assert paper_bn not in md
+
+
+def test_backend_agreement_with_one_run_a_side_is_not_called_a_disagreement():
+    from normbench import stats
+
+    finals = pd.DataFrame({"variant": ["bn"] * 5, "backend": ["torch", "jax", "jax", "tensorflow", "tensorflow"],
+                           "accuracy_pct": [85.0, 85.0, 85.2, 85.1, 84.9]})
+    table = stats.backend_agreement(finals, ["bn"])
+    verdict = dict(zip(table.pair, table.agree))
+    assert verdict["jax vs tensorflow"] is True
+    assert verdict["jax vs torch"] is None and verdict["tensorflow vs torch"] is None  # torch has one run
+    md = report.agreement_markdown(table)
+    assert "| bn | jax vs torch | 85.10 vs 85.00 | 2 vs 1 | nan | nan | n/a (needs 2 runs a side) |" in md
+    assert "**no**" not in md
