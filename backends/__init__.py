@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 
-from normbench.backends.base import STEP_LOSSES, BackendUnavailable, Engine
+from normbench.backends.base import BackendUnavailable, Engine
 
 # name -> (framework import name, engine module)
 _REGISTRY = {

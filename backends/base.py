@@ -19,11 +19,8 @@ import abc
 
 import numpy as np
 
-from normbench.program import TrainingProgram, combine_moments
-
-
-# What `Trainer.step` returns per step, in this order.
-STEP_LOSSES = ("loss", "cross_entropy", "standardization_loss")
+from normbench.auxiliary_losses import combine_moments
+from normbench.plan import Plan
 
 
 class BackendUnavailable(RuntimeError):
@@ -32,10 +29,34 @@ class BackendUnavailable(RuntimeError):
 
 class Ops(abc.ABC):
     """Primitives on the backend's arrays. `x` is an activation in the backend layout
-    (channel axis = the backend's choice; the primitives know where it is)."""
+    (channel axis = the backend's choice; the primitives know where it is).
+
+    Shapes and axes are always *canonical*: an activation of rank 4 is (N, H, W, C)
+    whatever the backend stores, so normalization methods written against these
+    primitives (`moments` over axes, `reshape` to group channels) mean the same thing in
+    every backend. Methods that are compositions of others have a default here; a backend
+    overrides one only with something faster that computes the same formula (the parity
+    tests hold it to it)."""
 
     @abc.abstractmethod
     def ndim(self, x) -> int: ...
+    @abc.abstractmethod
+    def shape(self, x) -> tuple[int, ...]:
+        """The canonical shape, as Python ints."""
+    @abc.abstractmethod
+    def reshape(self, x, shape: tuple[int, ...]):
+        """Reshape in canonical (row-major NHWC) order: (N, H, W, C) -> (N, H, W, G, C // G)
+        groups channels in every backend."""
+    @abc.abstractmethod
+    def moments(self, x, axes: tuple[int, ...], keepdims: bool = False):
+        """(mean, biased variance) over canonical `axes`, two-pass (never E[x^2] - E[x]^2).
+        With keepdims the results broadcast against `x` in arithmetic."""
+    @abc.abstractmethod
+    def mean(self, x, axes: tuple[int, ...], keepdims: bool = False):
+        """Mean over canonical `axes`."""
+
+    def rsqrt(self, x):
+        return 1.0 / self.sqrt(x)
     @abc.abstractmethod
     def conv2d(self, x, kernel, stride: int, pads: tuple[tuple[int, int], tuple[int, int]]):
         """Cross-correlation with explicit ((top, bottom), (left, right)) zero padding, no bias."""
@@ -52,28 +73,36 @@ class Ops(abc.ABC):
     @abc.abstractmethod
     def normalize(self, x, mean, var, epsilon: float):
         """(x - mean) / sqrt(var + epsilon), per channel."""
-    @abc.abstractmethod
     def batch_norm_train(self, x, scale, shift, epsilon: float):
         """Training-mode batch norm. Returns (y, mean, var): y = (x - mean) / sqrt(var +
         epsilon) * scale + shift with the batch's per-channel mean and *biased* variance,
         gradients flowing through both; and those mean and var as constants (no
-        gradient), for the running averages. `scale` may be None (shift-only).
+        gradient), for the running averages. `scale` and `shift` may be None.
 
-        A primitive, not composed from the others, so a backend can use its fused
-        kernel and reuse the statistics it computed; the parity tests hold every
-        backend to this formula."""
+        Composed from `moments` here; a backend may use its fused kernel and reuse the
+        statistics it computed (PyTorch does); the parity tests hold it to this formula."""
+        axes = tuple(range(self.ndim(x) - 1))
+        mean, var = self.moments(x, axes, keepdims=True)
+        y = (x - mean) * self.rsqrt(var + epsilon)
+        if scale is not None:
+            y = self.scale_channels(y, scale)
+        if shift is not None:
+            y = self.add_channel_bias(y, shift)
+        channels = self.shape(x)[-1]
+        flat = lambda v: self.stop_gradient(self.reshape(v, (channels,)))
+        return y, flat(mean), flat(var)
 
     def moving_average(self, running, value, decay: float):
         """decay * running + (1 - decay) * value (batch norm's running statistics).
         A backend may use a fused interpolation (PyTorch's lerp): same value, fewer ops."""
         return running * decay + value * (1.0 - decay)
-    @abc.abstractmethod
     def channel_moments(self, x):
         """Per-channel (mean, biased variance) over every axis but the channel axis,
         with a numerically stable algorithm (two-pass or Welford, never E[x^2] - E[x]^2).
 
         A backend may stop the gradient through the mean used to centre the variance:
         d var / d mean = -2 * mean(x - mean) is exactly zero, so only rounding changes."""
+        return self.moments(x, tuple(range(self.ndim(x) - 1)))
     @abc.abstractmethod
     def reduced_count(self, x) -> int:
         """Number of values behind each channel's moments (batch x spatial positions)."""
@@ -140,39 +169,39 @@ class Engine(abc.ABC):
         """Block until queued device work is done (for honest timers)."""
 
     @abc.abstractmethod
-    def trainer(self, program: TrainingProgram, params: dict[str, np.ndarray], state: dict[str, np.ndarray],
+    def trainer(self, program: Plan, params: dict[str, np.ndarray], state: dict[str, np.ndarray],
                 train_images, train_labels, track: tuple[str, ...] = ()) -> "Trainer": ...
 
 
 class Trainer(abc.ABC):
     """Holds one run's parameters, optimizer state and BN state inside the framework."""
 
-    def __init__(self, engine: Engine, program: TrainingProgram, track: tuple[str, ...]):
+    def __init__(self, engine: Engine, program: Plan, track: tuple[str, ...]):
         self.engine, self.program, self.track = engine, program, track
 
     @abc.abstractmethod
     def step(self, indices: np.ndarray, learning_rate: float):
         """One update on the training examples `indices`. Returns the batch's losses,
-        `STEP_LOSSES` in order, as a backend array of shape (3,) that is *not* read back:
-        `loss` is `program.loss` (cross entropy + weighted standardization loss; the L2
-        term acts through its gradient and is not included).
+        `program.step_loss_names` in order, as one backend array that is *not* read back:
+        `loss` is `program.loss` (cross entropy + weighted auxiliary losses; the L2 term
+        acts through its gradient and is not included).
 
         Reading a device value back every step forces a host-device sync per step (on
         CPU ~4% of an MLP step, far more on a GPU); callers collect the arrays and read
         many steps at once with `read_losses`."""
 
     def read_losses(self, step_losses: list) -> np.ndarray:
-        """Arrays returned by `step` -> float NumPy of shape (steps, 3), in one transfer."""
-        return self.engine.stack_to_numpy(step_losses).reshape(len(step_losses), len(STEP_LOSSES))
+        """Arrays returned by `step` -> float NumPy of shape (steps, losses), in one transfer."""
+        return self.engine.stack_to_numpy(step_losses).reshape(len(step_losses), len(self.program.step_loss_names))
 
     def step_and_read(self, indices: np.ndarray, learning_rate: float) -> dict[str, float]:
         """`step`, then its losses as Python floats (a sync per step: for tests and tools)."""
         values = self.read_losses([self.step(indices, learning_rate)])[0]
-        return {name: float(v) for name, v in zip(STEP_LOSSES, values)}
+        return {name: float(v) for name, v in zip(self.program.step_loss_names, values)}
 
     @abc.abstractmethod
     def export(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """Current (params, batch-norm state), canonical NumPy."""
+        """Current (params, running-statistics state), canonical NumPy."""
 
     @abc.abstractmethod
     def gradients(self, images, labels) -> tuple[dict, dict]:
@@ -184,7 +213,7 @@ class Trainer(abc.ABC):
         e = self.engine
         return {
             "total_loss": e.to_numpy(seen["total_loss"]), "cross_entropy": e.to_numpy(seen["cross_entropy"]),
-            "standardization_loss": e.to_numpy(seen["standardization_loss"]),
+            **{name: e.to_numpy(v) for name, v in seen["losses"].items()},
             "logits": e.activation_to_numpy(seen["logits"]),
             **{f"preactivation/{k}": e.activation_to_numpy(v) for k, v in seen["preactivations"].items()},
             **{f"mean/{k}": e.to_numpy(m) for k, (m, _) in seen["moments"].items()},
@@ -192,9 +221,23 @@ class Trainer(abc.ABC):
             **{f"state/{k}": e.to_numpy(v) for k, v in seen["state"].items()},
         }
 
+    def _chunk_to_numpy(self, out: dict) -> dict:
+        """`program.evaluation`'s output (already on the host for frameworks that transfer
+        whole trees) -> NumPy, tracked activations in the canonical layout."""
+        e = self.engine
+        return {
+            "cross_entropy_mean": float(e.to_numpy(out["cross_entropy_mean"])),
+            "correct": int(e.to_numpy(out["correct"])),
+            "moments": {k: (e.to_numpy(m), e.to_numpy(v)) for k, (m, v) in out["moments"].items()},
+            "auxiliary": {loss: {k: tuple(e.to_numpy(a) for a in stats) for k, stats in layers.items()}
+                          for loss, layers in out["auxiliary"].items()},
+            "tracked": {k: e.activation_to_numpy(v) for k, v in out["tracked"].items()},
+        }
+
     @abc.abstractmethod
     def _evaluate_chunk(self, images, labels) -> dict:
-        """`program.evaluation` on one chunk, converted to NumPy."""
+        """`program.evaluation` on one chunk, converted to NumPy (tracked activations in
+        the canonical layout)."""
 
     def evaluate(self, images, labels, num_examples: int, chunk_size: int = 500) -> dict:
         """Inference-mode metrics over a whole split, aggregated exactly across chunks.
@@ -202,20 +245,27 @@ class Trainer(abc.ABC):
         Chunks of 500 keep every intermediate inside the CPU caches: on the 2-core
         reference machine, 2500-image chunks made evaluating cnn3 twice as slow."""
         ce_sum, correct, parts, tracked = 0.0, 0, {}, {name: [] for name in self.track}
+        auxiliary: dict[str, dict[str, list]] = {}
         for start in range(0, num_examples, chunk_size):
             stop = min(start + chunk_size, num_examples)
             out = self._evaluate_chunk(images[start:stop], labels[start:stop])
             n = stop - start
+            counts = self.program.values_per_channel(n)
             ce_sum += float(out["cross_entropy_mean"]) * n
             correct += int(out["correct"])
-            for layer, (mean, var, count) in out["moments"].items():
-                parts.setdefault(layer, []).append((mean, var, count))
+            for layer, (mean, var) in out["moments"].items():
+                parts.setdefault(layer, []).append((mean, var, counts[layer]))
+            for loss, layers in out["auxiliary"].items():
+                for layer, statistics in layers.items():
+                    auxiliary.setdefault(loss, {}).setdefault(layer, []).append((statistics, counts[layer]))
             for layer, values in out["tracked"].items():
                 tracked[layer].append(values)
-        moments = {layer: combine_moments(p) for layer, p in parts.items()}
+        losses = {loss.name: loss for loss in self.program.losses}
         return {
             "cross_entropy": ce_sum / num_examples,
             "accuracy": correct / num_examples,
-            "moments": moments,
+            "moments": {layer: combine_moments(p) for layer, p in parts.items()},
+            "auxiliary": {name: {layer: losses[name].combine(p) for layer, p in layers.items()}
+                          for name, layers in auxiliary.items()},
             "tracked": {layer: np.concatenate(v) for layer, v in tracked.items()},
         }

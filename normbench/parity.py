@@ -41,9 +41,9 @@ from collections import defaultdict
 import numpy as np
 
 from normbench import backends as backend_registry
-from normbench import models
+from normbench import datasets
 from normbench.data_order import BatchOrder, seed_streams
-from normbench.program import TrainingProgram
+from normbench.plan import resolve
 from normbench.runner import LoadedData, load_data
 from normbench.spec import ExperimentSpec
 
@@ -230,7 +230,7 @@ def first_batch(spec: ExperimentSpec, seed: int) -> np.ndarray:
 
 
 def _batch_order(spec: ExperimentSpec, seed: int) -> BatchOrder:
-    train_examples = models.DATASET_SHAPES[spec.dataset]["train_examples"]
+    train_examples = datasets.info(spec.dataset).train_examples
     return BatchOrder(seed_streams(seed)[1], train_examples, spec.batch_size)
 
 
@@ -238,7 +238,7 @@ def step_outputs(spec: ExperimentSpec, variant_name: str, backend: str, dtype: s
                  batch_indices: np.ndarray | None = None, device: str | None = None) -> dict[str, np.ndarray]:
     """Every single-step quantity of one backend, canonical float64 NumPy, keyed by name:
     'gradient/<param>' plus the intermediates of `Trainer.gradients`."""
-    program = TrainingProgram(spec, spec.variant(variant_name))
+    program = resolve(spec, variant_name)
     data = _training_data(spec)
     indices = first_batch(spec, seed) if batch_indices is None else np.asarray(batch_indices)
     images, labels = data.train_images[indices].astype(dtype), data.train_labels[indices]
@@ -257,7 +257,7 @@ def trajectory_outputs(spec: ExperimentSpec, variant_name: str, backend: str, st
     """`steps` training steps of one backend as a real run of `seed` takes them.
     Returns 'trajectory/<loss>' (one value per step), 'final/<param>' and
     'final_state/<name>', canonical float64 NumPy."""
-    program = TrainingProgram(spec, spec.variant(variant_name))
+    program = resolve(spec, variant_name)
     data = _training_data(spec)
     order = _batch_order(spec, seed)
     batches = [order.indices(t) for t in range(steps)]
@@ -271,7 +271,7 @@ def trajectory_outputs(spec: ExperimentSpec, variant_name: str, backend: str, st
     step_losses = [trainer.step(np.searchsorted(used, batch), program.learning_rate(t)) for t, batch in enumerate(batches)]
     losses = trainer.read_losses(step_losses).astype(np.float64)
     final_params, final_state = trainer.export()
-    out = {f"trajectory/{name}": losses[:, k] for k, name in enumerate(backend_registry.STEP_LOSSES)}
+    out = {f"trajectory/{name}": losses[:, k] for k, name in enumerate(program.step_loss_names)}
     out.update({f"final/{k}": np.asarray(v, np.float64) for k, v in final_params.items()})
     out.update({f"final_state/{k}": np.asarray(v, np.float64) for k, v in final_state.items()})
     return out
@@ -285,7 +285,7 @@ def compare_step(spec: ExperimentSpec, variant_name: str, backends: list[str], d
     """One forward/backward pass from identical weights on one batch (default: the first
     batch of run `seed`), compared for every pair of `backends`."""
     outputs = {b: step_outputs(spec, variant_name, b, dtype, seed, batch_indices, device) for b in backends}
-    return compare_outputs(outputs, dtype, variant_name, spec.standardization_loss.log_epsilon)
+    return compare_outputs(outputs, dtype, variant_name, resolve(spec, variant_name).std_metric.log_epsilon)
 
 
 def compare_trajectory(spec: ExperimentSpec, variant_name: str, backends: list[str], steps: int, dtype: str,
@@ -293,7 +293,7 @@ def compare_trajectory(spec: ExperimentSpec, variant_name: str, backends: list[s
     """`steps` identical training steps on every backend: losses at every step, final
     parameters and batch-norm state, compared for every pair of `backends`."""
     outputs = {b: trajectory_outputs(spec, variant_name, b, steps, dtype, seed, device) for b in backends}
-    return compare_outputs(outputs, dtype, variant_name, spec.standardization_loss.log_epsilon)
+    return compare_outputs(outputs, dtype, variant_name, resolve(spec, variant_name).std_metric.log_epsilon)
 
 
 # ----------------------------------------------------------------------------- reporting

@@ -22,7 +22,7 @@ import dataclasses
 import math
 from pathlib import Path
 
-from normbench import models
+from normbench import architectures, datasets
 from normbench.spec import ExperimentSpec, SpecError
 
 BYTES_PER_VALUE = {"float32": 4, "float64": 8}
@@ -54,43 +54,31 @@ class MemoryEstimate:
         return self.parameters + max(self.activations, self.evaluation) + self.data
 
 
-def _activation_values(arch: models.Architecture) -> tuple[int, int]:
-    """(input values, hidden-layer output values + logits) per example."""
-    h, w, c = arch.input_shape
-    hidden = 0
-    for layer in arch.hidden:
-        if isinstance(layer, models.Conv):
-            h = models.conv_padding(h, layer.kernel_size, layer.stride, layer.padding)[1]
-            w = models.conv_padding(w, layer.kernel_size, layer.stride, layer.padding)[1]
-            c = layer.out_channels
-            hidden += h * w * c
-        else:
-            hidden += layer.units
-    return arch.input_shape[0] * arch.input_shape[1] * arch.input_shape[2], hidden + arch.num_classes
+def _activation_values(arch: architectures.Architecture) -> tuple[int, int]:
+    """(input values, layer output values + logits) per example."""
+    hidden = sum(math.prod(layer.out_shape) for layer in arch.layers())
+    return math.prod(arch.input_shape), hidden
 
 
-def parameter_count(arch: models.Architecture) -> int:
-    """Kernels plus one per-channel vector (bias or shift) per layer, plus a scale (upper bound)."""
-    total = 0
-    for name, shape, _ in arch.layer_shapes():
-        total += math.prod(shape) + 2 * shape[-1]
-    return total
+def parameter_count(arch: architectures.Architecture) -> int:
+    """Kernels plus two per-channel vectors (bias or shift, and a scale) per layer (an upper bound for most methods)."""
+    return sum(math.prod(layer.kernel_shape) + 2 * layer.kernel_shape[-1] for layer in arch.layers())
 
 
 def estimate(spec: ExperimentSpec, backends: int = 1) -> MemoryEstimate:
     """Peak memory of a sweep of `spec` on `backends` engines sharing one memory."""
-    arch = models.ARCHITECTURES[spec.model]
+    arch = architectures.get(spec.model)
     size = BYTES_PER_VALUE[spec.dtype]
     inputs, hidden = _activation_values(arch)
     per_example = (inputs + TRAINING_COPIES * hidden) * size
-    shapes = models.DATASET_SHAPES[spec.dataset]
-    image_values = math.prod(shapes["image_shape"])
-    dataset_images = shapes["train_examples"] + shapes["test_examples"]
+    info = datasets.info(spec.dataset)
+    image_values = math.prod(info.image_shape)
+    dataset_images = info.train_examples + info.test_examples
     # NumPy copies in the run dtype, plus each backend's train, test and train-subset copies.
     data = image_values * size * (dataset_images + backends * (dataset_images + spec.train_eval_examples))
     slots = OPTIMIZER_SLOTS.get(spec.optimizer.name, 2)
     parameters = backends * parameter_count(arch) * size * (3 + slots)
-    chunk = min(EVALUATION_CHUNK, max(spec.train_eval_examples, shapes["test_examples"]))
+    chunk = min(EVALUATION_CHUNK, max(spec.train_eval_examples, info.test_examples))
     return MemoryEstimate(parameters=parameters, activations=spec.batch_size * per_example,
                           evaluation=chunk * (inputs + EVALUATION_COPIES * hidden) * size, data=data,
                           per_example=per_example)

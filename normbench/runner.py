@@ -57,9 +57,12 @@ from normbench import backends as backend_registry
 from normbench import datasets, provenance, resources
 from normbench.data_order import BatchOrder, seed_streams, train_eval_subset
 from normbench.durable import fsync_path
-from normbench.program import TrainingProgram, standardization_loss_numpy
+from normbench.identity import legacy_columns, run_key
+from normbench.plan import Plan, resolve
 from normbench.spec import ExperimentSpec, VariantSpec, to_toml
 
+# Every run's columns; a run whose variant trains with auxiliary losses beyond the
+# standardization loss adds one column each (`Plan.metric_columns`) before wall_time_s.
 METRIC_COLUMNS = ["backend", "model", "variant", "normalization", "std_loss_weight", "seed", "step", "split",
                   "cross_entropy", "std_loss", "accuracy", "wall_time_s"]
 PERCENTILE_COLUMNS = ["backend", "variant", "seed", "step", "layer", "percentile", "value"]
@@ -104,17 +107,6 @@ def load_data(spec: ExperimentSpec, data_dir: str | None = None) -> LoadedData:
     scale = lambda x: (x.astype(np.float64) / 255.0).astype(spec.dtype)
     return LoadedData(spec.dataset, scale(ds.train_images), ds.train_labels.astype(np.int64),
                       scale(ds.test_images), ds.test_labels.astype(np.int64), dict(getattr(ds, "files", {})))
-
-
-def run_key(spec: ExperimentSpec, variant: VariantSpec, seed: int, backend: str) -> str:
-    """Identity of one run: everything that determines its result except the device."""
-    shared = spec.to_dict()
-    for field in ("name", "description", "seeds", "variants", "track_percentiles"):
-        shared.pop(field)
-    shared["steps"] = spec.steps_for(variant)
-    blob = json.dumps({"spec": shared, "variant": dataclasses.asdict(variant), "seed": seed, "backend": backend,
-                       "track": list(spec.track_percentiles)}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def run_dir_for(out: Path, backend: str, variant: VariantSpec, seed: int) -> Path:
@@ -222,7 +214,12 @@ def _run_lock(run_dir: Path, blocking: bool = False):
 # ----------------------------------------------------------------------------- one run
 
 
-def execute_run(engine, program: TrainingProgram, seed: int, train_images, train_labels, evaluator: _Evaluator,
+def metric_columns(plan: Plan) -> list[str]:
+    """metrics.csv columns of a run of `plan`."""
+    return METRIC_COLUMNS[:-1] + plan.metric_columns + METRIC_COLUMNS[-1:]
+
+
+def execute_run(engine, program: Plan, seed: int, train_images, train_labels, evaluator: _Evaluator,
                 on_step: Callable[[int], None] | None = None) -> dict:
     """Train one run in memory. Returns rows, percentile rows, status and timings.
 
@@ -239,8 +236,10 @@ def execute_run(engine, program: TrainingProgram, seed: int, train_images, train
     trainer = engine.trainer(program, params, state, train_images, train_labels, spec.track_percentiles)
     _, data_seed = seed_streams(seed)
     order = BatchOrder(data_seed, int(train_labels.shape[0]), spec.batch_size)
-    base = {"backend": engine.name, "model": spec.model, "variant": variant.name, "normalization": variant.normalization,
-            "std_loss_weight": variant.standardization_loss_weight, "seed": seed}
+    # Variants older specs could write keep the names those recorded (the published tables group by them).
+    normalization, _ = legacy_columns(variant) or (variant.label, 0.0)
+    base = {"backend": engine.name, "model": spec.model, "variant": variant.name, "normalization": normalization,
+            "std_loss_weight": program.std_loss_weight, "seed": seed}
     rows, percentile_rows = [], []
     train_time = 0.0
 
@@ -250,10 +249,13 @@ def execute_run(engine, program: TrainingProgram, seed: int, train_images, train
         for split, (images, labels, n) in evaluator.splits.items():
             result = trainer.evaluate(images, labels, n)
             with np.errstate(all="ignore"):  # an exploding model overflows here; caught just below
-                std_loss = standardization_loss_numpy(result["moments"], spec.standardization_loss.log_epsilon)
+                std_loss = program.std_metric.value_from_statistics(result["moments"])
+                extra = {loss.metric_column: loss.value_from_statistics(result["auxiliary"][loss.name])
+                         for loss in program.losses if loss.name in result["auxiliary"]}
             row = {**base, "step": step, "split": split, "cross_entropy": result["cross_entropy"], "std_loss": std_loss,
-                   "accuracy": result["accuracy"], "wall_time_s": round(train_time, 4)}
-            non_finite += [f"{split}-split {k}" for k in ("cross_entropy", "std_loss", "accuracy") if not math.isfinite(row[k])]
+                   "accuracy": result["accuracy"], **extra, "wall_time_s": round(train_time, 4)}
+            non_finite += [f"{split}-split {k}" for k in ("cross_entropy", "std_loss", "accuracy", *extra)
+                           if not math.isfinite(row[k])]
             new_rows.append(row)
             if split == "test":
                 for layer, values in result["tracked"].items():
@@ -292,7 +294,7 @@ def execute_run(engine, program: TrainingProgram, seed: int, train_images, train
             # Keep the metrics of the last finite evaluation; never evaluate a NaN model.
             row = int(np.argmax(bad.any(axis=1)))
             status, diverged_at = "diverged", first + row + 1
-            non_finite = [f"training-step {name}" for name, b in zip(backend_registry.STEP_LOSSES, bad[row]) if b]
+            non_finite = [f"training-step {name}" for name, b in zip(program.step_loss_names, bad[row]) if b]
             break
         first, pending = step + 1, []
         if at_evaluation:
@@ -307,7 +309,7 @@ def execute_run(engine, program: TrainingProgram, seed: int, train_images, train
             "train_time_s": train_time, "steps_completed": steps if diverged_at is None else diverged_at}
 
 
-def write_run(run_dir: Path, outcome: dict, record: dict, tracked: bool) -> None:
+def write_run(run_dir: Path, outcome: dict, record: dict, tracked: bool, columns: list[str] = METRIC_COLUMNS) -> None:
     """Write a finished run atomically: a temporary directory renamed into place.
 
     Call it holding the run's lock (see `_run_lock`)."""
@@ -315,7 +317,7 @@ def write_run(run_dir: Path, outcome: dict, record: dict, tracked: bool) -> None
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
-        _write_csv(tmp / "metrics.csv", METRIC_COLUMNS, outcome["rows"])
+        _write_csv(tmp / "metrics.csv", columns, outcome["rows"])
         if tracked:
             _write_csv(tmp / "percentiles.csv", PERCENTILE_COLUMNS, outcome["percentile_rows"])
         _atomic_write_text(tmp / "provenance.json", json.dumps(record, indent=2, sort_keys=True) + "\n")
@@ -345,6 +347,7 @@ def run_sweep(spec: ExperimentSpec, backend_names: list[str], out: str | Path, *
     out = Path(out)
     backend_names = list(dict.fromkeys(backend_registry.canonical_name(b) for b in backend_names))
     todo = [(b, v, s) for b in backend_names for v in spec.variants for s in spec.seeds]
+    plans = {v.name: resolve(spec, v) for v in spec.variants}  # each variant resolved once
     keys = [run_key(spec, v, s, b) for b, v, s in todo]
     dirs = [run_dir_for(out, b, v, s) for b, v, s in todo]
     pending = {i for i in range(len(todo)) if not is_finished(dirs[i], keys[i])}  # raises on a conflict
@@ -396,7 +399,8 @@ def run_sweep(spec: ExperimentSpec, backend_names: list[str], out: str | Path, *
             engine, train_images, train_labels, evaluator = engines[backend]
             bar.set_description(f"{backend}/{variant.name}/seed {seed}")
             started = provenance.now()
-            outcome = execute_run(engine, TrainingProgram(spec, variant), seed, train_images, train_labels,
+            plan = plans[variant.name]
+            outcome = execute_run(engine, plan, seed, train_images, train_labels,
                                   evaluator, on_step=lambda _: bar.update(1))
             bar.update(steps - outcome["steps_completed"] if index in pending else 0)
             record = {
@@ -409,7 +413,7 @@ def run_sweep(spec: ExperimentSpec, backend_names: list[str], out: str | Path, *
                 "data_files": data().files, "started": started, "finished": provenance.now(), **env,
             }
             try:
-                write_run(run_dir, outcome, record, tracked=bool(spec.track_percentiles))
+                write_run(run_dir, outcome, record, tracked=bool(spec.track_percentiles), columns=metric_columns(plan))
             except OSError as exc:
                 raise ResultsUnwritable(f"{run_dir}: cannot write the run ({exc.strerror or exc}); "
                                         "finished runs are kept, free space or use another --out") from None
@@ -469,13 +473,19 @@ def collect(out: str | Path) -> Path:
     directory the one collecting last writes every run either of them finished."""
     out = Path(out)
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=METRIC_COLUMNS, extrasaction="ignore", restval="", lineterminator="\n")
-    writer.writeheader()
     try:
         with _directory_lock(out):
+            tables = []
             for run_dir in finished_run_dirs(out):
                 with open(run_dir / "metrics.csv", newline="") as f:
-                    writer.writerows(csv.DictReader(f))
+                    tables.append(list(csv.DictReader(f)))
+            # Columns of auxiliary losses some runs report (others leave them empty), before wall_time_s.
+            extra = list(dict.fromkeys(k for rows in tables for row in rows[:1] for k in row if k not in METRIC_COLUMNS))
+            writer = csv.DictWriter(buffer, fieldnames=METRIC_COLUMNS[:-1] + extra + METRIC_COLUMNS[-1:],
+                                    extrasaction="ignore", restval="", lineterminator="\n")
+            writer.writeheader()
+            for rows in tables:
+                writer.writerows(rows)
             _atomic_write_text(out / "metrics.csv", buffer.getvalue())
     except OSError as exc:
         raise ResultsUnwritable(f"{out / 'metrics.csv'}: cannot write ({exc.strerror or exc}); "

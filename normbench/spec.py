@@ -29,15 +29,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from normbench.options import REQUIRED
+from normbench.options import check as check_option
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised only on 3.10
     import tomli as tomllib
 
-MODELS = ("cnn3", "mlp3", "cnn-tiny", "mlp-tiny")
-DATASETS = ("mnist",)
 DTYPES = ("float32", "float64")
-NORMALIZATIONS = ("none", "batch_norm_shift", "batch_norm_scale_shift", "standardization_loss")
 OPTIMIZERS = ("sgd", "rmsprop", "adam")
 SCHEDULES = ("constant", "step_decay", "piecewise")
 RUNNING_VARIANCE = ("biased", "unbiased")
@@ -46,8 +46,10 @@ MAX_SEEDS = 10000  # an integer `seeds` expands to a tuple: keep a typo from all
 # Keys each table accepts. Optimizer and schedule fields depend on the chosen name, so a
 # hyperparameter of another optimizer is rejected instead of silently ignored.
 TOP_LEVEL_KEYS = ("name", "description", "model", "dataset", "dtype", "batch_size", "steps", "eval_every",
-                  "train_eval_examples", "seeds", "track_percentiles", "optimizer", "schedule", "batch_norm",
-                  "standardization_loss", "variant")
+                  "train_eval_examples", "seeds", "track_percentiles", "optimizer", "schedule", "variant")
+# Besides these, a top-level table named after a normalization method or auxiliary loss
+# ([batch_norm], [standardization]) or one of their legacy shorthands' tables
+# ([standardization_loss]) gives option defaults for every variant that uses the plugin.
 OPTIMIZER_KEYS = {
     "sgd": ("name", "learning_rate", "weight_decay", "momentum", "nesterov"),
     "rmsprop": ("name", "learning_rate", "weight_decay", "decay", "momentum", "epsilon"),
@@ -58,9 +60,7 @@ SCHEDULE_KEYS = {
     "step_decay": ("name", "warmup_steps", "decay_rate", "decay_every"),
     "piecewise": ("name", "warmup_steps", "boundaries", "multipliers"),
 }
-BATCH_NORM_KEYS = ("running_decay", "epsilon", "running_variance")
-STANDARDIZATION_LOSS_KEYS = ("log_epsilon",)
-VARIANT_KEYS = ("name", "normalization", "standardization_loss_weight", "steps")
+VARIANT_KEYS = ("name", "normalization", "affine", "auxiliary_losses", "standardization_loss_weight", "steps")
 
 
 class SpecError(ValueError):
@@ -102,29 +102,44 @@ class ScheduleSpec:
 
 
 @dataclasses.dataclass(frozen=True)
-class BatchNormSpec:
-    # running = running_decay * running + (1 - running_decay) * batch_statistic.
-    # This is TensorFlow/Keras/Flax's `momentum`; PyTorch's momentum is 1 - running_decay.
-    running_decay: float = 0.99
-    epsilon: float = 1e-3  # added to the variance before the square root
-    # Estimator stored in the running variance. Normalization in training always uses
-    # the biased (maximum-likelihood) batch variance; PyTorch stores the unbiased one,
-    # Keras 3 / Flax the biased one.
-    running_variance: str = "biased"
+class PluginSpec:
+    """A normalization method or auxiliary loss with every option resolved (the variant's
+    value, else the spec's top-level table for the plugin, else the option's default).
+    A `method`-kind option (weight standardization's `then`) holds a PluginSpec."""
 
+    name: str
+    options: tuple[tuple[str, Any], ...] = ()
 
-@dataclasses.dataclass(frozen=True)
-class StandardizationLossSpec:
-    # log(var + log_epsilon) in equation (2): keeps the loss finite for dead channels.
-    log_epsilon: float = 1e-8
+    def option(self, name: str, default: Any = None) -> Any:
+        return dict(self.options).get(name, default)
+
+    def settings(self) -> dict[str, Any]:
+        return dict(self.options)
+
+    def canonical(self) -> dict[str, Any]:
+        return {"name": self.name, **{k: v.canonical() if isinstance(v, PluginSpec) else v for k, v in self.options}}
 
 
 @dataclasses.dataclass(frozen=True)
 class VariantSpec:
     name: str
-    normalization: str
-    standardization_loss_weight: float = 0.0
+    normalization: PluginSpec = PluginSpec("none")
+    affine: bool = False  # a learned per-channel scale and shift after each slot's method
+    auxiliary_losses: tuple[PluginSpec, ...] = ()
     steps: int | None = None  # overrides the experiment's steps for this variant
+
+    def auxiliary_loss(self, name: str) -> PluginSpec | None:
+        return next((loss for loss in self.auxiliary_losses if loss.name == name), None)
+
+    @property
+    def label(self) -> str:
+        """What the variant computes, in one phrase: 'batch_norm(scale=False) + standardization'."""
+        parts = [_describe(self.normalization)] + [_describe(loss) for loss in self.auxiliary_losses]
+        return " + ".join(parts) + (" + affine" if self.affine else "")
+
+
+def _describe(plugin: PluginSpec) -> str:
+    return plugin.name if not plugin.options else f"{plugin.name}({', '.join(f'{k}={_describe(v) if isinstance(v, PluginSpec) else v}' for k, v in plugin.options)})"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,8 +160,9 @@ class ExperimentSpec:
     track_percentiles: tuple[str, ...] = ()
     optimizer: OptimizerSpec = OptimizerSpec()
     schedule: ScheduleSpec = ScheduleSpec()
-    batch_norm: BatchNormSpec = BatchNormSpec()
-    standardization_loss: StandardizationLossSpec = StandardizationLossSpec()
+    # Top-level plugin tables as written ([batch_norm], [standardization_loss], ...):
+    # option defaults, already folded into every variant; kept to write the spec back.
+    plugin_defaults: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
     # Where the spec was read from: for messages only, not part of equality or the hash.
     source: str = dataclasses.field(default="<memory>", compare=False)
 
@@ -351,53 +367,156 @@ def _schedule(source: str, table: Any) -> ScheduleSpec:
     return ScheduleSpec(**fields)
 
 
-def _batch_norm(source: str, table: Any) -> BatchNormSpec:
-    c = _Checker(source, "batch_norm.", table)
-    c.only(BATCH_NORM_KEYS)
-    spec = BatchNormSpec(
-        running_decay=c.number("running_decay", 0.99, low=0.0, high=1.0, high_open=True),
-        epsilon=c.number("epsilon", 1e-3, low=0.0, low_open=True),
-        running_variance=c.string("running_variance", "biased", choices=RUNNING_VARIANCE),
-    )
-    c.done()
-    return spec
+# ----------------------------------------------------------------------------- plugins
 
 
-def _standardization_loss(source: str, table: Any) -> StandardizationLossSpec:
-    c = _Checker(source, "standardization_loss.", table)
-    c.only(STANDARDIZATION_LOSS_KEYS)
-    spec = StandardizationLossSpec(log_epsilon=c.number("log_epsilon", 1e-8, low=0.0, low_open=True))
-    c.done()
-    return spec
+def _registries():
+    # Local imports: the registries scan their folders on first use.
+    from normbench import auxiliary_losses, normalizations
+
+    return normalizations, auxiliary_losses
 
 
-def _variant(source: str, index: int, table: Any) -> VariantSpec:
+def _plugin(c: "_Checker", field: str, raw: Any, registry, what: str, defaults: dict[str, dict]) -> PluginSpec:
+    """A plugin reference: a name string (its defaults) or an inline table {name = ..., option = ...}."""
+    if isinstance(raw, str):
+        raw = {"name": raw}
+    if not isinstance(raw, dict):
+        c.fail(field, f"expected a {what} name or an inline table {{ name = \"...\", ... }}, got {raw!r}")
+    table = dict(raw)
+    name = table.pop("name", None)
+    if not isinstance(name, str):
+        c.fail(field, f"needs name = one of: {', '.join(registry.names())}")
+    if name not in registry.REGISTRY:
+        c.fail(f"{field}.name" if "name" in raw and len(raw) > 1 else field, str(_unknown(registry, name, what)))
+    cls = registry.get(name)
+    allowed = tuple(o.name for o in cls.options)
+    for key in sorted(table, key=str):
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            c.fail(f"{field}.{key}", f"unknown option of {what} {name!r}{hint}; its options: {', '.join(allowed) or 'none'}")
+    resolved = []
+    for option in cls.options:
+        origin = f"{field}.{option.name}"
+        if option.name in table:
+            value = table[option.name]
+        elif option.name in defaults.get(name, {}):
+            value, origin = defaults[name][option.name], f"[{defaults[name]['__table__']}].{option.name}"
+        elif option.default is REQUIRED:
+            c.fail(origin, f"is required by {what} {name!r} ({option.help})")
+        else:
+            value = option.default
+        if option.kind == "method":
+            from normbench import normalizations
+
+            value = None if value is None and option.optional else _plugin(c, origin, value, normalizations, "normalization method", defaults)
+        else:
+            problem = check_option(option, value)
+            if problem:
+                raise SpecError(f"{c.source}: {c.prefix}{origin}: {problem}" if not origin.startswith("[") else f"{c.source}: {origin}: {problem}")
+            if option.kind == "number" and value is not None:
+                value = float(value)
+        resolved.append((option.name, value))
+    return PluginSpec(name, tuple(resolved))
+
+
+def _unknown(registry, name, what):
+    try:
+        registry.get(name)
+    except KeyError as exc:
+        return exc
+    return f"unknown {what} {name!r}"
+
+
+def _plugin_tables(c: "_Checker") -> tuple[dict[str, dict], tuple]:
+    """Pop every top-level table named after a plugin (or a legacy shorthand's table) and
+    return ({plugin name: option defaults}, the tables as written, for `to_toml`)."""
+    normalizations, auxiliary_losses = _registries()
+    # [standardization_loss] is the legacy spelling of [standardization]: the table of the
+    # plugin that the normalization shorthand of the same name means.
+    aliases = {short: loss for short, (loss, _) in auxiliary_losses.normalization_shorthands().items()}
+    defaults: dict[str, dict] = {}
+    written = []
+    for key in [k for k in list(c.table) if isinstance(c.table.get(k), dict)]:
+        plugin = aliases.get(key, key)
+        registry = normalizations if plugin in normalizations.REGISTRY else auxiliary_losses if plugin in auxiliary_losses.REGISTRY else None
+        if registry is None:
+            continue
+        table = c.table.pop(key)
+        cls = registry.get(plugin)
+        allowed = tuple(o.name for o in cls.options if o.kind != "method" and o.name not in ("weight",))
+        for field, value in table.items():
+            if field not in allowed:
+                close = difflib.get_close_matches(str(field), allowed, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                c.fail(f"{key}.{field}", f"unknown key{hint}; allowed here: {', '.join(allowed)}")
+            option = next(o for o in cls.options if o.name == field)
+            problem = check_option(option, value)
+            if problem:
+                c.fail(f"{key}.{field}", problem)
+        defaults[plugin] = {**table, "__table__": key}
+        written.append((key, tuple(sorted(table.items()))))
+    return defaults, tuple(written)
+
+
+def _variant(source: str, index: int, table: Any, defaults: dict[str, dict]) -> VariantSpec:
+    normalizations, auxiliary_losses = _registries()
     c = _Checker(source, f"variant[{index}].", table)
     c.only(VARIANT_KEYS)
     name = c.string("name")
     _check_name(c, "name", name)
-    norm = c.string("normalization", choices=NORMALIZATIONS)
-    if norm == "standardization_loss":
-        weight = c.number("standardization_loss_weight", low=0.0, low_open=True)
-    elif "standardization_loss_weight" in c.table:
-        c.fail("standardization_loss_weight", f"only applies to normalization = \"standardization_loss\", not {norm!r}; remove it or change the normalization")
+    raw_norm = c._take("normalization", "none")
+    losses: list[PluginSpec] = []
+    loss_shorthands = auxiliary_losses.normalization_shorthands()
+    method_shorthands = normalizations.shorthands()
+    weight_fields = {field for _, field in loss_shorthands.values()}
+    if isinstance(raw_norm, str) and raw_norm in loss_shorthands:
+        # `normalization = "standardization_loss"` + `standardization_loss_weight`: no
+        # normalization plus that loss (the syntax of normbench's first specs).
+        loss_name, weight_field = loss_shorthands[raw_norm]
+        weight = c.number(weight_field, low=0.0, low_open=True)
+        losses.append(_plugin(c, weight_field, {"name": loss_name, "weight": weight}, auxiliary_losses, "auxiliary loss", defaults))
+        normalization = _plugin(c, "normalization", "none", normalizations, "normalization method", defaults)
     else:
-        weight = 0.0
+        for field in sorted(weight_fields):
+            if field in c.table:
+                shorthand = next(s for s, (_, f) in loss_shorthands.items() if f == field)
+                c.fail(field, f"only applies to normalization = \"{shorthand}\", not {raw_norm!r}; remove it, or write "
+                       f"auxiliary_losses = [{{ name = \"{loss_shorthands[shorthand][0]}\", weight = ... }}]")
+        if isinstance(raw_norm, str) and raw_norm in method_shorthands:
+            method, options = method_shorthands[raw_norm]
+            raw_norm = {"name": method, **options}
+        normalization = _plugin(c, "normalization", raw_norm, normalizations, "normalization method", defaults)
+    affine = c.boolean("affine", False)
+    raw_losses = c._take("auxiliary_losses", [])
+    if not isinstance(raw_losses, list):
+        c.fail("auxiliary_losses", f"expected a list of inline tables [{{ name = \"...\", weight = ... }}], got {raw_losses!r}")
+    for k, raw in enumerate(raw_losses):
+        losses.append(_plugin(c, f"auxiliary_losses[{k}]", raw, auxiliary_losses, "auxiliary loss", defaults))
+    names = [loss.name for loss in losses]
+    if len(set(names)) != len(names):
+        c.fail("auxiliary_losses", f"each auxiliary loss at most once, got {names}")
     steps = c.integer("steps", None, minimum=1) if "steps" in c.table else None
     c.done()
-    return VariantSpec(name=name, normalization=norm, standardization_loss_weight=weight, steps=steps)
+    return VariantSpec(name=name, normalization=normalization, affine=affine, auxiliary_losses=tuple(losses), steps=steps)
 
 
 def from_dict(data: Any, source: str = "<memory>") -> ExperimentSpec:
     """Validate a parsed TOML document and build the spec (raises SpecError)."""
+    from normbench import architectures, datasets
+
     data = copy.deepcopy(data)
     c = _Checker(source, "", data)
+    defaults, written = _plugin_tables(c)
     c.only(TOP_LEVEL_KEYS, elsewhere=_misplaced_top_level_keys())
     name = c.string("name")
     _check_name(c, "name", name)
     description = c.string("description", "")
-    model = c.string("model", choices=MODELS)
-    dataset = c.string("dataset", choices=DATASETS)
+    model = c.string("model")
+    if model not in architectures.REGISTRY:
+        c.fail("model", f"{_unknown(architectures, model, 'architecture')} (see `normbench list`)")
+    dataset = c.string("dataset", choices=tuple(datasets.names()))
     dtype = c.string("dtype", "float32", choices=DTYPES)
     batch_size = c.integer("batch_size", minimum=1)
     steps = c.integer("steps", minimum=1)
@@ -420,12 +539,10 @@ def from_dict(data: Any, source: str = "<memory>") -> ExperimentSpec:
     track = c.string_list("track_percentiles", ())
     optimizer = _optimizer(source, c._take("optimizer", _REQUIRED))
     schedule = _schedule(source, c._take("schedule", {}))
-    batch_norm = _batch_norm(source, c._take("batch_norm", {}))
-    std_loss = _standardization_loss(source, c._take("standardization_loss", {}))
     raw_variants = c._take("variant", _REQUIRED)
     if not isinstance(raw_variants, list) or not raw_variants:
         c.fail("variant", f"expected one or more [[variant]] tables (double brackets), got {type(raw_variants).__name__}")
-    variants = tuple(_variant(source, i, v) for i, v in enumerate(raw_variants))
+    variants = tuple(_variant(source, i, v, defaults) for i, v in enumerate(raw_variants))
     c.done()
 
     names = [v.name for v in variants]
@@ -436,8 +553,7 @@ def from_dict(data: Any, source: str = "<memory>") -> ExperimentSpec:
         name=name, description=description, model=model, dataset=dataset, dtype=dtype,
         batch_size=batch_size, steps=steps, eval_every=eval_every, seeds=seeds,
         train_eval_examples=train_eval_examples, track_percentiles=track, variants=variants,
-        optimizer=optimizer, schedule=schedule, batch_norm=batch_norm,
-        standardization_loss=std_loss, source=source,
+        optimizer=optimizer, schedule=schedule, plugin_defaults=written, source=source,
     )
     _check_consistency(spec)
     return spec
@@ -454,41 +570,53 @@ def _belongs_to(keys_by_name: dict[str, tuple[str, ...]], table: str) -> dict[st
 
 def _misplaced_top_level_keys() -> dict[str, str]:
     """Table fields written at the top level (a missing [table] header) -> where they belong."""
+    normalizations, auxiliary_losses = _registries()
     tables: dict[str, list[str]] = {}
-    for header, keys in [("[optimizer]", sum(OPTIMIZER_KEYS.values(), ())), ("[schedule]", sum(SCHEDULE_KEYS.values(), ())),
-                         ("[batch_norm]", BATCH_NORM_KEYS), ("[standardization_loss]", STANDARDIZATION_LOSS_KEYS),
-                         ("[[variant]]", VARIANT_KEYS)]:
+    sources = [("[optimizer]", sum(OPTIMIZER_KEYS.values(), ())), ("[schedule]", sum(SCHEDULE_KEYS.values(), ())),
+               ("[[variant]]", VARIANT_KEYS)]
+    for registry in (normalizations, auxiliary_losses):
+        for plugin, cls in registry.REGISTRY.items():
+            sources.append((f"[{plugin}]", tuple(o.name for o in cls.options if o.kind != "method" and o.name != "weight")))
+    for header, keys in sources:
         for key in keys:
             if key not in TOP_LEVEL_KEYS and header not in tables.setdefault(key, []):
                 tables[key].append(header)
-    return {key: f"it belongs in a {' or '.join(headers)} table" for key, headers in tables.items()}
+    return {key: f"it belongs in a {' or '.join(headers)} table" for key, headers in tables.items() if headers}
 
 
 def _check_consistency(spec: ExperimentSpec) -> None:
-    """Cross-field checks that need the model and data set."""
-    from normbench import models  # local: models imports this module's constants
+    """Cross-field checks that need the architecture and data set: every method must fit
+    every slot it fills, batch statistics need enough values, tracked layers must exist."""
+    from normbench import architectures, datasets
 
-    arch = models.ARCHITECTURES[spec.model]
-    layer_names = [layer.name for layer in arch.hidden]
+    arch = architectures.get(spec.model)
+    info = datasets.info(spec.dataset)
+    slots = arch.slots
+    layer_names = [slot.layer for slot in slots]
     for layer in spec.track_percentiles:
         if layer not in layer_names:
             raise SpecError(f"{spec.source}: track_percentiles: model {spec.model!r} has no normalized layer {layer!r}; it has {layer_names}")
-    train_size = models.DATASET_SHAPES[spec.dataset]["train_examples"]
-    if spec.batch_size > train_size:
-        raise SpecError(f"{spec.source}: batch_size: {spec.batch_size} exceeds the {train_size} training examples of {spec.dataset}")
-    if spec.train_eval_examples > train_size:
-        raise SpecError(f"{spec.source}: train_eval_examples: {spec.train_eval_examples} exceeds the {train_size} training examples of {spec.dataset}")
-    if spec.batch_size == 1 and any(v.normalization != "none" for v in spec.variants) and not arch.is_convolutional:
-        raise SpecError(f"{spec.source}: batch_size: batch statistics of a dense layer need batch_size >= 2")
-    expected_input = models.DATASET_SHAPES[spec.dataset]["image_shape"]
-    if tuple(arch.input_shape) != tuple(expected_input):
-        raise SpecError(f"{spec.source}: model: {spec.model!r} expects inputs {arch.input_shape}, {spec.dataset!r} gives {expected_input}")
+    if spec.batch_size > info.train_examples:
+        raise SpecError(f"{spec.source}: batch_size: {spec.batch_size} exceeds the {info.train_examples} training examples of {spec.dataset}")
+    if spec.train_eval_examples > info.train_examples:
+        raise SpecError(f"{spec.source}: train_eval_examples: {spec.train_eval_examples} exceeds the {info.train_examples} training examples of {spec.dataset}")
+    if tuple(arch.input_shape) != tuple(info.image_shape):
+        raise SpecError(f"{spec.source}: model: {spec.model!r} expects inputs {arch.input_shape}, {spec.dataset!r} gives {info.image_shape}")
+    if arch.num_classes != info.num_classes:
+        raise SpecError(f"{spec.source}: model: {spec.model!r} predicts {arch.num_classes} classes, {spec.dataset!r} has {info.num_classes}")
+    from normbench import plan as plan_module
+
+    for index, variant in enumerate(spec.variants):
+        problem = plan_module.check_variant(spec, variant, slots)
+        if problem:
+            field, message = problem
+            raise SpecError(f"{spec.source}: variant[{index}].{field}: {message}")
 
 
 def _to_toml_shape(data: dict[str, Any]) -> dict[str, Any]:
     """Turn `ExperimentSpec.to_dict()` back into the TOML document shape."""
     out = dict(data)
-    out["variant"] = [{k: v for k, v in var.items() if v is not None and not (k == "standardization_loss_weight" and var["normalization"] != "standardization_loss")} for var in out.pop("variants")]
+    out["variant"] = [_variant_toml(var) for var in out.pop("variants")]
     out["seeds"] = out["seeds"] if isinstance(out["seeds"], int) else list(out["seeds"])
     out["track_percentiles"] = list(out["track_percentiles"])
     opt = dict(out["optimizer"])
@@ -497,6 +625,34 @@ def _to_toml_shape(data: dict[str, Any]) -> dict[str, Any]:
     sched = dict(out["schedule"])
     keep = {"constant": (), "step_decay": ("decay_rate", "decay_every"), "piecewise": ("boundaries", "multipliers")}[sched["name"]]
     out["schedule"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in sched.items() if k in ("name", "warmup_steps") + keep}
+    for table, fields in out.pop("plugin_defaults"):
+        out[table] = {k: v for k, v in fields}
+    return out
+
+
+def _plugin_toml(plugin: dict | PluginSpec) -> dict[str, Any]:
+    """A PluginSpec (or its asdict form) -> the inline table {name = ..., option = ...}."""
+    if isinstance(plugin, PluginSpec):
+        plugin = dataclasses.asdict(plugin)
+    out = {"name": plugin["name"]}
+    for key, value in plugin["options"]:
+        if isinstance(value, dict) and "options" in value:
+            value = _plugin_toml(value)
+        if value is not None:
+            out[key] = value
+    return out
+
+
+def _variant_toml(var: dict | VariantSpec) -> dict[str, Any]:
+    if isinstance(var, VariantSpec):
+        var = dataclasses.asdict(var)
+    out = {"name": var["name"], "normalization": _plugin_toml(var["normalization"])}
+    if var.get("affine"):
+        out["affine"] = True
+    if var.get("auxiliary_losses"):
+        out["auxiliary_losses"] = [_plugin_toml(loss) for loss in var["auxiliary_losses"]]
+    if var.get("steps") is not None:
+        out["steps"] = var["steps"]
     return out
 
 
@@ -528,6 +684,8 @@ def _toml_value(v: Any) -> str:
         return _toml_string(v)
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):  # an inline table (a plugin with its options)
+        return "{ " + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + " }"
     raise TypeError(f"cannot write {v!r} as TOML")
 
 

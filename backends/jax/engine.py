@@ -120,7 +120,7 @@ class Trainer(base.Trainer):
             images, labels = train_images[indices], train_labels[indices]
             (total, aux), grads = value_and_grad(params, state, images, labels)
             params, opt_state = program.update(ops, params, grads, opt_state, lr)
-            losses = jnp.stack([total, aux["cross_entropy"], aux["standardization_loss"]])
+            losses = jnp.stack(program.step_losses(aux))
             return params, opt_state, aux["state"], losses
 
         def gradients(params, state, images, labels):
@@ -128,9 +128,7 @@ class Trainer(base.Trainer):
             return program.objective_gradients(ops, params, grads), program.inspect(ops, params, state, images, labels)
 
         def evaluation(params, state, images, labels):
-            out = program.evaluation(ops, params, state, images, labels, track)
-            out["moments"] = {k: (m, v, jnp.asarray(n)) for k, (m, v, n) in out["moments"].items()}
-            return out
+            return program.evaluation(ops, params, state, images, labels, track)
 
         # Donating the old params / optimizer state / BN state lets XLA update them in
         # place (no second copy of every buffer per step).
@@ -170,10 +168,5 @@ class Trainer(base.Trainer):
         return self.engine.export_tree(grads), self._canonical_intermediates(seen)
 
     def _evaluate_chunk(self, images, labels):
-        out = jax.device_get(self._evaluation(self.params, self.state, images, labels))
-        return {
-            "cross_entropy_mean": float(out["cross_entropy_mean"]),
-            "correct": int(out["correct"]),
-            "moments": {k: (np.asarray(m), np.asarray(v), int(n)) for k, (m, v, n) in out["moments"].items()},
-            "tracked": {k: np.asarray(v) for k, v in out["tracked"].items()},
-        }
+        # One transfer for the whole tree.
+        return self._chunk_to_numpy(jax.device_get(self._evaluation(self.params, self.state, images, labels)))

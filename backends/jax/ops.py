@@ -27,6 +27,25 @@ class Ops(base.Ops):
     def ndim(self, x):
         return x.ndim
 
+    def shape(self, x):
+        return tuple(int(d) for d in x.shape)
+
+    def reshape(self, x, shape):
+        return jnp.reshape(x, shape)
+
+    def mean(self, x, axes, keepdims=False):
+        return jnp.mean(x, axis=tuple(axes), keepdims=keepdims)
+
+    def moments(self, x, axes, keepdims=False):
+        axes = tuple(axes)
+        mean = jnp.mean(x, axis=axes, keepdims=True)
+        centered = x - mean
+        var = jnp.mean(centered * centered, axis=axes, keepdims=keepdims)
+        return (mean if keepdims else jnp.squeeze(mean, axis=axes)), var
+
+    def rsqrt(self, x):
+        return lax.rsqrt(x)
+
     def conv2d(self, x, kernel, stride, pads):
         return lax.conv_general_dilated(x, kernel, window_strides=(stride, stride), padding=tuple(pads),
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=_PRECISION)
@@ -53,7 +72,9 @@ class Ops(base.Ops):
         y = (x - mean) * lax.rsqrt(var + epsilon)
         if scale is not None:
             y = y * scale
-        return y + shift, lax.stop_gradient(mean), lax.stop_gradient(var)
+        if shift is not None:
+            y = y + shift
+        return y, lax.stop_gradient(mean), lax.stop_gradient(var)
 
     def channel_moments(self, x):
         return _moments(x)

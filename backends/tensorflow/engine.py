@@ -174,7 +174,7 @@ class Trainer(base.Trainer):
         for group, values in ((self.params, new_params), (self.opt_state, new_opt_state), (self.state, aux["state"])):
             for k, variable in group.items():
                 variable.assign(values[k], read_value=False)
-        return tf.stack([total, aux["cross_entropy"], aux["standardization_loss"]])
+        return tf.stack(self.program.step_losses(aux))
 
     def _gradients_fn(self, images, labels):
         params, state = self._values(self.params), self._values(self.state)
@@ -182,10 +182,7 @@ class Trainer(base.Trainer):
         return self.program.objective_gradients(self.ops, params, grads), self.program.inspect(self.ops, params, state, images, labels)
 
     def _evaluation_fn(self, images, labels):
-        out = self.program.evaluation(self.ops, self._values(self.params), self._values(self.state), images, labels, self.track)
-        counts = {k: n for k, (_, _, n) in out["moments"].items()}
-        out["moments"] = {k: (m, v) for k, (m, v, _) in out["moments"].items()}
-        return out, counts
+        return self.program.evaluation(self.ops, self._values(self.params), self._values(self.state), images, labels, self.track)
 
     # ---- the Trainer contract
     def step(self, indices, learning_rate):
@@ -211,11 +208,4 @@ class Trainer(base.Trainer):
         return self.engine.export_tree(grads), self._canonical_intermediates(seen)
 
     def _evaluate_chunk(self, images, labels):
-        out, counts = self._call("evaluation", images, labels)
-        e = self.engine
-        return {
-            "cross_entropy_mean": float(out["cross_entropy_mean"]),
-            "correct": int(out["correct"]),
-            "moments": {k: (e.to_numpy(m), e.to_numpy(v), int(counts[k])) for k, (m, v) in out["moments"].items()},
-            "tracked": {k: e.activation_to_numpy(v) for k, v in out["tracked"].items()},
-        }
+        return self._chunk_to_numpy(self._call("evaluation", images, labels))

@@ -110,7 +110,7 @@ class Trainer(base.Trainer):
                 self.ops, self.params, dict(zip(self.params, grads)), self.opt_state, learning_rate)
         self.params = {k: v.requires_grad_() for k, v in params.items()}
         self.state = aux["state"]
-        return torch.stack([total.detach(), aux["cross_entropy"].detach(), aux["standardization_loss"].detach()])
+        return torch.stack([value.detach() for value in self.program.step_losses(aux)])
 
     def export(self):
         return self.engine.export_tree(self.params), self.engine.export_tree(self.state)
@@ -125,11 +125,4 @@ class Trainer(base.Trainer):
 
     def _evaluate_chunk(self, images, labels):
         with torch.inference_mode():
-            out = self.program.evaluation(self.ops, self.params, self.state, images, labels, self.track)
-            e = self.engine
-            return {
-                "cross_entropy_mean": out["cross_entropy_mean"].item(),
-                "correct": out["correct"].item(),
-                "moments": {k: (e.to_numpy(m), e.to_numpy(v), n) for k, (m, v, n) in out["moments"].items()},
-                "tracked": {k: e.activation_to_numpy(v) for k, v in out["tracked"].items()},
-            }
+            return self._chunk_to_numpy(self.program.evaluation(self.ops, self.params, self.state, images, labels, self.track))

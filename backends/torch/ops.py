@@ -12,9 +12,52 @@ def _channel_view(v, x):
     return v.view(1, -1, 1, 1) if x.dim() == 4 else v
 
 
+# Rank-4 activations are NCHW inside this backend (PyTorch's native layout); every other
+# rank is stored in canonical order. Canonical axis k of a rank-4 tensor is torch axis _NCHW[k].
+_NCHW = (0, 2, 3, 1)
+
+
+def _dims(x, axes):
+    return tuple(_NCHW[a] for a in axes) if x.dim() == 4 else tuple(axes)
+
+
 class Ops(base.Ops):
     def ndim(self, x):
         return x.dim()
+
+    def shape(self, x):
+        if x.dim() == 4:
+            n, c, h, w = x.shape
+            return (n, h, w, c)
+        return tuple(x.shape)
+
+    def reshape(self, x, shape):
+        if x.dim() == 4:
+            x = x.permute(0, 2, 3, 1)
+        out = x.reshape(shape)
+        return out.permute(0, 3, 1, 2) if len(shape) == 4 else out
+
+    def _canonical_result(self, kept, x, axes, keepdims):
+        """A reduction computed with keepdim=True -> the contract's result."""
+        if keepdims:
+            return kept  # broadcasts against x in its own layout
+        if x.dim() != 4:
+            return kept.squeeze(axes) if axes else kept
+        # The remaining axes in canonical order (NCHW's order differs when C and H/W remain).
+        return self.reshape(kept, tuple(d for k, d in enumerate(self.shape(x)) if k not in axes))
+
+    def mean(self, x, axes, keepdims=False):
+        return self._canonical_result(x.mean(dim=_dims(x, axes), keepdim=True), x, tuple(axes), keepdims)
+
+    def moments(self, x, axes, keepdims=False):
+        dims = _dims(x, axes)
+        mean = x.mean(dim=dims, keepdim=True)
+        var = (x - mean).square().mean(dim=dims, keepdim=True)
+        axes = tuple(axes)
+        return self._canonical_result(mean, x, axes, keepdims), self._canonical_result(var, x, axes, keepdims)
+
+    def rsqrt(self, x):
+        return torch.rsqrt(x)
 
     def conv2d(self, x, kernel, stride, pads):
         (top, bottom), (left, right) = pads

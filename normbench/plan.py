@@ -1,0 +1,280 @@
+"""A spec variant resolved once into everything a run needs: the plan.
+
+`resolve(spec, variant)` looks every name up in its registry exactly once (architecture,
+normalization method, auxiliary losses, optimizer, data set) and returns a `Plan`. The
+runner, the memory estimate, parity and the benchmarks consume the plan; backends run its
+neutral functions (`loss`, `update`, `inspect`, `evaluation`) and never see the spec.
+
+Initial weights are framework-free: Glorot-uniform kernels (TensorFlow's default: limit
+sqrt(6 / (fan_in + fan_out)), receptive field in both fans) drawn in layer order from one
+generator seeded by the run seed, independently of the method, so every variant of a
+seed starts from the same kernels; zero biases and shifts, unit scales, and whatever else
+a method declares.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from normbench import architectures, auxiliary_losses, datasets, normalizations, optimizers
+from normbench.data_order import seed_streams
+from normbench.spec import ExperimentSpec, PluginSpec, VariantSpec
+
+AFFINE_PARAMETERS = ("affine_scale", "affine_shift")
+
+
+def build_method(plugin: PluginSpec) -> normalizations.Normalization:
+    """A configured normalization method (a `method` option, such as `then`, built too)."""
+    cls = normalizations.get(plugin.name)
+    options = {k: build_method(v) if isinstance(v, PluginSpec) else v for k, v in plugin.options}
+    return cls(**options)
+
+
+def build_loss(plugin: PluginSpec) -> auxiliary_losses.AuxiliaryLoss:
+    return auxiliary_losses.get(plugin.name)(**plugin.settings())
+
+
+def check_variant(spec: ExperimentSpec, variant: VariantSpec, slots) -> tuple[str, str] | None:
+    """(field, why) when the variant's method or losses cannot run on the spec's
+    architecture and batch size; None when they can."""
+    method = build_method(variant.normalization)
+    for slot in slots:
+        problem = method.check_slot(slot) or method.check_batch(spec.batch_size, slot)
+        if problem:
+            return "normalization", f"{method.describe()} cannot normalize layer {slot.layer} of {spec.model}: {problem}"
+    for k, plugin in enumerate(variant.auxiliary_losses):
+        loss = build_loss(plugin)
+        for slot in slots:
+            problem = loss.check_batch(spec.batch_size, slot)
+            if problem:
+                return f"auxiliary_losses[{k}]", f"{loss.name} at layer {slot.layer} of {spec.model}: {problem}"
+    return None
+
+
+@dataclasses.dataclass
+class ForwardOutput:
+    logits: object
+    preactivations: dict  # each slot's output after `affine`: the input of its activation
+    taps: dict  # each slot's method output, before `affine`: what auxiliary losses see
+    state: dict  # updated running statistics
+
+
+class Plan:
+    """One variant of a spec, resolved: what a backend trains and evaluates."""
+
+    def __init__(self, spec: ExperimentSpec, variant: VariantSpec):
+        self.spec, self.variant = spec, variant
+        self.arch = architectures.get(spec.model)
+        self.layers = self.arch.layers()
+        self.dataset = datasets.info(spec.dataset)
+        self.method = build_method(variant.normalization)
+        self.losses = [build_loss(p) for p in variant.auxiliary_losses]
+        self.affine = variant.affine
+        self.optimizer = optimizers.build(spec.optimizer)
+        self.steps = spec.steps_for(variant)
+        # What `Trainer.step` returns per step, in this order.
+        self.step_loss_names = ("loss", "cross_entropy", *(f"{loss.name}_loss" for loss in self.losses))
+        reported = auxiliary_losses.always_reported()
+        trained = variant.auxiliary_loss(reported.name)
+        # The standardization loss is evaluated for every variant (metrics.csv's std_loss):
+        # with the variant's own settings where it trains with it.
+        self.std_metric = build_loss(trained) if trained else reported(weight=1.0, **_table_defaults(spec, reported.name))
+        self.std_loss_weight = self.std_metric.weight if trained else 0.0
+        self._suffixes: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
+        for layer in self.layers:
+            if layer.normalized:
+                slot = layer.slot
+                names = tuple(self.method.parameters(slot)) + tuple(self.method.kernel_parameters(slot, np.zeros(layer.kernel_shape)))
+                if self.affine:
+                    names += AFFINE_PARAMETERS
+                self._suffixes[layer.name] = (names, tuple(self.method.state(slot)))
+
+    # ---- description
+    @property
+    def slots(self):
+        return [layer.slot for layer in self.layers if layer.normalized]
+
+    def has_bias(self, layer) -> bool:
+        """A layer keeps its bias unless something after it provides the offset."""
+        return not layer.normalized or not (self.method.provides_offset or self.affine)
+
+    # ---- parameters
+    def initial_parameters(self, seed: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Initial (params, state) of run `seed`, canonical float64 NumPy."""
+        init_seed, _ = seed_streams(seed)
+        rng = np.random.Generator(np.random.PCG64(init_seed))
+        params: dict[str, np.ndarray] = {}
+        state: dict[str, np.ndarray] = {}
+        for layer in self.layers:
+            shape = layer.kernel_shape
+            receptive = int(np.prod(shape[:-2])) if len(shape) > 2 else 1
+            fan_in, fan_out = shape[-2] * receptive, shape[-1] * receptive
+            limit = math.sqrt(6.0 / (fan_in + fan_out))
+            kernel = rng.uniform(-limit, limit, size=shape)
+            params[f"{layer.name}/kernel"] = kernel
+            channels = shape[-1]
+            if layer.normalized:
+                slot = layer.slot
+                for suffix, value in {**self.method.parameters(slot), **self.method.kernel_parameters(slot, kernel)}.items():
+                    params[f"{layer.name}/{suffix}"] = np.asarray(value, np.float64)
+                if self.affine:
+                    params[f"{layer.name}/affine_scale"] = np.ones(channels)
+                    params[f"{layer.name}/affine_shift"] = np.zeros(channels)
+                for suffix, value in self.method.state(slot).items():
+                    state[f"{layer.name}/{suffix}"] = np.asarray(value, np.float64)
+            if self.has_bias(layer):
+                params[f"{layer.name}/bias"] = np.zeros(channels)
+        return params, state
+
+    def learning_rate(self, step: int) -> float:
+        base = self.spec.optimizer.learning_rate * optimizers.schedule_multiplier(self.spec.schedule, step)
+        return self.optimizer.effective_learning_rate(base, step)
+
+    # ---- the network
+    def forward(self, ops, params: dict, state: dict, images, training: bool) -> ForwardOutput:
+        preacts, taps, new_state = {}, {}, dict(state)
+        method = self.method
+
+        def linear(layer, x):
+            kernel = params[f"{layer.name}/kernel"]
+            if layer.normalized:
+                kernel = method.kernel(ops, kernel, self._slot_params(params, layer.name))
+            z = ops.conv2d(x, kernel, layer.stride, layer.pads) if layer.kind == "conv" else ops.dense(x, kernel)
+            bias = params.get(f"{layer.name}/bias")
+            return z if bias is None else ops.add_channel_bias(z, bias)
+
+        def slot(layer, z):
+            p = self._slot_params(params, layer.name)
+            s = {suffix: state[f"{layer.name}/{suffix}"] for suffix in self._suffixes[layer.name][1]}
+            if training:
+                y, updated = method.train(ops, z, p, s, layer.slot)
+                new_state.update({f"{layer.name}/{k}": v for k, v in updated.items()})
+            else:
+                y = method.infer(ops, z, p, s, layer.slot)
+            taps[layer.name] = y
+            if self.affine:
+                y = ops.add_channel_bias(ops.scale_channels(y, p["affine_scale"]), p["affine_shift"])
+            preacts[layer.name] = y
+            return y
+
+        net = architectures.layers.Net(ops, self.layers, params, linear, slot)
+        logits = self.arch.build(net, images)
+        return ForwardOutput(logits=logits, preactivations=preacts, taps=taps, state=new_state)
+
+    def _slot_params(self, params: dict, layer: str) -> dict:
+        return {suffix: params[f"{layer}/{suffix}"] for suffix in self._suffixes[layer][0]}
+
+    # ---- the objective
+    def loss(self, ops, params: dict, state: dict, images, labels):
+        """The differentiated objective: cross entropy + sum of weight x auxiliary loss.
+        Returns (total, aux); aux holds each component (`step_loss_names`) and the new state.
+
+        The L2 term is not in this graph: `update` adds its gradient, weight_decay x
+        kernel, directly. The mathematics is the same; in eager frameworks
+        differentiating a sum of squares per kernel cost ~10% of an MLP step."""
+        out = self.forward(ops, params, state, images, training=True)
+        cross_entropy = ops.softmax_cross_entropy(out.logits, labels)
+        total, aux = cross_entropy, {"cross_entropy": cross_entropy, "state": out.state}
+        for loss in self.losses:
+            value = loss.value(ops, out.taps)
+            aux[f"{loss.name}_loss"] = value
+            total = total + loss.weight * value
+        aux["loss"] = total
+        return total, aux
+
+    def step_losses(self, aux: dict) -> list:
+        """`loss`'s components in `step_loss_names` order (what a trainer stacks per step)."""
+        return [aux[name] for name in self.step_loss_names]
+
+    def objective_gradients(self, ops, params: dict, loss_grads: dict) -> dict:
+        """Gradients of the full objective (`loss` + L2) from the gradients of `loss`."""
+        return add_weight_decay_gradient(params, loss_grads, self.spec.optimizer.weight_decay)
+
+    def update(self, ops, params: dict, loss_grads: dict, opt_state: dict, learning_rate):
+        """One optimizer step from the gradients of `loss`: (new params, new optimizer state)."""
+        grads = self.objective_gradients(ops, params, loss_grads)
+        return self.optimizer.update(ops, params, grads, opt_state, learning_rate)
+
+    def inspect(self, ops, params: dict, state: dict, images, labels) -> dict:
+        """Training-mode forward exposing every intermediate quantity (for parity tests),
+        including the full objective's value `total_loss` (with the L2 penalty)."""
+        out = self.forward(ops, params, state, images, training=True)
+        cross_entropy = ops.softmax_cross_entropy(out.logits, labels)
+        total = cross_entropy + weight_decay_penalty(ops, params, self.spec.optimizer.weight_decay)
+        losses = {}
+        for loss in self.losses:
+            losses[f"{loss.name}_loss"] = loss.value(ops, out.taps)
+            total = total + loss.weight * losses[f"{loss.name}_loss"]
+        return {
+            "logits": out.logits,
+            "preactivations": out.preactivations,
+            "moments": {name: ops.channel_moments(z) for name, z in out.preactivations.items()},
+            "cross_entropy": cross_entropy,
+            "losses": losses,
+            "total_loss": total,
+            "state": out.state,
+        }
+
+    def evaluation(self, ops, params: dict, state: dict, images, labels, track: tuple[str, ...] = ()):
+        """Inference-mode statistics of one chunk (arrays only): the mean cross entropy, the
+        number correct, every slot's pre-activation moments, each auxiliary loss's chunk
+        statistics and the tracked pre-activations. Counts are `chunk_counts`."""
+        out = self.forward(ops, params, state, images, training=False)
+        return {
+            "cross_entropy_mean": ops.softmax_cross_entropy(out.logits, labels),
+            "correct": ops.correct_count(out.logits, labels),
+            "moments": {name: ops.channel_moments(z) for name, z in out.preactivations.items()},
+            "auxiliary": {loss.name: {name: loss.chunk_statistics(ops, z) for name, z in out.taps.items()}
+                          for loss in self.losses if loss.metric_column != self.std_metric.metric_column},
+            "tracked": {name: out.preactivations[name] for name in track},
+        }
+
+    def values_per_channel(self, examples: int) -> dict[str, int]:
+        """How many values stand behind each channel's statistics of a slot for `examples` examples."""
+        return {slot.layer: examples * int(np.prod(slot.shape[:-1])) for slot in self.slots}
+
+    @property
+    def metric_columns(self) -> list[str]:
+        """metrics.csv columns of auxiliary losses beyond the standardization loss (always there)."""
+        return [loss.metric_column for loss in self.losses if loss.metric_column != self.std_metric.metric_column]
+
+
+def _table_defaults(spec: ExperimentSpec, plugin: str) -> dict:
+    """Options of a plugin given in the spec's top-level tables (legacy names included)."""
+    aliases = {short: loss for short, (loss, _) in auxiliary_losses.normalization_shorthands().items()}
+    out = {}
+    for table, fields in spec.plugin_defaults:
+        if aliases.get(table, table) == plugin:
+            out.update(dict(fields))
+    return out
+
+
+def resolve(spec: ExperimentSpec, variant: VariantSpec | str) -> Plan:
+    """The plan of one variant (a VariantSpec or a variant name) of `spec`."""
+    return Plan(spec, spec.variant(variant) if isinstance(variant, str) else variant)
+
+
+# ----------------------------------------------------------------------------- weight decay
+
+
+def _decayed(name: str) -> bool:
+    return name.endswith("/kernel")  # biases and norm parameters are not decayed
+
+
+def weight_decay_penalty(ops, params: dict, weight_decay: float):
+    """0.5 * weight_decay * sum of squared kernels (biases and norm parameters excluded)."""
+    total = 0.0
+    for name, value in params.items():
+        if _decayed(name):
+            total = total + ops.sum(value * value)
+    return 0.5 * weight_decay * total
+
+
+def add_weight_decay_gradient(params: dict, grads: dict, weight_decay: float) -> dict:
+    """grads + the gradient of `weight_decay_penalty`, weight_decay * kernel."""
+    if not weight_decay:
+        return grads
+    return {k: g + weight_decay * params[k] if _decayed(k) else g for k, g in grads.items()}
