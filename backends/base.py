@@ -126,6 +126,44 @@ class Ops(abc.ABC):
     def correct_count(self, logits, labels):
         """Number of rows whose argmax equals the label."""
 
+    # ---- kernels: the weight methods' primitives. A kernel is in the backend's own layout
+    # (PyTorch conv kernels are OIHW; dense kernels are (in, out) everywhere); these know
+    # where its output-channel axis is. The defaults hold for kernels stored canonically
+    # (HWIO, (in, out): output channel last); a backend storing them otherwise overrides.
+    def kernel_mean(self, kernel):
+        """Per-output-channel mean of `kernel` over all its other axes, with kept
+        dimensions: the result broadcasts against the kernel in arithmetic."""
+        return self.mean(kernel, tuple(range(self.ndim(kernel) - 1)), keepdims=True)
+
+    def kernel_moments(self, kernel):
+        """Per-output-channel (mean, biased variance) of `kernel` over all its other axes,
+        two-pass, with kept dimensions (both broadcast against the kernel)."""
+        mean = self.kernel_mean(kernel)
+        centered = kernel - mean
+        return mean, self.kernel_mean(centered * centered)
+
+    def kernel_count(self, kernel) -> int:
+        """Values per output channel of `kernel` (kh * kw * in, or in): what `kernel_mean` divides by."""
+        shape = self.shape(kernel)
+        return int(np.prod(shape)) // shape[-1]
+
+    def output_channels(self, vector, kernel):
+        """A per-output-channel vector (shape (out,)) shaped to broadcast against `kernel`."""
+        return vector
+
+    # ---- small dense linear algebra (the decorrelation loss). Operands have rank 2 or 3
+    # (a leading batch axis), which every backend stores in canonical order.
+    @abc.abstractmethod
+    def matmul(self, a, b, transpose_a: bool = False, transpose_b: bool = False):
+        """a @ b over the last two axes (leading axes batched); `transpose_a` and
+        `transpose_b` swap the last two axes of that operand first."""
+
+    @abc.abstractmethod
+    def log_det_spd(self, matrix, diagonal_shift: float = 0.0):
+        """log det(matrix + diagonal_shift * I) of a symmetric positive definite matrix
+        (leading axes batched), as 2 * sum(log diag(L)) with L its Cholesky factor;
+        differentiable (d/dA = (A + shift I)^-1)."""
+
 
 class Engine(abc.ABC):
     """One framework on one device in one dtype."""

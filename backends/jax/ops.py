@@ -108,3 +108,13 @@ class Ops(base.Ops):
 
     def correct_count(self, logits, labels):
         return jnp.sum(jnp.argmax(logits, axis=-1) == labels)
+
+    def matmul(self, a, b, transpose_a=False, transpose_b=False):
+        return jnp.matmul(jnp.swapaxes(a, -1, -2) if transpose_a else a, jnp.swapaxes(b, -1, -2) if transpose_b else b,
+                          precision=_PRECISION)
+
+    def log_det_spd(self, matrix, diagonal_shift=0.0):
+        if diagonal_shift:
+            matrix = matrix + diagonal_shift * jnp.eye(matrix.shape[-1], dtype=matrix.dtype)
+        factor = jnp.linalg.cholesky(matrix)
+        return 2.0 * jnp.sum(jnp.log(jnp.diagonal(factor, axis1=-2, axis2=-1)), axis=-1)

@@ -128,3 +128,12 @@ class Ops(base.Ops):
     def correct_count(self, logits, labels):
         predicted = tf.argmax(logits, axis=1, output_type=labels.dtype)
         return tf.reduce_sum(tf.cast(tf.equal(predicted, labels), tf.int32))
+
+    def matmul(self, a, b, transpose_a=False, transpose_b=False):
+        return tf.linalg.matmul(a, b, transpose_a=transpose_a, transpose_b=transpose_b)
+
+    def log_det_spd(self, matrix, diagonal_shift=0.0):
+        if diagonal_shift:
+            matrix = matrix + diagonal_shift * tf.eye(matrix.shape[-1], dtype=matrix.dtype)
+        factor = tf.linalg.cholesky(matrix)
+        return 2.0 * tf.reduce_sum(tf.math.log(tf.linalg.diag_part(factor)), axis=-1)

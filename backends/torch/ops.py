@@ -132,3 +132,23 @@ class Ops(base.Ops):
 
     def correct_count(self, logits, labels):
         return (logits.argmax(dim=1) == labels).sum()
+
+    def kernel_mean(self, kernel):
+        # Conv kernels are OIHW here: the output channel is the first axis.
+        dims = (1, 2, 3) if kernel.dim() == 4 else tuple(range(kernel.dim() - 1))
+        return kernel.mean(dim=dims, keepdim=True)
+
+    def kernel_count(self, kernel):
+        return kernel.numel() // kernel.shape[0 if kernel.dim() == 4 else -1]
+
+    def output_channels(self, vector, kernel):
+        return vector.view(-1, 1, 1, 1) if kernel.dim() == 4 else vector
+
+    def matmul(self, a, b, transpose_a=False, transpose_b=False):
+        return torch.matmul(a.transpose(-2, -1) if transpose_a else a, b.transpose(-2, -1) if transpose_b else b)
+
+    def log_det_spd(self, matrix, diagonal_shift=0.0):
+        if diagonal_shift:
+            matrix = matrix + diagonal_shift * torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
+        factor = torch.linalg.cholesky(matrix)
+        return 2.0 * torch.log(torch.diagonal(factor, dim1=-2, dim2=-1)).sum(-1)
