@@ -1,0 +1,60 @@
+"""Instance normalization (Ulyanov, Vedaldi & Lempitsky 2016): each example's channels
+normalized over their spatial positions.
+
+    y = (z - mu_nc) / sqrt(var_nc + epsilon) * scale + shift
+
+with mu_nc and the biased variance var_nc per example and channel over (H, W); `scale`
+(ones) and `shift` (zeros) are learned per channel. Training and inference compute the
+same thing (the paper's point: statistics of the instance at test time too). Only
+convolutional layers can be normalized this way: a dense layer's channel has one value
+per example.
+
+`epsilon` defaults to 1e-3, the project's batch-norm default (PyTorch uses 1e-5).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from normbench.normalizations import Normalization
+from normbench.options import Option
+
+
+class InstanceNorm(Normalization):
+    name = "instance_norm"
+    label = "instance norm"
+    color = "#E69F00"  # Okabe-Ito orange
+    summary = "instance normalization: per-example, per-channel statistics over spatial positions (convolutions only)"
+    literature = ("Introduced for fast image stylization, where it improves the generated images (Ulyanov, Vedaldi & "
+                  "Lempitsky 2016); for classification it trails batch norm: ResNet-50 on ImageNet 28.4% error vs "
+                  "23.6% (Wu & He 2018, Table 1).")
+    options = (
+        Option("epsilon", "number", 1e-3, "added to the variance before the square root (1e-3: the project's "
+               "batch-norm default; PyTorch uses 1e-5)", low=0.0, low_open=True),
+    )
+
+    @property
+    def provides_offset(self) -> bool:
+        return True  # the mean subtraction cancels any bias before it
+
+    def check_slot(self, slot):
+        if not slot.spatial:
+            return ("instance norm normalizes each channel over its spatial positions and a dense layer has none "
+                    "(layer_norm or group_norm normalize dense layers)")
+        if int(np.prod(slot.shape[:-1])) < 2:
+            return "its output has a single spatial position, which normalizes to 0 whatever its input"
+        return None
+
+    def parameters(self, slot):
+        return {"scale": np.ones(slot.channels), "shift": np.zeros(slot.channels)}
+
+    def train(self, ops, z, params, state, slot):
+        return self.infer(ops, z, params, state, slot), state
+
+    def infer(self, ops, z, params, state, slot):
+        mean, var = ops.moments(z, (1, 2), keepdims=True)  # canonical H and W
+        y = (z - mean) * ops.rsqrt(var + self.epsilon)
+        return ops.add_channel_bias(ops.scale_channels(y, params["scale"]), params["shift"])
+
+
+METHOD = InstanceNorm
