@@ -125,6 +125,12 @@ class Ops(abc.ABC):
     @abc.abstractmethod
     def correct_count(self, logits, labels):
         """Number of rows whose argmax equals the label."""
+    @abc.abstractmethod
+    def clip(self, x, low, high):
+        """min(max(x, low), high) elementwise. `low` and `high` are Python numbers, 0-d or
+        one-element arrays (computed inside a compiled step, such as batch renorm's ramped
+        r_max) or arrays of x's shape; per-channel bounds on an activation are not supported (the
+        backend layout would decide how they broadcast). Exact: no composition that rounds."""
 
     # ---- kernels: the weight methods' primitives. A kernel is in the backend's own layout
     # (PyTorch conv kernels are OIHW; dense kernels are (in, out) everywhere); these know

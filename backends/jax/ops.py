@@ -109,6 +109,9 @@ class Ops(base.Ops):
     def correct_count(self, logits, labels):
         return jnp.sum(jnp.argmax(logits, axis=-1) == labels)
 
+    def clip(self, x, low, high):
+        return jnp.minimum(jnp.maximum(x, low), high)
+
     def matmul(self, a, b, transpose_a=False, transpose_b=False):
         return jnp.matmul(jnp.swapaxes(a, -1, -2) if transpose_a else a, jnp.swapaxes(b, -1, -2) if transpose_b else b,
                           precision=_PRECISION)

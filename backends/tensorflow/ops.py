@@ -129,6 +129,9 @@ class Ops(base.Ops):
         predicted = tf.argmax(logits, axis=1, output_type=labels.dtype)
         return tf.reduce_sum(tf.cast(tf.equal(predicted, labels), tf.int32))
 
+    def clip(self, x, low, high):
+        return tf.minimum(tf.maximum(x, low), high)
+
     def matmul(self, a, b, transpose_a=False, transpose_b=False):
         return tf.linalg.matmul(a, b, transpose_a=transpose_a, transpose_b=transpose_b)
 

@@ -133,6 +133,11 @@ class Ops(base.Ops):
     def correct_count(self, logits, labels):
         return (logits.argmax(dim=1) == labels).sum()
 
+    def clip(self, x, low, high):
+        # torch.clamp takes both bounds as numbers or both as tensors, not one of each.
+        bound = lambda v: v if isinstance(v, torch.Tensor) else torch.as_tensor(v, dtype=x.dtype, device=x.device)
+        return torch.clamp(x, bound(low), bound(high))
+
     def kernel_mean(self, kernel):
         # Conv kernels are OIHW here: the output channel is the first axis.
         dims = (1, 2, 3) if kernel.dim() == 4 else tuple(range(kernel.dim() - 1))
