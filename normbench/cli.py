@@ -114,7 +114,7 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_reproduce(args) -> int:
-    from normbench import backends, experiments, provenance, report, runner, spec as spec_module
+    from normbench import backends, experiments, provenance, reporting, runner, spec as spec_module
 
     if args.experiment == "all":  # every experiment, each into <--out or results>/<name>
         root = Path(args.out) if args.out else Path("results")
@@ -132,29 +132,29 @@ def _cmd_reproduce(args) -> int:
     (out / "experiment.json").write_text(json.dumps({"experiment": experiment.name, "backends": chosen,
                                                      "command": provenance.command_line()}, indent=2) + "\n")
     runner.run_sweep(spec, chosen, out, device=args.device, data_dir=args.data_dir, progress=_progress_enabled(args), log=_info)
-    built = report.build_report(out, experiment.name)
+    built = reporting.build_report(out, experiment.name)
     print(built["markdown"])
     print(f"wrote {out}/table.md, table.tex, table.csv and {', '.join(str(p) for p in built['figures'])}")
-    index = report.update_index(out)  # results/README.md, when out is results/<experiment>
+    index = reporting.update_index(out)  # results/README.md, when out is results/<experiment>
     if index:
         print(f"updated {index}")
     return 0
 
 
 def _cmd_report(args) -> int:
-    from normbench import experiments, report
+    from normbench import experiments, reporting
 
-    if args.experiment and args.experiment not in experiments.EXPERIMENTS:
+    if args.experiment and args.experiment not in experiments.names():
         raise UsageError(f"unknown experiment {args.experiment!r}; choose from {', '.join(experiments.names())}")
-    if report.is_results_root(args.dir):  # a folder of experiment folders: rebuild each, then the index
-        for built in report.build_all(args.dir):
+    if reporting.is_results_root(args.dir):  # a folder of experiment folders: rebuild each, then the index
+        for built in reporting.build_all(args.dir):
             print(f"wrote {', '.join(str(p) for p in built['figures'])} and their tables")
-        print(f"wrote {Path(args.dir) / report.INDEX_NAME}")
+        print(f"wrote {Path(args.dir) / reporting.INDEX_NAME}")
         return 0
-    built = report.build_report(args.dir, args.experiment)
+    built = reporting.build_report(args.dir, args.experiment)
     print(built["markdown"])
     print(f"wrote {args.dir}/table.md, table.tex, table.csv and {', '.join(str(p) for p in built['figures'])}")
-    index = report.update_index(args.dir)
+    index = reporting.update_index(args.dir)
     if index:
         print(f"updated {index}")
     return 0
@@ -224,13 +224,22 @@ def _cmd_datasets(_args) -> int:
 
 
 def _cmd_list(args) -> int:
-    from normbench import experiments
+    from normbench import architectures, auxiliary_losses, experiments, normalizations
 
     print("bundled specs:")
     _cmd_specs(argparse.Namespace(format=False, name=None))
     print("\nexperiments (normbench reproduce NAME):")
-    for name, e in experiments.EXPERIMENTS.items():
-        print(f"  {name:26s} {e.title}")
+    for name, e in experiments.by_name().items():
+        print(f"  {name:26s} {e.figure}: {e.title}")
+    print("\narchitectures (spec `model`):")
+    for name, arch in architectures.REGISTRY.items():
+        print(f"  {name:26s} {arch.description}")
+    print("\nnormalization methods (variant `normalization`):")
+    for name, cls in normalizations.REGISTRY.items():
+        print(f"  {name:26s} {cls.summary}")
+    print("\nauxiliary losses (variant `auxiliary_losses`):")
+    for name, cls in auxiliary_losses.REGISTRY.items():
+        print(f"  {name:26s} {cls.summary}")
     print("\nbackends:")
     _cmd_backends(args)
     print("\ndata sets:")

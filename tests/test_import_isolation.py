@@ -12,10 +12,10 @@ from pathlib import Path
 import normbench.datasets
 
 CORE_MODULES = [
-    "normbench", "normbench.spec", "normbench.models", "normbench.program", "normbench.objectives",
-    "normbench.optimizers", "normbench.data_order", "normbench.runner", "normbench.report", "normbench.cli",
-    "normbench.experiments", "normbench.provenance", "normbench.backends", "normbench.backends.base",
-    "normbench.datasets",
+    "normbench", "normbench.spec", "normbench.plugins", "normbench.normalizations", "normbench.auxiliary_losses",
+    "normbench.architectures", "normbench.identity", "normbench.plan", "normbench.optimizers", "normbench.data_order",
+    "normbench.runner", "normbench.reporting", "normbench.cli", "normbench.experiments", "normbench.provenance",
+    "normbench.backends", "normbench.backends.base", "normbench.datasets",
 ]
 FRAMEWORKS = ["torch", "jax", "tensorflow"]
 
@@ -50,15 +50,16 @@ def test_core_modules_load_no_framework(tmp_path):
 
 
 def test_cli_parser_and_listing_load_no_framework(tmp_path):
-    """`normbench backends` / `specs` answer without importing any framework."""
+    """`normbench backends` / `specs` / `datasets` / `list` (which scans every plugin folder)
+    answer without importing any framework."""
     result = _python("""
         import contextlib, io, json, sys
         from normbench import cli
         with contextlib.redirect_stdout(io.StringIO()):
-            codes = [cli.main(["backends"]), cli.main(["specs"]), cli.main(["datasets"])]
+            codes = [cli.main(["backends"]), cli.main(["specs"]), cli.main(["datasets"]), cli.main(["list"])]
         print(json.dumps({"codes": codes, "loaded": sorted(m for m in sys.modules if m.split(".")[0] in %r)}))
     """ % FRAMEWORKS, tmp_path)
-    assert result["codes"] == [0, 0, 0]
+    assert result["codes"] == [0, 0, 0, 0]
     assert result["loaded"] == []
 
 

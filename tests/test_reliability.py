@@ -44,7 +44,7 @@ from pathlib import Path
 import pytest
 import tomli_w
 
-from normbench import backends, cli, report, resources, runner, spec as spec_module
+from normbench import backends, cli, reporting, resources, runner, spec as spec_module
 from normbench.datasets import mnist
 from normbench.datasets.base import sha256_file
 
@@ -122,8 +122,8 @@ def metrics_rows(out: Path) -> list[dict]:
 
 
 def summary(out: Path):
-    metrics, status = report.load_runs(out)
-    return report.summary_table(metrics, status, None, list(dict.fromkeys(status.variant)))
+    metrics, status = reporting.load_runs(out)
+    return reporting.summary_table(metrics, status, None, list(dict.fromkeys(status.variant)))
 
 
 def leftovers(out: Path) -> list[Path]:
@@ -199,7 +199,7 @@ def test_diverging_runs_are_recorded_and_the_sweep_goes_on(tmp_path, cached_data
             assert all(float(row[k]) == float(row[k]) and abs(float(row[k])) != float("inf")
                        for k in ("cross_entropy", "std_loss", "accuracy"))
     # Every run of every method diverged: the report still builds, and says so.
-    built = report.build_report(out)
+    built = reporting.build_report(out)
     table = built["table"]
     assert list(table.n) == [0, 0, 0] and list(table.diverged) == [2, 2, 2] and table["mean"].isna().all()
     assert "| n/a | 0 | 2 |" in built["markdown"]
@@ -217,10 +217,10 @@ def test_a_method_whose_runs_all_diverge_is_counted_never_averaged(tmp_path, cac
     statuses = {(r["variant"]["name"], r["seed"]): r["status"] for r in results}
     assert statuses[("standardization_loss", 0)] == statuses[("standardization_loss", 1)] == "diverged"
     assert statuses[("batch_norm", 0)] == statuses[("batch_norm", 1)] == "ok"
-    built = report.build_report(out)
+    built = reporting.build_report(out)
     table = built["table"].set_index("variant")
-    metrics, status = report.load_runs(out)
-    finals = report.final_accuracy(metrics, status)
+    metrics, status = reporting.load_runs(out)
+    finals = reporting.final_accuracy(metrics, status)
     for variant, row in table.iterrows():
         assert row.n + row.diverged == 2
         ok = finals[finals.variant == variant].accuracy_pct

@@ -1,16 +1,22 @@
-"""Tests for normbench.report and normbench.figures: tables, figures and the results
-index, built from small synthetic results directories (fake runs written with
-runner.write_run, no training), including diverged runs and missing backends."""
+"""Tests for normbench.reporting and the experiments' own reports (normbench/experiments/):
+tables, figures and the results index, built from small synthetic results directories
+(fake runs written with runner.write_run, no training), including diverged runs and
+missing backends."""
 
 from __future__ import annotations
 
+import ast
 import json
 import math
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from normbench import cli, experiments, figures, report, runner, spec as spec_module
+from normbench import auxiliary_losses, cli, experiments, normalizations, reporting, runner, spec as spec_module
+from normbench.experiments import mnist_cnn_features, mnist_cnn_weight_sweep
+from normbench.identity import legacy_columns
+from normbench.reporting import methods, plots
 
 STARTED, FINISHED = "2026-01-02T10:00:00+00:00", "2026-01-02T10:00:30+00:00"
 
@@ -89,7 +95,7 @@ def curves_dir(results_root):
             for seed in range(3):
                 diverged = 40 if (backend == "torch" and variant == "standardization_loss" and seed == 2) else None
                 fake_run(out, backend, variant, norm, seed, rising(acc + 0.01 * seed), diverged_at=diverged)
-    return out, report.build_report(out)
+    return out, reporting.build_report(out)
 
 
 def test_curves_table_counts_diverged_runs_and_never_averages_them(curves_dir):
@@ -124,7 +130,7 @@ def test_mlp_table_says_the_paper_gives_no_numbers(tmp_path):
     mark(out, "mnist-mlp")
     for seed in range(2):
         fake_run(out, "torch", "none", "none", seed, rising(0.5))
-    built = report.build_report(out)
+    built = reporting.build_report(out)
     assert "paper %" not in built["markdown"]
     assert "states no MLP numbers" in built["markdown"]
 
@@ -138,34 +144,34 @@ def points(weights, means, baseline_n=5, diverged=None):
 
 
 def test_collapse_starts_at_the_first_weight_above_the_best_below_the_baseline():
-    a = report.collapse_analysis(points([0.01, 0.1, 1, 3, 10], [40, 60, 75, 30, 10]), baseline_mean=35)
+    a = mnist_cnn_weight_sweep.collapse_analysis(points([0.01, 0.1, 1, 3, 10], [40, 60, 75, 30, 10]), baseline_mean=35)
     assert a["best_weight"] == 1 and a["onset"] == 3
     assert a["drop_onset"] == 3  # 30 is more than 10 points below 75
     assert a["collapsed"] == {0.01: False, 0.1: False, 1.0: False, 3.0: True, 10.0: True}
 
 
 def test_no_collapse_when_every_weight_beats_the_baseline():
-    a = report.collapse_analysis(points([0.1, 1, 10], [50, 75, 70]), baseline_mean=25)
+    a = mnist_cnn_weight_sweep.collapse_analysis(points([0.1, 1, 10], [50, 75, 70]), baseline_mean=25)
     assert a["onset"] is None and a["drop_onset"] is None
 
 
 def test_small_weights_below_the_baseline_are_not_a_collapse():
     # Below the baseline at small weights is "too weak to help", not the collapse the paper describes.
-    a = report.collapse_analysis(points([0.001, 0.01, 0.1, 1], [20, 30, 60, 55]), baseline_mean=25)
+    a = mnist_cnn_weight_sweep.collapse_analysis(points([0.001, 0.01, 0.1, 1], [20, 30, 60, 55]), baseline_mean=25)
     assert a["best_weight"] == 0.1 and a["onset"] is None and not any(a["collapsed"].values())
 
 
 def test_mostly_diverged_or_entirely_diverged_weights_collapse():
-    a = report.collapse_analysis(points([0.1, 1, 10], [60, 70, math.nan], diverged=[0, 0, 5]), baseline_mean=25)
+    a = mnist_cnn_weight_sweep.collapse_analysis(points([0.1, 1, 10], [60, 70, math.nan], diverged=[0, 0, 5]), baseline_mean=25)
     assert a["onset"] == 10
-    a = report.collapse_analysis(points([0.1, 1, 10], [60, 70, 65], diverged=[0, 0, 3]), baseline_mean=25)
+    a = mnist_cnn_weight_sweep.collapse_analysis(points([0.1, 1, 10], [60, 70, 65], diverged=[0, 0, 3]), baseline_mean=25)
     assert a["onset"] == 10  # 3 of 5 diverged, though the 2 left are fine
-    a = report.collapse_analysis(points([0.1, 1, 10], [60, 70, 65], diverged=[0, 0, 2]), baseline_mean=25)
+    a = mnist_cnn_weight_sweep.collapse_analysis(points([0.1, 1, 10], [60, 70, 65], diverged=[0, 0, 2]), baseline_mean=25)
     assert a["onset"] is None
 
 
 def test_a_drop_from_the_best_is_reported_separately():
-    a = report.collapse_analysis(points([0.1, 1, 3, 10], [60, 80, 65, 40]), baseline_mean=25)
+    a = mnist_cnn_weight_sweep.collapse_analysis(points([0.1, 1, 3, 10], [60, 80, 65, 40]), baseline_mean=25)
     assert a["onset"] is None and a["drop_onset"] == 3
 
 
@@ -181,7 +187,7 @@ def sweep_dir(results_root):
         for w, acc in accuracy.items():
             fake_run(out, "torch", f"std_loss_w{w:g}", "standardization_loss", seed, rising(acc + 0.01 * seed, steps=1000),
                      weight=w, steps=1000, eval_every=1000, diverged_at=(300 if (w == 10.0 and seed == 0) else None))
-    return out, report.build_report(out)
+    return out, reporting.build_report(out)
 
 
 def test_weight_sweep_table_states_where_the_collapse_starts(sweep_dir):
@@ -217,7 +223,7 @@ def test_regularization_shift_at_equal_cross_entropy(tmp_path):
     # A third run ends at a cross entropy (0.3) the baseline never reaches (0.5 at best): no shift for it.
     beyond = lambda s: (2.3 - 2.0 * s / 100, 0.9)
     fake_run(out, "torch", "standardization_loss", "standardization_loss", 2, beyond, weight=1.0)
-    built = report.build_report(out)
+    built = reporting.build_report(out)
     t = built["table"]
     sl = t[t.variant == "standardization_loss"].iloc[0]
     assert sl.delta_vs_none == pytest.approx(5.0) and sl.delta_vs_none_n == 2
@@ -244,7 +250,7 @@ def features_dir(results_root):
             pct = lambda s, g=growth: {1: -1 - g * s, 20: -0.3, 80: 0.4 + g * s / 2, 99: 1.5 + g * s}
             fake_run(out, "torch", variant, norms[variant], seed, rising(0.8), steps=2000, eval_every=200,
                      percentiles=pct, diverged_at=(900 if (variant == "none" and seed == 1) else None))
-    return out, report.build_report(out)
+    return out, reporting.build_report(out)
 
 
 def test_percentile_figure_and_table(features_dir):
@@ -264,11 +270,65 @@ def test_percentile_figure_and_table(features_dir):
 
 
 def test_percentile_panels_follow_the_paper_and_its_colours():
-    order = figures.feature_panel_order(["none", "batch_norm", "sl"],
-                                        {"none": "none", "batch_norm": "batch_norm_shift", "sl": "standardization_loss"})
+    found = methods.variant_methods({"none": "none", "batch_norm": "batch_norm_shift", "sl": "standardization_loss"})
+    order = mnist_cnn_features.feature_panel_order(["none", "batch_norm", "sl"], found)
     assert order == ["none", "sl", "batch_norm"]
-    assert figures.PERCENTILE_COLORS == {1: "#000000", 20: "#0072B2", 80: "#009E73", 99: "#D55E00"}
-    assert [figures.ordinal(q) for q in (1, 2, 3, 11, 20, 99)] == ["1st", "2nd", "3rd", "11th", "20th", "99th"]
+    assert mnist_cnn_features.PERCENTILE_COLORS == {1: "#000000", 20: "#0072B2", 80: "#009E73", 99: "#D55E00"}
+    assert [plots.ordinal(q) for q in (1, 2, 3, 11, 20, 99)] == ["1st", "2nd", "3rd", "11th", "20th", "99th"]
+
+
+# ----------------------------------------------------------------------------- methods, colours and labels
+
+
+def test_published_methods_keep_the_papers_colours_and_labels():
+    found = methods.variant_methods({"none": "none", "batch_norm": "batch_norm_shift", "sl": "standardization_loss",
+                                     "bn2": "batch_norm_scale_shift", "mystery": "made_up"})
+    assert plots.variant_colors(["none", "sl", "batch_norm"], found) == {
+        "none": "#000000", "sl": "#D55E00", "batch_norm": "#0072B2"}  # Okabe-Ito, the paper's roles
+    assert [found[v].label for v in ("none", "batch_norm", "sl")] == [
+        "no normalization", "batch norm", "standardization loss"]
+    # A second variant of a method already shown, and a variant of no known method, take extra colours.
+    colors = plots.variant_colors(["batch_norm", "bn2", "mystery"], found)
+    assert colors["batch_norm"] == "#0072B2" and len({*colors.values()}) == 3
+    assert found["mystery"] is None
+
+
+def test_a_newer_variant_is_found_through_the_resolved_spec():
+    spec = spec_module.loads("""
+name = "new"
+model = "cnn3"
+dataset = "mnist"
+batch_size = 8
+steps = 10
+eval_every = 5
+seeds = 1
+[optimizer]
+name = "sgd"
+learning_rate = 0.1
+[[variant]]
+name = "bn_plus_sl"
+normalization = { name = "batch_norm", scale = false }
+auxiliary_losses = [{ name = "standardization", weight = 0.5 }]
+[[variant]]
+name = "sl_affine"
+affine = true
+auxiliary_losses = [{ name = "standardization", weight = 0.5 }]
+""")
+    columns = {v.name: v.label for v in spec.variants}  # what metrics.csv records for variants older specs could not write
+    assert all(legacy_columns(v) is None for v in spec.variants)
+    found = methods.variant_methods(columns, spec)
+    assert found["bn_plus_sl"].key == ("normalization", "batch_norm")
+    assert found["sl_affine"].key == ("auxiliary_loss", "standardization")
+    assert methods.variant_methods(columns)["sl_affine"] is None  # without the spec, a label alone says nothing
+
+
+def test_the_reporting_package_names_no_method():
+    """Colours, labels and roles come from the registries and the experiments, never from the shared code."""
+    named = set(normalizations.names()) | set(auxiliary_losses.names())
+    named |= set(normalizations.shorthands()) | set(auxiliary_losses.normalization_shorthands())
+    for path in sorted(Path(reporting.__file__).parent.glob("*.py")):
+        literals = {n.value for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Constant)}
+        assert not literals & named, f"{path.name} names {sorted(literals & named)}"
 
 
 # ----------------------------------------------------------------------------- index and CLI
@@ -276,7 +336,7 @@ def test_percentile_panels_follow_the_paper_and_its_colours():
 
 def test_index_embeds_figures_tables_cost_and_provenance(results_root, curves_dir, sweep_dir, features_dir):
     root = results_root
-    path = report.write_index(root)
+    path = reporting.write_index(root)
     text = path.read_text()
     assert "![mnist-cnn: curves](mnist-cnn/curves.png)" in text
     assert (curves_dir[0] / "table.md").read_text().strip() in text
@@ -293,28 +353,35 @@ def test_report_command_rebuilds_a_results_root(tmp_path, capsys):
     out = tmp_path / "results" / "mnist-mlp"
     mark(out, "mnist-mlp")
     fake_run(out, "torch", "none", "none", 0, rising(0.5))
-    assert report.is_results_root(tmp_path / "results") and not report.is_results_root(out)
+    assert reporting.is_results_root(tmp_path / "results") and not reporting.is_results_root(out)
     assert cli.main(["report", str(tmp_path / "results")]) == 0
     assert (out / "curves.png").exists() and (tmp_path / "results" / "README.md").exists()
     assert cli.main(["report", str(out)]) == 0  # one experiment: its report and the index beside it
     assert "updated" in capsys.readouterr().out
 
 
-def test_every_experiment_has_a_bundled_spec_and_a_known_kind():
+def test_every_experiment_has_a_bundled_spec_and_a_report():
     bundled = spec_module.bundled_specs()
-    for name, e in experiments.EXPERIMENTS.items():
-        assert e.spec in bundled and e.kind in experiments.REPORT_KINDS
+    assert experiments.names() == ["mnist-cnn", "mnist-cnn-regularization", "mnist-cnn-weight-sweep", "mnist-mlp",
+                                   "mnist-cnn-features"]  # the paper's order: Figures 1, 2 top, 2 bottom, 3, 4
+    for name, e in experiments.by_name().items():
+        assert e.spec in bundled and (e.report is None or callable(e.report))
         s = spec_module.load(e.spec)
-        if e.kind == "features":
-            assert s.track_percentiles
-        if e.kind == "weight_sweep":
-            ws = sorted(v.standardization_loss_weight for v in s.variants if v.normalization == "standardization_loss")
+        columns = {legacy_columns(v)[0] for v in s.variants}  # each published variant as metrics.csv records it
+        if name == "mnist-cnn-features":
+            assert s.track_percentiles and e.report is mnist_cnn_features.report
+        if name == "mnist-cnn-weight-sweep":
+            ws = sorted(v.auxiliary_loss("standardization").option("weight") for v in s.variants
+                        if v.auxiliary_loss("standardization") is not None)
             assert len(ws) >= 9 and ws[0] == 0.001 and 10 in ws  # the paper's range, [0.001, 10], at least
-            assert {v.normalization for v in s.variants} >= {"none", "batch_norm_shift"}
-        if e.kind == "regularization":
-            assert any(v.normalization == "none" and s.steps_for(v) == 5000 for v in s.variants)
+            assert columns >= {"none", "batch_norm_shift"} and e.report is mnist_cnn_weight_sweep.report
+        if name == "mnist-cnn-regularization":
+            assert any(legacy_columns(v)[0] == "none" and s.steps_for(v) == 5000 for v in s.variants)
+            assert e.report is not None
         for variant in e.paper_test_accuracy:
             assert variant in {v.name for v in s.variants}
+    with pytest.raises(KeyError, match="unknown experiment 'nope'; choose from mnist-cnn, "):
+        experiments.get("nope")
 
 
 def test_index_flags_incomplete_experiments_and_keeps_recorded_overrides(tmp_path):
@@ -323,8 +390,8 @@ def test_index_flags_incomplete_experiments_and_keeps_recorded_overrides(tmp_pat
     (out / "experiment.json").write_text(json.dumps({"experiment": "mnist-mlp",
                                                      "command": "normbench reproduce mnist-mlp --backend tf --seeds 2 --no-progress"}))
     fake_run(out, "tensorflow", "none", "none", 0, rising(0.5))
-    report.build_report(out)
-    text = report.write_index(tmp_path / "results").read_text()
+    reporting.build_report(out)
+    text = reporting.write_index(tmp_path / "results").read_text()
     assert "| 1 of 6 runs: **incomplete** |" in text  # 3 variants x 2 seeds x 1 backend
     assert "`normbench reproduce mnist-mlp --backend tensorflow --seeds 2`" in text
 
@@ -338,7 +405,7 @@ def test_a_run_with_an_overridden_budget_is_titled_so_and_never_compared_with_th
     for variant, norm, acc in [("none", "none", 0.25), ("batch_norm", "batch_norm_shift", 0.86),
                                ("standardization_loss", "standardization_loss", 0.75)]:
         fake_run(out, "torch", variant, norm, 0, rising(acc, steps=steps), steps=steps)
-    md = report.build_report(out)["markdown"]
+    md = reporting.build_report(out)["markdown"]
     paper_bn = "85.6 ± 1.1"  # the paper's batch-norm CNN result (Section 4.1), stated for 1000 steps
     if steps == 1000:
         assert "budget overridden" not in md.lower() and paper_bn in md
@@ -356,6 +423,6 @@ def test_backend_agreement_with_one_run_a_side_is_not_called_a_disagreement():
     verdict = dict(zip(table.pair, table.agree))
     assert verdict["jax vs tensorflow"] is True
     assert verdict["jax vs torch"] is None and verdict["tensorflow vs torch"] is None  # torch has one run
-    md = report.agreement_markdown(table)
+    md = reporting.agreement_markdown(table)
     assert "| bn | jax vs torch | 85.10 vs 85.00 | 2 vs 1 | nan | nan | n/a (needs 2 runs a side) |" in md
     assert "**no**" not in md
