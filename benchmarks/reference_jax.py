@@ -47,10 +47,14 @@ HIGHEST = lax.Precision.HIGHEST
 
 
 def _initial(model: str, normalization: str, seed: int = 0):
-    from normbench import models
-    from normbench.data_order import seed_streams
+    from normbench import spec as specs
+    from normbench.identity import legacy_columns
+    from normbench.plan import resolve
 
-    params, state = models.init_params(models.ARCHITECTURES[model], normalization, seed_streams(seed)[0])
+    # normbench's own initial weights (the bundled spec's variant of this method), so both sides start alike.
+    spec = specs.load({"cnn3": "mnist-cnn", "mlp3": "mnist-mlp"}[model])
+    variant = next(v for v in spec.variants if (legacy_columns(v) or ("",))[0] == normalization)
+    params, state = resolve(spec, variant).initial_parameters(seed)
     return ({k: np.float32(v) for k, v in params.items()}, {k: np.float32(v) for k, v in state.items()})
 
 

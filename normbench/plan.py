@@ -65,9 +65,10 @@ class ForwardOutput:
 class Plan:
     """One variant of a spec, resolved: what a backend trains and evaluates."""
 
-    def __init__(self, spec: ExperimentSpec, variant: VariantSpec):
+    def __init__(self, spec: ExperimentSpec, variant: VariantSpec, arch: architectures.Architecture | None = None):
+        """`arch` replaces the spec's registered architecture (tests use networks of their own)."""
         self.spec, self.variant = spec, variant
-        self.arch = architectures.get(spec.model)
+        self.arch = arch or architectures.get(spec.model)
         self.layers = self.arch.layers()
         self.dataset = datasets.info(spec.dataset)
         self.method = build_method(variant.normalization)

@@ -646,6 +646,13 @@ def _plugin_toml(plugin: dict | PluginSpec) -> dict[str, Any]:
 def _variant_toml(var: dict | VariantSpec) -> dict[str, Any]:
     if isinstance(var, VariantSpec):
         var = dataclasses.asdict(var)
+    if not isinstance(var.get("normalization"), dict):
+        # Already in the TOML shape (a `replace(variants=[...])` argument): drop unset fields,
+        # and a shorthand's weight field where the variant does not use that shorthand.
+        _, auxiliary_losses = _registries()
+        owners = {field: short for short, (_, field) in auxiliary_losses.normalization_shorthands().items()}
+        return {k: v for k, v in var.items()
+                if v is not None and not (k in owners and var.get("normalization") != owners[k])}
     out = {"name": var["name"], "normalization": _plugin_toml(var["normalization"])}
     if var.get("affine"):
         out["affine"] = True

@@ -315,7 +315,7 @@ def export(results: list, benchmarks: dict, machine: str, info: dict, commit: st
              "ratios are measured side by side in one process. All metrics are lower-is-better. "
              "What each benchmark measures: [benchmarks/README.md](../../../benchmarks/README.md). "
              "Every value, one row each: [benchmarks.csv](benchmarks.csv); provenance: [provenance.json](provenance.json).", ""]
-    normalizations = ["none", "batch_norm_shift", "standardization_loss"]
+    normalizations = list(dict.fromkeys(r["normalization"] for r in records if r.get("normalization")))
     for pattern, heading, unit in EXPORTED:
         mine = [r for r in records if r["benchmark"] == pattern or r["benchmark"].endswith("." + pattern)]
         for device in sorted({r.get("device", "") for r in mine}):

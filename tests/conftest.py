@@ -20,7 +20,7 @@ if importlib.util.find_spec("torch") is not None and importlib.util.find_spec("t
     import torch  # noqa: F401
 
 from normbench import backends, spec as spec_module
-from normbench.program import TrainingProgram
+from normbench.plan import Plan, resolve
 
 DTYPES = ("float64", "float32")
 
@@ -73,6 +73,8 @@ def engine64(backend_name):
 
 
 def _toml_value(value) -> str:
+    if isinstance(value, dict):  # an inline table: a plugin with its options
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
@@ -115,10 +117,41 @@ def variant_for(normalization: str, weight: float = 1.0) -> dict:
     return out
 
 
-def make_program(normalization: str = "none", *, weight: float = 1.0, **fields) -> TrainingProgram:
-    """A TrainingProgram for one variant of a small spec (see `spec_text` for the fields)."""
+def make_program(normalization: str = "none", *, weight: float = 1.0, **fields) -> Plan:
+    """The plan of one variant of a small spec (see `spec_text` for the fields)."""
     spec = make_spec(variants=[variant_for(normalization, weight)], **fields)
-    return TrainingProgram(spec, spec.variants[0])
+    return resolve(spec, spec.variants[0])
+
+
+def legacy_plan(normalization: str = "none", *, arch=None, batch_norm=None, weight: float = 1.0, **fields) -> Plan:
+    """The plan of a one-variant spec whose method is written the old way ("batch_norm_shift",
+    ...), optionally on an architecture of the test's own (`arch`, not registered)."""
+    spec = make_spec(variants=[variant_for(normalization, weight)], batch_norm=batch_norm, **fields)
+    return Plan(spec, spec.variants[0], arch=arch)
+
+
+def init_params(arch, normalization: str, seed: int = 0):
+    """Initial (params, state) of `arch` (an Architecture or a registered name) under a legacy method string."""
+    from normbench import architectures
+
+    arch = architectures.get(arch) if isinstance(arch, str) else arch
+    return legacy_plan(normalization, arch=arch).initial_parameters(seed)
+
+
+def forward(engine, arch, params, state, images, *, normalization: str, batch_norm=None, training: bool = True):
+    """One forward pass of `arch` on a backend from canonical NumPy inputs: the plan's
+    ForwardOutput plus `moments` (per-channel mean and biased variance of each pre-activation)."""
+    e = engine
+    plan = legacy_plan(normalization, arch=arch, batch_norm=batch_norm)
+    out = plan.forward(e.ops, e.import_tree(params), e.import_tree(state), e.put_images(images), training=training)
+    out.moments = {name: e.ops.channel_moments(z) for name, z in out.preactivations.items()}
+    return out
+
+
+@pytest.fixture(scope="session")
+def nets():
+    """Helpers for tests of networks: `init_params`, `forward`, `plan` (see their docstrings)."""
+    return types.SimpleNamespace(init_params=init_params, forward=forward, plan=legacy_plan)
 
 
 @pytest.fixture
@@ -207,14 +240,15 @@ def np_softmax_cross_entropy(logits, labels):
 
 
 def np_forward(arch, params, state, images, *, normalization, bn_epsilon=1e-3, training=True):
-    """Reference forward pass of an `Architecture`: (logits, {layer: pre-activation}, {layer: pre-BN z})."""
-    from normbench.models import Conv
-
+    """Reference forward pass of a straight-chain `Architecture` (cnn*, mlp*): (logits,
+    {layer: pre-activation}, {layer: pre-BN z}). Layer geometry comes from `arch.layers()`."""
     x, preacts, raw = images, {}, {}
-    for (name, _, pads), layer in zip(arch.layer_shapes(), arch.hidden):
+    layers = arch.layers()
+    for layer in layers[:-1]:
+        name = layer.name
         kernel = params[f"{name}/kernel"]
-        if isinstance(layer, Conv):
-            z = np_conv2d(x, kernel, layer.stride, pads)
+        if layer.kind == "conv":
+            z = np_conv2d(x, kernel, layer.stride, layer.pads)
         else:
             z = x.reshape(x.shape[0], -1) @ kernel
         raw[name] = z
@@ -231,7 +265,7 @@ def np_forward(arch, params, state, images, *, normalization, bn_epsilon=1e-3, t
             z = z + params[f"{name}/bias"]
         preacts[name] = z
         x = np.maximum(z, 0.0)
-    head = arch.head_name
+    head = layers[-1].name
     logits = x.reshape(x.shape[0], -1) @ params[f"{head}/kernel"] + params[f"{head}/bias"]
     return logits, preacts, raw
 
@@ -239,12 +273,14 @@ def np_forward(arch, params, state, images, *, normalization, bn_epsilon=1e-3, t
 def np_objective(program, params, images, labels):
     """Reference total training loss of a program: CE + L2 weight decay + weight * eq. (2)."""
     spec = program.spec
-    logits, preacts, _ = np_forward(program.arch, params, {}, images, normalization=program.normalization,
-                                    bn_epsilon=spec.batch_norm.epsilon, training=True)
+    method = program.method
+    normalization = "batch_norm" if method.name == "batch_norm" else method.name
+    logits, preacts, _ = np_forward(program.arch, params, {}, images, normalization=normalization,
+                                    bn_epsilon=getattr(method, "epsilon", 1e-3), training=True)
     total = np_softmax_cross_entropy(logits, labels)
     total += 0.5 * spec.optimizer.weight_decay * sum(np.sum(v * v) for k, v in params.items() if k.endswith("/kernel"))
     if program.std_loss_weight > 0:
-        total += program.std_loss_weight * np_std_loss(preacts.values(), spec.standardization_loss.log_epsilon)
+        total += program.std_loss_weight * np_std_loss(preacts.values(), program.std_metric.log_epsilon)
     return total
 
 

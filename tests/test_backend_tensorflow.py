@@ -12,10 +12,10 @@ import sys
 import numpy as np
 import pytest
 
-from normbench import backends, models, runner
+from normbench import architectures, backends, runner
 from normbench import spec as specs
 from normbench.backends.base import BackendUnavailable
-from normbench.program import TrainingProgram
+from normbench.plan import resolve as TrainingProgram
 
 if not backends.is_available("tensorflow"):
     pytest.skip("tensorflow is not installed", allow_module_level=True)
@@ -72,7 +72,7 @@ def test_conv2d_explicit_padding_matches_numpy_and_tensorflow_same(size, kernel_
     rng = np.random.default_rng(size * 100 + kernel_size * 10 + stride)
     x = rng.standard_normal((2, size, size, 3))
     kernel = rng.standard_normal((kernel_size, kernel_size, 3, 4))
-    pad, out_size = models.conv_padding(size, kernel_size, stride, "same")
+    pad, out_size = architectures.conv_padding(size, kernel_size, stride, "same")
     ops = Engine(dtype="float64").ops
     got = ops.conv2d(tf.constant(x), tf.constant(kernel), stride, (pad, pad)).numpy()
     assert got.shape == (2, out_size, out_size, 4)

@@ -1,4 +1,4 @@
-"""Batch norm through the neutral `normbench.models.forward`, against NumPy references:
+"""Batch norm through the neutral `Plan.forward`, against NumPy references:
 training-mode forward, backward (central finite differences, float64), running
 statistics (biased and unbiased estimators, a given decay) and inference mode."""
 
@@ -7,18 +7,37 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from normbench import models
-from normbench.models import Architecture, Conv, Dense
-from normbench.spec import BatchNormSpec
+import types
+
+from normbench.architectures import Architecture
+
+
+def _tiny(net, x):
+    x = net.conv("conv1", x, 3, kernel_size=3, stride=2)
+    x = net.dense("dense1", x, 4)
+    return net.dense("logits", x, 5, normalize=False, activation=None)
+
 
 # Conv (asymmetric SAME padding, 6 -> 3) then dense, then the head: every BN code path.
-TINY = Architecture("bn-tiny", (6, 6, 2), (Conv("conv1", 3, 3, 2), Dense("dense1", 4)), 5)
+TINY = Architecture("bn-tiny", (6, 6, 2), 5, _tiny)
 BN_VARIANTS = ["batch_norm_shift", "batch_norm_scale_shift"]
+
+
+def BatchNormSpec(**fields):
+    """The [batch_norm] table of a spec, with attribute access for the tests below."""
+    table = {"running_decay": 0.99, "epsilon": 1e-3, "running_variance": "biased", **fields}
+    return types.SimpleNamespace(table=table, **table)
 
 
 def _random_params(arch, normalization, rng, seed=0):
     """Initial parameters with random (non-trivial) scales and shifts, so a missing one shows."""
-    params, state = models.init_params(arch, normalization, np.random.SeedSequence(seed))
+    from normbench.plan import Plan
+    from normbench import spec as spec_module
+
+    text = ('name = "t"\nmodel = "mlp-tiny"\ndataset = "mnist"\nbatch_size = 8\nsteps = 1\neval_every = 1\nseeds = 1\n'
+            f'[optimizer]\nname = "sgd"\nlearning_rate = 0.1\n[[variant]]\nname = "v"\nnormalization = "{normalization}"\n')
+    spec = spec_module.loads(text)
+    params, state = Plan(spec, spec.variants[0], arch=arch).initial_parameters(seed)
     for key in params:
         if key.endswith("/shift") or key.endswith("/bias"):
             params[key] = rng.normal(size=params[key].shape) * 0.5
@@ -33,15 +52,14 @@ def _images(rng, n, arch=TINY):
 
 
 @pytest.mark.parametrize("normalization", BN_VARIANTS)
-def test_training_forward(engine64, rng, ref, normalization):
+def test_training_forward(engine64, rng, ref, nets, normalization):
     bn = BatchNormSpec(running_decay=0.9, epsilon=1e-3)
     params, state = _random_params(TINY, normalization, rng)
     assert ("conv1/scale" in params) == (normalization == "batch_norm_scale_shift")
     assert "conv1/bias" not in params and "logits/bias" in params
     images = _images(rng, 5)
     e = engine64
-    out = models.forward(e.ops, TINY, e.import_tree(params), e.import_tree(state), e.put_images(images),
-                         normalization=normalization, batch_norm=bn, training=True, need_moments=True)
+    out = nets.forward(e, TINY, params, state, images, normalization=normalization, batch_norm=bn.table, training=True)
     logits, preacts, raw = ref.forward(TINY, params, state, images, normalization=normalization, bn_epsilon=bn.epsilon)
     np.testing.assert_allclose(e.activation_to_numpy(out.logits), logits, rtol=1e-10, atol=1e-12)
     for name, z in preacts.items():
@@ -84,23 +102,23 @@ def test_training_backward(engine64, program_factory, rng, ref, normalization, m
             np.testing.assert_allclose(grads[name][index], numeric, rtol=1e-5, atol=1e-8, err_msg=f"{name}{index}")
             checked += 1
     assert checked > 20
-    assert np.abs(grads[f"{program.arch.hidden[0].name}/shift"]).max() > 1e-4
+    assert np.abs(grads[f"{program.arch.slots[0].layer}/shift"]).max() > 1e-4
 
 
 @pytest.mark.parametrize("running_variance", ["biased", "unbiased"])
 @pytest.mark.parametrize("normalization", BN_VARIANTS)
-def test_running_statistics(engine, rng, ref, running_variance, normalization):
+def test_running_statistics(engine, rng, ref, nets, running_variance, normalization):
     """Several training-mode forwards: running = decay * running + (1 - decay) * batch estimate."""
     decay = 0.8
     bn = BatchNormSpec(running_decay=decay, epsilon=1e-3, running_variance=running_variance)
     params, state = _random_params(TINY, normalization, rng)
     e = engine
     expected = {k: v.copy() for k, v in state.items()}
+    plan = nets.plan(normalization, arch=TINY, batch_norm=bn.table)
     backend_params, backend_state = e.import_tree(params), e.import_tree(state)
     for _ in range(4):
         images = _images(rng, 7).astype(e.dtype).astype(np.float64)
-        out = models.forward(e.ops, TINY, backend_params, backend_state, e.put_images(images),
-                             normalization=normalization, batch_norm=bn, training=True, need_moments=False)
+        out = plan.forward(e.ops, backend_params, backend_state, e.put_images(images), training=True)
         backend_state = out.state
         _, _, raw = ref.forward(TINY, params, state, images, normalization=normalization, bn_epsilon=bn.epsilon)
         for name, z in raw.items():
@@ -149,15 +167,14 @@ def test_running_statistics_through_trainer(engine64, program_factory, rng, ref)
 
 
 @pytest.mark.parametrize("normalization", BN_VARIANTS)
-def test_inference_uses_running_statistics(engine, rng, ref, normalization):
+def test_inference_uses_running_statistics(engine, rng, ref, nets, normalization):
     bn = BatchNormSpec(running_decay=0.99, epsilon=1e-3)
     params, state = _random_params(TINY, normalization, rng)
     for key in state:  # running stats unlike any batch's: inference must use these, not the batch's
         state[key] = rng.uniform(0.5, 2.0, size=state[key].shape) if key.endswith("running_var") else rng.normal(size=state[key].shape)
     images = _images(rng, 3)
     e = engine
-    out = models.forward(e.ops, TINY, e.import_tree(params), e.import_tree(state), e.put_images(images),
-                         normalization=normalization, batch_norm=bn, training=False, need_moments=True)
+    out = nets.forward(e, TINY, params, state, images, normalization=normalization, batch_norm=bn.table, training=False)
     logits, preacts, _ = ref.forward(TINY, params, state, images.astype(e.dtype).astype(np.float64),
                                      normalization=normalization, bn_epsilon=bn.epsilon, training=False)
     rtol, atol = (1e-10, 1e-12) if e.dtype == "float64" else (1e-4, 1e-4)

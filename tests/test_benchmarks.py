@@ -99,8 +99,11 @@ def test_full_budgets_follow_the_paper(monkeypatch):
             spec, variant = harness.training_spec(model, normalization)
             assert (spec.steps_for(variant), spec.batch_size, spec.eval_every, spec.seeds) == (1000, 128, 50, (0,))
             assert (spec.optimizer.name, spec.optimizer.learning_rate) == ("sgd", 1e-3)
-            assert variant.normalization == normalization
+            assert harness._variant_key(variant) == normalization
             assert 0.1 < harness.TARGET_ACCURACY[(model, normalization)] < 1.0
+    # The grid is the bundled specs' variants: the paper's three methods on both models.
+    assert harness.NORMALIZATIONS == ["none", "batch_norm_shift", "standardization_loss"]
+    assert harness.MODELS == ["cnn3", "mlp3"]
 
 
 def test_injected_sleep_lands_inside_the_timed_step(monkeypatch):

@@ -111,9 +111,17 @@ def test_specs_name_prints_the_bundled_toml(capsys):
 def test_specs_format(capsys):
     code, out, _ = _main(["specs", "--format"], capsys)
     assert code == 0
-    for field in ["[optimizer]", "[schedule]", "[batch_norm]", "[standardization_loss]", "[[variant]]",
+    for field in ["[optimizer]", "[schedule]", "[[variant]]", "auxiliary_losses", "affine",
                   "running_decay", "log_epsilon", "track_percentiles"]:
         assert field in out, field
+    from normbench import auxiliary_losses, normalizations
+
+    # Every registered method and loss is documented, with each of its options.
+    for registry in (normalizations, auxiliary_losses):
+        for name, cls in registry.REGISTRY.items():
+            assert f"\n  {name} " in out, name
+            for option in cls.options:
+                assert f"      {option.name} (" in out, (name, option.name)
 
 
 def test_backends(capsys):

@@ -1,4 +1,4 @@
-"""The neutral models: padding, layer shapes, initialization, conv/flatten per backend."""
+"""The architectures: padding, layer shapes, initialization, conv/flatten per backend."""
 
 from __future__ import annotations
 
@@ -7,9 +7,12 @@ import math
 import numpy as np
 import pytest
 
-from normbench import models
+from normbench import architectures
+from normbench.architectures import Architecture, conv_padding
 from normbench.data_order import seed_streams
-from normbench.models import ARCHITECTURES, Architecture, Conv, Dense, conv_padding
+
+from normbench.plan import resolve
+from normbench import spec as spec_module
 
 NORMALIZATIONS = ["none", "batch_norm_shift", "batch_norm_scale_shift", "standardization_loss"]
 
@@ -39,43 +42,71 @@ def test_conv_padding_rejects_unknown_mode():
         conv_padding(28, 5, 2, "full")
 
 
+def _shapes(arch):
+    return [(layer.name, layer.kernel_shape, layer.pads) for layer in arch.layers()]
+
+
 def test_cnn3_layer_shapes():
-    assert ARCHITECTURES["cnn3"].layer_shapes() == [
+    assert _shapes(architectures.get("cnn3")) == [
         ("conv1", (5, 5, 1, 32), ((1, 2), (1, 2))),  # 28 -> 14
         ("conv2", (5, 5, 32, 16), ((1, 2), (1, 2))),  # 14 -> 7
         ("conv3", (5, 5, 16, 8), ((2, 2), (2, 2))),  # 7 -> 4
         ("logits", (4 * 4 * 8, 10), None),  # the dense head sees 128 features
     ]
-    assert ARCHITECTURES["cnn3"].is_convolutional
+    assert architectures.get("cnn3").is_convolutional
+    assert [slot.layer for slot in architectures.get("cnn3").slots] == ["conv1", "conv2", "conv3"]
 
 
 def test_mlp3_layer_shapes():
-    assert ARCHITECTURES["mlp3"].layer_shapes() == [
+    assert _shapes(architectures.get("mlp3")) == [
         ("dense1", (784, 100), None), ("dense2", (100, 100), None), ("dense3", (100, 100), None), ("logits", (100, 10), None)]
-    assert not ARCHITECTURES["mlp3"].is_convolutional
+    assert not architectures.get("mlp3").is_convolutional
 
 
-def test_valid_padding_shapes_and_conv_after_dense():
-    arch = Architecture("v", (10, 10, 3), (Conv("c1", 6, 3, 1, "valid"), Conv("c2", 2, 3, 2, "valid")), 4)
+def _valid_net(net, x):
+    x = net.conv("c1", x, 6, kernel_size=3, stride=1, padding="valid")
+    x = net.conv("c2", x, 2, kernel_size=3, stride=2, padding="valid")
+    return net.dense("logits", x, 4, normalize=False, activation=None)
+
+
+def test_valid_padding_shapes():
+    arch = Architecture("v", (10, 10, 3), 4, _valid_net)
     # 10 -> 8 -> 3
-    assert arch.layer_shapes() == [("c1", (3, 3, 3, 6), ((0, 0), (0, 0))), ("c2", (3, 3, 6, 2), ((0, 0), (0, 0))),
-                                   ("logits", (18, 4), None)]
-    bad = Architecture("bad", (10, 10, 3), (Dense("d", 5), Conv("c", 2, 3, 1)), 4)
-    with pytest.raises(ValueError, match="cannot follow a dense"):
-        bad.layer_shapes()
+    assert _shapes(arch) == [("c1", (3, 3, 3, 6), ((0, 0), (0, 0))), ("c2", (3, 3, 6, 2), ((0, 0), (0, 0))),
+                             ("logits", (18, 4), None)]
+    wrong = Architecture("wrong-classes", (10, 10, 3), 5, _valid_net)
+    with pytest.raises(ValueError, match="expected"):
+        wrong.layers()
+
+
+def test_architectures_registry_lists_every_family_file():
+    assert {"cnn3", "mlp3", "cnn-tiny", "mlp-tiny"} <= set(architectures.names())
+    with pytest.raises(KeyError, match="did you mean 'cnn3'"):
+        architectures.get("cnn33")
 
 
 # ----------------------------------------------------------------------------- initialization
 
 
 def _params(model, normalization, seed):
-    return models.init_params(ARCHITECTURES[model], normalization, seed_streams(seed)[0])
+    """Initial parameters of a bundled-spec-like variant written the old way."""
+    variant = {"name": "v", "normalization": normalization}
+    if normalization == "standardization_loss":
+        variant["standardization_loss_weight"] = 1.0
+    text = (f'name = "t"\nmodel = "{model}"\ndataset = "mnist"\nbatch_size = 8\nsteps = 1\neval_every = 1\nseeds = 1\n'
+            '[optimizer]\nname = "sgd"\nlearning_rate = 0.1\n[[variant]]\n' + "\n".join(f'{k} = "{v}"' if isinstance(v, str) else f"{k} = {v}" for k, v in variant.items()))
+    spec = spec_module.loads(text)
+    return resolve(spec, spec.variants[0]).initial_parameters(seed)
+
+
+def kernel_names(params):
+    return [k for k in params if k.endswith("/kernel")]
 
 
 @pytest.mark.parametrize("model", ["cnn3", "mlp3"])
 def test_glorot_uniform_limits_and_statistics(model):
     params, _ = _params(model, "none", 0)
-    for name, shape, _ in ARCHITECTURES[model].layer_shapes():
+    for name, shape, _ in _shapes(architectures.get(model)):
         kernel = params[f"{name}/kernel"]
         assert kernel.shape == shape and kernel.dtype == np.float64
         receptive = shape[0] * shape[1] if len(shape) == 4 else 1
@@ -111,7 +142,7 @@ def test_biases_shifts_scales_and_state(normalization):
             assert f"{layer}/scale" not in params
     np.testing.assert_array_equal(params["logits/bias"], np.zeros(10))
     assert bool(state) == bn
-    assert models.kernel_names(params) == ["conv1/kernel", "conv2/kernel", "conv3/kernel", "logits/kernel"]
+    assert kernel_names(params) == ["conv1/kernel", "conv2/kernel", "conv3/kernel", "logits/kernel"]
 
 
 @pytest.mark.parametrize("model", ["cnn3", "mlp3"])
@@ -119,10 +150,10 @@ def test_init_is_deterministic_and_shared_by_variants(model):
     reference, _ = _params(model, "none", 7)
     for normalization in NORMALIZATIONS:
         params, _ = _params(model, normalization, 7)
-        for name in models.kernel_names(reference):
+        for name in kernel_names(reference):
             np.testing.assert_array_equal(params[name], reference[name], err_msg=f"{normalization} {name}")
     other, _ = _params(model, "none", 8)
-    for name in models.kernel_names(reference):
+    for name in kernel_names(reference):
         assert not np.allclose(other[name], reference[name]), name
     # The weights stream is not the data-order stream.
     init_seed, data_seed = seed_streams(7)
@@ -134,7 +165,7 @@ def test_program_initial_parameters_follow_the_seed(program_factory):
     a, _ = program.initial_parameters(3)
     b, _ = program.initial_parameters(3)
     c, _ = _params("cnn-tiny", "none", 3)
-    for name in models.kernel_names(a):
+    for name in kernel_names(a):
         np.testing.assert_array_equal(a[name], b[name])
         np.testing.assert_array_equal(a[name], c[name])
 
@@ -199,19 +230,18 @@ def test_dense_and_channel_primitives(engine, rng, tolerance):
 
 
 @pytest.mark.parametrize("model", ["cnn3", "mlp3"])
-def test_forward_logits_against_numpy(engine, rng, ref, program_factory, model):
+def test_forward_logits_against_numpy(engine, rng, ref, program_factory, nets, model):
     """The paper's models, no normalization, end to end against the NumPy reference forward."""
     program = program_factory("none", model=model)
     params, state = program.initial_parameters(seed=0)
     params = {k: (rng.normal(size=v.shape) * 0.1 if k.endswith("/bias") else v) for k, v in params.items()}
     images = rng.uniform(0, 1, size=(3, 28, 28, 1))
     e = engine
-    out = models.forward(e.ops, program.arch, e.import_tree(params), e.import_tree(state), e.put_images(images),
-                         normalization="none", batch_norm=program.spec.batch_norm, training=True, need_moments=True)
+    out = nets.forward(e, program.arch, params, state, images, normalization="none")
     logits, preacts, _ = ref.forward(program.arch, params, state, images, normalization="none")
     rtol = 1e-10 if e.dtype == "float64" else 1e-4
     np.testing.assert_allclose(e.activation_to_numpy(out.logits), logits, rtol=rtol, atol=rtol)
-    assert list(out.preactivations) == [layer.name for layer in program.arch.hidden]
+    assert list(out.preactivations) == [slot.layer for slot in program.arch.slots]
     for name, z in preacts.items():
         np.testing.assert_allclose(e.activation_to_numpy(out.preactivations[name]), z, rtol=rtol, atol=rtol)
         np.testing.assert_allclose(e.to_numpy(out.moments[name][1]), ref.moments(z)[1], rtol=rtol * 10, atol=rtol)

@@ -18,12 +18,12 @@ import pytest
 
 from normbench import backends, parity
 from normbench import spec as spec_module
-from normbench.program import TrainingProgram
+from normbench.plan import resolve as TrainingProgram
 
 PAIRS = list(itertools.combinations(backends.names(), 2))  # torch-jax, torch-tensorflow, jax-tensorflow
 PAIR_IDS = [f"{a}-{b}" for a, b in PAIRS]
 MODELS = ("cnn3", "mlp3")
-NORMALIZATIONS = spec_module.NORMALIZATIONS  # none, batch_norm_shift, batch_norm_scale_shift, standardization_loss
+NORMALIZATIONS = ("none", "batch_norm_shift", "batch_norm_scale_shift", "standardization_loss")  # the legacy names
 SEED = 0
 TRAJECTORY_STEPS = 50
 FLOAT64_BATCH = 64  # float64 single steps use the first 64 examples of the first batch (float64 CPU convs are slow)
@@ -122,7 +122,7 @@ def _trajectory(cache, backend, spec, variant, steps, dtype="float32"):
 
 
 def _assert_agree(outputs: dict, dtype: str, spec, variant: str) -> None:
-    rows = parity.compare_outputs(outputs, dtype, variant, spec.standardization_loss.log_epsilon)
+    rows = parity.compare_outputs(outputs, dtype, variant, TrainingProgram(spec, variant).std_metric.log_epsilon)
     assert rows, "nothing was compared"
     failed = [r for r in rows if not r.ok]
     assert not failed, f"{len(failed)} of {len(rows)} quantities exceed the {dtype} tolerance:\n" + parity.format_table(failed)
@@ -131,9 +131,9 @@ def _assert_agree(outputs: dict, dtype: str, spec, variant: str) -> None:
 def _expected_step_quantities(spec, normalization) -> set[str]:
     program = TrainingProgram(spec, spec.variant(normalization))
     params, state = program.initial_parameters(SEED)
-    layers = [layer.name for layer in program.arch.hidden]
+    layers = [slot.layer for slot in program.arch.slots]
     return ({f"gradient/{k}" for k in params} | {f"state/{k}" for k in state}
-            | {"logits", "total_loss", "cross_entropy", "standardization_loss"}
+            | {"logits", "total_loss", "cross_entropy"} | {f"{loss.name}_loss" for loss in program.losses}
             | {f"{kind}/{layer}" for kind in ("preactivation", "mean", "var") for layer in layers})
 
 

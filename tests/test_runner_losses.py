@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from normbench import runner
-from normbench.program import TrainingProgram
+from normbench.plan import resolve as TrainingProgram
 
 
 class _ScriptedTrainer:

@@ -103,13 +103,13 @@ BAD_SPECS = [
     ("duplicate-seeds", changed(seeds=[1, 1]), "seeds", "distinct"),
     ("zero-variant-steps", variant_changed(0, steps=0), "variant[0].steps", ">= 1"),
     # unknown choices
-    ("unknown-model", changed(model="resnet50"), "model", "cnn3, mlp3, cnn-tiny, mlp-tiny"),
+    ("unknown-model", changed(model="resnet50"), "model", "cnn3, cnn-tiny, mlp3, mlp-tiny"),
     ("unknown-dataset", changed(dataset="cifar10"), "dataset", "allowed: mnist"),
     ("unknown-dtype", changed(dtype="float16"), "dtype", "float32, float64"),
     ("unknown-optimizer", changed(optimizer={"name": "lamb"}), "optimizer.name", "sgd, rmsprop, adam"),
     ("unknown-schedule", changed(schedule={"name": "cosine"}), "schedule.name", "constant, step_decay, piecewise"),
-    ("unknown-normalization", variant_changed(0, normalization="layer_norm"), "variant[0].normalization",
-     "batch_norm_shift"),
+    ("unknown-normalization", variant_changed(0, normalization="switch_norm"), "variant[0].normalization",
+     "batch_norm"),
     ("unknown-running-variance", changed(batch_norm={"running_variance": "sample"}), "batch_norm.running_variance",
      "biased, unbiased"),
     # missing required fields
@@ -134,7 +134,8 @@ BAD_SPECS = [
     ("duplicate-tracked-layer", changed(track_percentiles=["dense1", "dense1"]), "track_percentiles", "distinct"),
     ("batch-larger-than-data", changed(batch_size=60001), "batch_size", "60000 training examples"),
     ("train-eval-larger-than-data", changed(train_eval_examples=70000), "train_eval_examples", "60000 training examples"),
-    ("batch-of-one-with-dense-batch-norm", changed(batch_size=1), "batch_size", "batch_size >= 2"),
+    ("batch-of-one-with-dense-batch-norm", changed(batch_size=1), "variant[1].normalization",
+     "need at least 2 values per channel"),
     # names that would become unsafe directory names
     ("variant-name-dotdot", variant_changed(0, name=".."), "variant[0].name", "letters, digits"),
     ("spec-name-with-slash", changed(name="a/b"), "name", "letters, digits"),
@@ -297,7 +298,7 @@ def test_replace_revalidates():
     bad = [
         (dict(batch_size=0), "batch_size: must be >= 1"),
         (dict(batch_size=10**6), "batch_size"),
-        (dict(model="nope"), "model: unknown value 'nope'"),
+        (dict(model="nope"), "model: unknown architecture 'nope'"),
         (dict(track_percentiles=["dense1"]), "track_percentiles"),
         (dict(optimizer=dataclass_replace(spec.optimizer, learning_rate=-1.0)), "optimizer.learning_rate"),
         (dict(variants=[{"name": "s", "normalization": "standardization_loss"}]), "variant[0].standardization_loss_weight"),
