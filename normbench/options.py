@@ -62,8 +62,8 @@ def check(option: Option, value: Any) -> str | None:
         if kind == "integer" and not isinstance(value, int):
             return f"expected an integer, got {value!r}"
         if option.low is not None and (value < option.low or (option.low_open and value == option.low)):
-            return f"must be {'>' if option.low_open else '>='} {option.low:g}, got {value}"
+            return f"must be {'>' if option.low_open else '>='} {option.low}, got {value}"
         if option.high is not None and (value > option.high or (option.high_open and value == option.high)):
-            return f"must be {'<' if option.high_open else '<='} {option.high:g}, got {value}"
+            return f"must be {'<' if option.high_open else '<='} {option.high}, got {value}"
         return None
     raise ValueError(f"unknown option kind {kind!r}")
