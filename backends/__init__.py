@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+if __name__ != "normbench.backends":  # the repository root is on sys.path; do not shadow another `backends`
+    raise ModuleNotFoundError(f"No module named {__name__!r} ({__file__} is normbench.backends, never a top-level package)",
+                              name=__name__)
+
 import importlib
 import importlib.util
 

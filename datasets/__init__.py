@@ -10,6 +10,10 @@ one-line ``DESCRIPTION``; the folder is the registry (no list of names anywhere 
 
 from __future__ import annotations
 
+if __name__ != "normbench.datasets":  # the repository root is on sys.path; do not shadow another `datasets`
+    raise ModuleNotFoundError(f"No module named {__name__!r} ({__file__} is normbench.datasets, never a top-level package)",
+                              name=__name__)
+
 import os
 from types import ModuleType
 

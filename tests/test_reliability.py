@@ -51,6 +51,10 @@ from normbench.datasets.base import sha256_file
 pytestmark = pytest.mark.slow
 
 # The sweep the interruption tests run: the bundled smoke spec, shortened. 6 runs.
+# These tests drive the runner through one backend, torch; where it is not installed
+# (tox -e jax, tox -e tf) they skip with this reason.
+needs_torch = pytest.mark.skipif(not backends.is_available("torch"),
+                                 reason="drives the runner with the torch backend, which is not installed here")
 SMOKE_SWEEP = ["run", "smoke", "--backend", "torch", "--steps", "3", "--no-progress"]
 SMOKE_RUNS = 6
 # Subprocesses of the interruption tests are only compared with each other: one thread
@@ -179,6 +183,7 @@ def one_line(err: str) -> str:
 # ----------------------------------------------------------------------------- divergence
 
 
+@needs_torch
 def test_diverging_runs_are_recorded_and_the_sweep_goes_on(tmp_path, cached_data, capsys):
     # A learning rate of 1e30 sends every run to inf at its first update.
     out = tmp_path / "all-diverge"
@@ -207,6 +212,7 @@ def test_diverging_runs_are_recorded_and_the_sweep_goes_on(tmp_path, cached_data
     assert len(runner.collect(out).read_text().splitlines()) == 1 + 6 * 2  # their finite rows are still collected
 
 
+@needs_torch
 def test_a_method_whose_runs_all_diverge_is_counted_never_averaged(tmp_path, cached_data, capsys):
     # At learning rate 1e4 the tiny MLP's standardization-loss runs blow up while batch norm holds.
     out = tmp_path / "mixed"
@@ -243,6 +249,7 @@ def uninterrupted(tmp_path_factory) -> Path:
     return out
 
 
+@needs_torch
 def test_sigkill_mid_sweep_then_rerun_resumes_and_matches_an_uninterrupted_sweep(tmp_path, uninterrupted):
     out = tmp_path / "out"
     proc = start(*SMOKE_SWEEP, "--out", out)
@@ -264,6 +271,7 @@ def test_sigkill_mid_sweep_then_rerun_resumes_and_matches_an_uninterrupted_sweep
     assert summary(out).equals(summary(uninterrupted))
 
 
+@needs_torch
 def test_ctrl_c_exits_130_with_one_line_and_keeps_finished_runs(tmp_path, uninterrupted):
     out = tmp_path / "out"
     proc = start(*SMOKE_SWEEP, "--out", out)
@@ -287,6 +295,7 @@ def test_ctrl_c_exits_130_with_one_line_and_keeps_finished_runs(tmp_path, uninte
     assert metrics_rows(out) == reference
 
 
+@needs_torch
 def test_two_sweeps_into_one_directory_share_the_work_and_both_end_complete(tmp_path, uninterrupted):
     out = tmp_path / "out"
     first, second = start(*SMOKE_SWEEP, "--out", out), start(*SMOKE_SWEEP, "--out", out)
@@ -316,6 +325,7 @@ def tiny_results(tmp_path_factory) -> tuple[Path, Path]:
     return spec_path, out
 
 
+@needs_torch
 def test_leftovers_of_killed_writers_are_cleared_and_never_read(tmp_path, tiny_results, cached_data):
     spec_path, finished = tiny_results
     out = tmp_path / "out"
@@ -337,6 +347,7 @@ def test_leftovers_of_killed_writers_are_cleared_and_never_read(tmp_path, tiny_r
     assert metrics_rows(out) == metrics_rows(finished)
 
 
+@needs_torch
 def test_a_results_directory_of_another_spec_is_refused_before_anything_changes(tmp_path, tiny_results, capsys,
                                                                                  monkeypatch):
     spec_path, finished = tiny_results
@@ -350,6 +361,7 @@ def test_a_results_directory_of_another_spec_is_refused_before_anything_changes(
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # spec.toml included
 
 
+@needs_torch
 def test_an_unreadable_run_record_is_reported_in_one_line(tmp_path, tiny_results, capsys, monkeypatch):
     spec_path, finished = tiny_results
     out = tmp_path / "out"
@@ -360,6 +372,7 @@ def test_an_unreadable_run_record_is_reported_in_one_line(tmp_path, tiny_results
     assert "unreadable provenance" in one_line(capsys.readouterr().err)
 
 
+@needs_torch
 def test_a_full_results_disk_stops_with_one_line_and_keeps_finished_runs(tmp_path, tiny_results, cached_data,
                                                                          capsys, monkeypatch):
     spec_path, finished = tiny_results
@@ -392,6 +405,7 @@ def _real_mnist() -> Path:
     return directory
 
 
+@needs_torch
 def test_a_truncated_data_file_is_detected_fetched_again_and_the_run_succeeds(tmp_path, monkeypatch, capsys):
     real = _real_mnist()
     data_dir = tmp_path / "data"
@@ -417,6 +431,7 @@ def test_a_truncated_data_file_is_detected_fetched_again_and_the_run_succeeds(tm
     assert record["status"] == "ok" and record["data_files"] == mnist.EXPECTED_SHA256
 
 
+@needs_torch
 def test_an_unusable_data_dir_exits_2_with_one_line(tmp_path, monkeypatch, capsys):
     not_a_directory = tmp_path / "data"
     not_a_directory.write_text("a file where the data cache should be")
@@ -454,6 +469,7 @@ def test_the_same_spec_backend_and_seed_give_bit_identical_metrics(tmp_path, ava
 # ----------------------------------------------------------------------------- resources and devices
 
 
+@needs_torch
 def test_a_batch_that_cannot_fit_in_memory_fails_early_with_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(resources, "host_memory_available", lambda: 2 * 2**30)  # a 2 GiB machine
     forbid(monkeypatch, "load_data", "loading data")
