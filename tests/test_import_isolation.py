@@ -15,7 +15,8 @@ CORE_MODULES = [
     "normbench", "normbench.spec", "normbench.models", "normbench.program", "normbench.objectives",
     "normbench.optimizers", "normbench.data_order", "normbench.runner", "normbench.report", "normbench.cli",
     "normbench.experiments", "normbench.provenance", "normbench.backends", "normbench.backends.base",
-    "normbench.datasets",
+    "normbench.datasets", "normbench.executors", "normbench.executors.local", "normbench.executors.dask_sweep",
+    "normbench.executors.processes", "normbench.executors.scheduler",
 ]
 FRAMEWORKS = ["torch", "jax", "tensorflow"]
 
