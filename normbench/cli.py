@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+EXIT_FAILED = 1  # some runs failed on a cluster; every other run is kept
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
@@ -54,6 +55,11 @@ def _add_run_options(p: argparse.ArgumentParser, default_out: str) -> None:
     p.add_argument("--out", help=f"results directory (default: {default_out})")
     p.add_argument("--data-dir", help="data cache directory (default: $NORMBENCH_DATA_DIR or ~/.cache/normbench)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--executor", default="local", metavar="NAME",
+                   help="where runs execute: local (this process, the default), processes (a local Dask cluster "
+                        "of --workers processes) or dask (the Dask cluster at --scheduler); see docs/cluster.md")
+    p.add_argument("--workers", type=_positive_int, help="worker processes of --executor processes (default: the cores)")
+    p.add_argument("--scheduler", metavar="ADDRESS", help="Dask scheduler of --executor dask, e.g. tcp://head:8786")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -101,37 +107,56 @@ def build_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------- commands
 
 
-def _cmd_run(args) -> int:
-    from normbench import backends, runner, spec as spec_module
+def _open_executor(args):
+    from normbench import executors
 
+    return executors.open(args.executor, workers=args.workers, scheduler=args.scheduler, log=_info)
+
+
+def _cmd_run(args) -> int:
+    from normbench import backends, executors, spec as spec_module
+
+    executors.check_options(args.executor, args.workers, args.scheduler)
     spec = _apply_overrides(spec_module.load(args.spec), args.seeds, args.steps)
     backend = backends.canonical_name(args.backend)
     out = Path(args.out) if args.out else Path("runs") / spec.name
-    results = runner.run_sweep(spec, [backend], out, device=args.device, data_dir=args.data_dir,
-                               progress=_progress_enabled(args), log=_info)
+    with _open_executor(args) as executor:
+        results = executor.run_sweep(spec, [backend], out, device=args.device, data_dir=args.data_dir,
+                                     progress=_progress_enabled(args), log=_info)
     _print_run_summary(results, out)
     return 0
 
 
 def _cmd_reproduce(args) -> int:
-    from normbench import backends, experiments, provenance, reporting, runner, spec as spec_module
+    from normbench import executors, experiments
 
-    if args.experiment == "all":  # every experiment, each into <--out or results>/<name>
-        root = Path(args.out) if args.out else Path("results")
-        for name in experiments.names():
-            _cmd_reproduce(argparse.Namespace(**{**vars(args), "experiment": name, "out": str(root / name)}))
-        return 0
-    try:
-        experiment = experiments.get(args.experiment)
-    except KeyError as exc:
-        raise UsageError(exc.args[0]) from None
+    executors.check_options(args.executor, args.workers, args.scheduler)
+    if args.experiment != "all":  # an unknown name fails before a cluster is started
+        try:
+            experiments.get(args.experiment)
+        except KeyError as exc:
+            raise UsageError(exc.args[0]) from None
+    with _open_executor(args) as executor:  # one cluster for every experiment of `all`
+        if args.experiment == "all":  # every experiment, each into <--out or results>/<name>
+            root = Path(args.out) if args.out else Path("results")
+            for name in experiments.names():
+                _reproduce(argparse.Namespace(**{**vars(args), "experiment": name, "out": str(root / name)}), executor)
+            return 0
+        return _reproduce(args, executor)
+
+
+def _reproduce(args, executor) -> int:
+    from normbench import backends, experiments, provenance, reporting, spec as spec_module
+
+    experiment = experiments.get(args.experiment)
     spec = _apply_overrides(spec_module.load(experiment.spec), args.seeds, args.steps)
     chosen = [backends.canonical_name(b) for b in (args.backends or experiment.default_backends)]
     out = Path(args.out) if args.out else Path("results") / experiment.name
     out.mkdir(parents=True, exist_ok=True)
     (out / "experiment.json").write_text(json.dumps({"experiment": experiment.name, "backends": chosen,
                                                      "command": provenance.command_line()}, indent=2) + "\n")
-    runner.run_sweep(spec, chosen, out, device=args.device, data_dir=args.data_dir, progress=_progress_enabled(args), log=_info)
+    executor.run_sweep(spec, chosen, out, device=args.device, data_dir=args.data_dir, progress=_progress_enabled(args),
+                       log=_info)
     built = reporting.build_report(out, experiment.name)
     print(built["markdown"])
     print(f"wrote {out}/table.md, table.tex, table.csv and {', '.join(str(p) for p in built['figures'])}")
@@ -258,6 +283,10 @@ def _print_run_summary(results, out: Path) -> None:
         print(f"  {r.run_dir.relative_to(out)}: diverged at step {r.diverged_at_step}")
 
 
+def _one_line(exc: BaseException) -> str:
+    return " | ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+
+
 def _info(message: str) -> None:
     print(message, file=sys.stderr)
 
@@ -278,16 +307,20 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     from normbench.backends import BackendUnavailable, UnknownBackend
     from normbench.datasets import DatasetError
+    from normbench.executors import ExecutorError, RunsFailed
     from normbench.runner import ResultsConflict
     from normbench.spec import SpecError
 
     try:
         return COMMANDS[args.command](args)
-    except (UsageError, SpecError, UnknownBackend, BackendUnavailable, DatasetError, ResultsConflict, OSError) as exc:
+    except (UsageError, SpecError, UnknownBackend, BackendUnavailable, DatasetError, ResultsConflict, ExecutorError,
+            OSError) as exc:
         # One line, always: multi-line messages (a data fetch lists every source tried) are folded.
-        message = " | ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-        print(f"normbench: error: {message}", file=sys.stderr)
+        print(f"normbench: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
+    except RunsFailed as exc:  # the other runs are written; re-running retries these
+        print(f"normbench: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print("normbench: interrupted; finished runs are kept, re-run the same command to resume", file=sys.stderr)
         return EXIT_INTERRUPTED

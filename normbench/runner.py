@@ -331,6 +331,49 @@ def write_run(run_dir: Path, outcome: dict, record: dict, tracked: bool, columns
     fsync_path(run_dir.parent)
 
 
+def place_data(engine, data: LoadedData, spec: ExperimentSpec) -> tuple:
+    """The training set and the evaluation splits on `engine`, placed once and reused by every run there."""
+    return engine.put_images(data.train_images), engine.put_labels(data.train_labels), _Evaluator(engine, data, spec)
+
+
+def train_run(spec: ExperimentSpec, variant: VariantSpec, seed: int, engine, data: LoadedData, placed: tuple,
+              env: dict, on_step: Callable[[int], None] | None = None) -> tuple[dict, dict]:
+    """Train one run in memory and describe it: (outcome of `execute_run`, provenance record).
+
+    Reads and writes no results directory, so any process holding the data can call it
+    (a Dask worker does, see normbench.executors) and hand both back to the process that
+    writes them (`store_run`). `placed` comes from `place_data`; `env` from
+    provenance.environment()."""
+    train_images, train_labels, evaluator = placed
+    started = provenance.now()
+    plan = resolve(spec, variant)
+    outcome = execute_run(engine, plan, seed, train_images, train_labels, evaluator, on_step=on_step)
+    outcome["columns"] = metric_columns(plan)
+    record = {
+        "run_key": run_key(spec, variant, seed, engine.name), "spec_hash": spec.hash(), "spec_name": spec.name,
+        "spec_source": spec.source, "backend": engine.name, "variant": dataclasses.asdict(variant), "seed": seed,
+        "dtype": spec.dtype, "device": engine.device_description(), "framework_versions": engine.versions(),
+        "status": outcome["status"], "diverged_at_step": outcome["diverged_at_step"],
+        "non_finite": outcome["non_finite"], "last_finite_step": outcome["last_finite_step"],
+        "steps_completed": outcome["steps_completed"], "train_time_s": round(outcome["train_time_s"], 3),
+        "data_files": data.files, "started": started, "finished": provenance.now(), **env,
+    }
+    return outcome, record
+
+
+def store_run(run_dir: Path, outcome: dict, record: dict, spec: ExperimentSpec, log=print) -> RunResult:
+    """Write a run trained by `train_run` (holding its `_run_lock`) and say if it diverged."""
+    try:
+        write_run(run_dir, outcome, record, tracked=bool(spec.track_percentiles), columns=outcome["columns"])
+    except OSError as exc:
+        raise ResultsUnwritable(f"{run_dir}: cannot write the run ({exc.strerror or exc}); "
+                                "finished runs are kept, free space or use another --out") from None
+    if outcome["status"] == "diverged":
+        log(f"{record['backend']}/{record['variant']['name']}/seed {record['seed']}: diverged at step "
+            f"{outcome['diverged_at_step']} ({', '.join(outcome['non_finite'])} not finite; recorded, continuing)")
+    return _summarize(run_dir, reused=False)
+
+
 # ----------------------------------------------------------------------------- sweeps
 
 
@@ -347,7 +390,6 @@ def run_sweep(spec: ExperimentSpec, backend_names: list[str], out: str | Path, *
     out = Path(out)
     backend_names = list(dict.fromkeys(backend_registry.canonical_name(b) for b in backend_names))
     todo = [(b, v, s) for b in backend_names for v in spec.variants for s in spec.seeds]
-    plans = {v.name: resolve(spec, v) for v in spec.variants}  # each variant resolved once
     keys = [run_key(spec, v, s, b) for b, v, s in todo]
     dirs = [run_dir_for(out, b, v, s) for b, v, s in todo]
     pending = {i for i in range(len(todo)) if not is_finished(dirs[i], keys[i])}  # raises on a conflict
@@ -393,34 +435,12 @@ def run_sweep(spec: ExperimentSpec, backend_names: list[str], out: str | Path, *
                 bar.update(steps if index in pending else 0)
                 return True
             if backend not in engines:
-                engine, d = created[backend], data()
-                engines[backend] = (engine, engine.put_images(d.train_images), engine.put_labels(d.train_labels),
-                                    _Evaluator(engine, d, spec))
-            engine, train_images, train_labels, evaluator = engines[backend]
+                engines[backend] = place_data(created[backend], data(), spec)
             bar.set_description(f"{backend}/{variant.name}/seed {seed}")
-            started = provenance.now()
-            plan = plans[variant.name]
-            outcome = execute_run(engine, plan, seed, train_images, train_labels,
-                                  evaluator, on_step=lambda _: bar.update(1))
+            outcome, record = train_run(spec, variant, seed, created[backend], data(), engines[backend], env,
+                                        on_step=lambda _: bar.update(1))
             bar.update(steps - outcome["steps_completed"] if index in pending else 0)
-            record = {
-                "run_key": key, "spec_hash": spec.hash(), "spec_name": spec.name,
-                "spec_source": spec.source, "backend": backend, "variant": dataclasses.asdict(variant), "seed": seed,
-                "dtype": spec.dtype, "device": engine.device_description(), "framework_versions": engine.versions(),
-                "status": outcome["status"], "diverged_at_step": outcome["diverged_at_step"],
-                "non_finite": outcome["non_finite"], "last_finite_step": outcome["last_finite_step"],
-                "steps_completed": outcome["steps_completed"], "train_time_s": round(outcome["train_time_s"], 3),
-                "data_files": data().files, "started": started, "finished": provenance.now(), **env,
-            }
-            try:
-                write_run(run_dir, outcome, record, tracked=bool(spec.track_percentiles), columns=metric_columns(plan))
-            except OSError as exc:
-                raise ResultsUnwritable(f"{run_dir}: cannot write the run ({exc.strerror or exc}); "
-                                        "finished runs are kept, free space or use another --out") from None
-            if outcome["status"] == "diverged":
-                log(f"{backend}/{variant.name}/seed {seed}: diverged at step {outcome['diverged_at_step']} "
-                    f"({', '.join(outcome['non_finite'])} not finite; recorded, continuing)")
-            results[index] = _summarize(run_dir, reused=False)
+            results[index] = store_run(run_dir, outcome, record, spec, log)
             return True
 
     try:

@@ -15,6 +15,16 @@ previously recorded commit, print the comparison as markdown, and fail on a regr
                                                      #   (markdown, CSV, provenance; see `export`)
     python scripts/nightly.py --compare-only --commit <c> --export DIR
                                                      # export an already recorded commit
+    python scripts/nightly.py --reproduce mnist-cnn --executor processes --workers 2
+                                                     # also retrain a paper experiment (normbench
+                                                     #   reproduce) into runs/nightly/<commit>/, on
+                                                     #   the executor given (docs/cluster.md)
+    python scripts/nightly.py --reproduce all --executor dask --scheduler tcp://head:8786
+
+asv itself always runs locally, one benchmark process at a time on this machine: timings
+measured on whichever node a cluster picks would not be comparable from night to night.
+The executor options (--executor, --workers, --scheduler) apply to --reproduce only, and
+are passed through to `normbench reproduce` unchanged.
 
 Results go to .asv/results/<machine>/ under `git rev-parse HEAD` (uncommitted changes are
 measured too, and a warning says so). The first run on a machine registers it with
@@ -26,8 +36,9 @@ On a machine with a GPU: install CUDA builds of the frameworks into the same env
 instead of tensorflow-cpu); the "cuda" device parameter, skipped wherever no NVIDIA driver
 is present, then runs and adds device peak memory. `--device cuda` measures the GPU only.
 
-Exit status: 0 no regression (or nothing to compare with yet); 1 a regression, or a
-benchmark that failed now; 2 usage or asv error.
+Exit status: 0 no regression (or nothing to compare with yet); 1 a regression, a
+benchmark that failed now, or a --reproduce run that failed on a cluster; 2 usage, asv
+or `normbench reproduce` usage error (an unreachable scheduler, say).
 
 Regression thresholds: every metric in the suite is lower-is-better, and a result
 regresses when it exceeds its baseline by more than
@@ -374,8 +385,21 @@ def main(argv=None) -> int:
     parser.add_argument("--commit", help="the recorded commit to compare and export (default: HEAD; with --compare-only)")
     parser.add_argument("--export", metavar="DIR", help="also write the commit's results as published tables to DIR "
                                                         "(README.md, benchmarks.csv, provenance.json)")
+    parser.add_argument("--reproduce", action="append", metavar="EXPERIMENT",
+                        help="also run `normbench reproduce EXPERIMENT` (repeatable; `all` for every one) into "
+                             "--reproduce-out/<commit>/EXPERIMENT, after the benchmarks")
+    parser.add_argument("--reproduce-out", metavar="DIR", default="runs/nightly",
+                        help="where --reproduce writes (default: %(default)s/<commit>/<experiment>)")
+    parser.add_argument("--executor", help="executor of --reproduce: local, processes or dask (asv always runs locally)")
+    parser.add_argument("--workers", type=int, help="with --executor processes: worker processes")
+    parser.add_argument("--scheduler", metavar="ADDRESS", help="with --executor dask: the Dask scheduler")
     args = parser.parse_args(argv)
     export_dir = Path(args.export).resolve() if args.export else None  # relative to where the user stands
+    reproduce_root = Path(args.reproduce_out).resolve()
+    problem = _check_reproduce_options(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     command = "python scripts/nightly.py " + " ".join(argv if argv is not None else sys.argv[1:])
 
     if os.environ.get("NORMBENCH_BENCH_QUICK", "").strip().lower() not in ("", "0", "false", "no"):
@@ -427,7 +451,7 @@ def main(argv=None) -> int:
         if not earlier:
             print(f"No earlier recorded commit on machine {args.machine!r}: {commit[:8]} is the first baseline.")
             export_now()
-            return 1 if run_status else 0
+            return max(1 if run_status else 0, reproduce(args, commit, reproduce_root))
         baseline = earlier[-1]
 
     from asv.benchmarks import Benchmarks
@@ -451,7 +475,42 @@ def main(argv=None) -> int:
     if args.publish:
         _asv("publish")
     bad = [r for r in rows if r["status"] in ("FAILED", "REGRESSION")]
-    return 1 if bad or run_status else 0
+    status = 1 if bad or run_status else 0
+    return max(status, reproduce(args, commit, reproduce_root))
+
+
+def _check_reproduce_options(args) -> str | None:
+    """What is wrong with the --reproduce / executor options, in one line, or None."""
+    executor_options = [f"--{name}" for name in ("executor", "workers", "scheduler") if getattr(args, name) is not None]
+    if executor_options and not args.reproduce:
+        return (f"{', '.join(executor_options)} applies to --reproduce only (asv itself always runs locally); "
+                "add --reproduce EXPERIMENT or drop it")
+    if args.reproduce:
+        from normbench import executors
+        try:
+            executors.check_options(args.executor or executors.DEFAULT, args.workers, args.scheduler)
+        except executors.ExecutorError as exc:
+            return str(exc)
+    return None
+
+
+def reproduce(args, commit: str, root: Path) -> int:
+    """`normbench reproduce` for each --reproduce experiment, with the executor options
+    passed through; a fresh directory per commit, so every night retrains. Returns 0, 1
+    (runs failed) or 2 (usage: a bad name, an unreachable scheduler)."""
+    worst = 0
+    for experiment in args.reproduce or ():
+        command = [sys.executable, "-m", "normbench.cli", "reproduce", experiment, "--out",
+                   str(root / commit[:12] / experiment if experiment != "all" else root / commit[:12]), "--no-progress"]
+        for name in ("executor", "workers", "scheduler"):
+            if getattr(args, name) is not None:
+                command += [f"--{name}", str(getattr(args, name))]
+        print("$ " + " ".join(command), file=sys.stderr, flush=True)
+        code = subprocess.run(command, cwd=ROOT).returncode
+        if code:
+            print(f"error: normbench reproduce {experiment} exited with {code}", file=sys.stderr)
+            worst = max(worst, 2 if code == 2 else 1)
+    return worst
 
 
 if __name__ == "__main__":

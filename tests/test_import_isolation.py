@@ -15,7 +15,9 @@ CORE_MODULES = [
     "normbench", "normbench.spec", "normbench.plugins", "normbench.normalizations", "normbench.auxiliary_losses",
     "normbench.architectures", "normbench.identity", "normbench.plan", "normbench.optimizers", "normbench.data_order",
     "normbench.runner", "normbench.reporting", "normbench.cli", "normbench.experiments", "normbench.provenance",
-    "normbench.backends", "normbench.backends.base", "normbench.datasets",
+    "normbench.backends", "normbench.backends.base", "normbench.datasets", "normbench.executors",
+    "normbench.executors.local", "normbench.executors.dask_sweep", "normbench.executors.processes",
+    "normbench.executors.scheduler",
 ]
 FRAMEWORKS = ["torch", "jax", "tensorflow"]
 
