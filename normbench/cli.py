@@ -155,8 +155,14 @@ def _reproduce(args, executor) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "experiment.json").write_text(json.dumps({"experiment": experiment.name, "backends": chosen,
                                                      "command": provenance.command_line()}, indent=2) + "\n")
-    executor.run_sweep(spec, chosen, out, device=args.device, data_dir=args.data_dir, progress=_progress_enabled(args),
-                       log=_info)
+    # Backends that run the same number of seeds share one sweep (an experiment may ask
+    # for fewer seeds on some backends; an explicit --seeds applies to every backend).
+    groups: dict[int, list[str]] = {}
+    for backend in chosen:
+        groups.setdefault(len(spec.seeds) if args.seeds else experiment.seeds_for(backend, len(spec.seeds)), []).append(backend)
+    for seeds, members in groups.items():
+        executor.run_sweep(spec if seeds == len(spec.seeds) else spec.replace(seeds=seeds), members, out,
+                           device=args.device, data_dir=args.data_dir, progress=_progress_enabled(args), log=_info)
     built = reporting.build_report(out, experiment.name)
     print(built["markdown"])
     print(f"wrote {out}/table.md, table.tex, table.csv and {', '.join(str(p) for p in built['figures'])}")

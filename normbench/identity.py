@@ -30,6 +30,7 @@ def _shared(spec: ExperimentSpec, variant: VariantSpec) -> dict:
     for field in ("name", "description", "seeds", "variants", "track_percentiles", "plugin_defaults"):
         shared.pop(field)
     shared["steps"] = spec.steps_for(variant)
+    shared["model"] = spec.model_for(variant)
     return shared
 
 
@@ -61,7 +62,7 @@ def _matches(plugin: PluginSpec, cls, given: dict) -> bool:
 def legacy_columns(variant: VariantSpec) -> tuple[str, float] | None:
     """(the `normalization` string, the standardization-loss weight) older specs wrote for
     this variant, or None when they could not express it."""
-    if variant.affine or len(variant.auxiliary_losses) > 1:
+    if variant.affine or len(variant.auxiliary_losses) > 1 or variant.model is not None:
         return None
     if variant.auxiliary_losses:
         loss = variant.auxiliary_losses[0]

@@ -44,13 +44,13 @@ def check_variant(spec: ExperimentSpec, variant: VariantSpec, slots) -> tuple[st
     for slot in slots:
         problem = method.check_slot(slot) or method.check_batch(spec.batch_size, slot)
         if problem:
-            return "normalization", f"{method.describe()} cannot normalize layer {slot.layer} of {spec.model}: {problem}"
+            return "normalization", f"{method.describe()} cannot normalize layer {slot.layer} of {spec.model_for(variant)}: {problem}"
     for k, plugin in enumerate(variant.auxiliary_losses):
         loss = build_loss(plugin)
         for slot in slots:
             problem = loss.check_batch(spec.batch_size, slot)
             if problem:
-                return f"auxiliary_losses[{k}]", f"{loss.name} at layer {slot.layer} of {spec.model}: {problem}"
+                return f"auxiliary_losses[{k}]", f"{loss.name} at layer {slot.layer} of {spec.model_for(variant)}: {problem}"
     return None
 
 
@@ -68,7 +68,7 @@ class Plan:
     def __init__(self, spec: ExperimentSpec, variant: VariantSpec, arch: architectures.Architecture | None = None):
         """`arch` replaces the spec's registered architecture (tests use networks of their own)."""
         self.spec, self.variant = spec, variant
-        self.arch = arch or architectures.get(spec.model)
+        self.arch = arch or architectures.get(spec.model_for(variant))
         self.layers = self.arch.layers()
         self.dataset = datasets.info(spec.dataset)
         self.method = build_method(variant.normalization)

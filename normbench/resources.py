@@ -66,8 +66,10 @@ def parameter_count(arch: architectures.Architecture) -> int:
 
 
 def estimate(spec: ExperimentSpec, backends: int = 1) -> MemoryEstimate:
-    """Peak memory of a sweep of `spec` on `backends` engines sharing one memory."""
-    arch = architectures.get(spec.model)
+    """Peak memory of a sweep of `spec` on `backends` engines sharing one memory (its
+    largest architecture, where variants train different ones)."""
+    archs = [architectures.get(m) for m in dict.fromkeys([spec.model, *(spec.model_for(v) for v in spec.variants)])]
+    arch = max(archs, key=lambda a: (_activation_values(a)[1], parameter_count(a)))
     size = BYTES_PER_VALUE[spec.dtype]
     inputs, hidden = _activation_values(arch)
     per_example = (inputs + TRAINING_COPIES * hidden) * size

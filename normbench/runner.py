@@ -238,7 +238,7 @@ def execute_run(engine, program: Plan, seed: int, train_images, train_labels, ev
     order = BatchOrder(data_seed, int(train_labels.shape[0]), spec.batch_size)
     # Variants older specs could write keep the names those recorded (the published tables group by them).
     normalization, _ = legacy_columns(variant) or (variant.label, 0.0)
-    base = {"backend": engine.name, "model": spec.model, "variant": variant.name, "normalization": normalization,
+    base = {"backend": engine.name, "model": program.arch.name, "variant": variant.name, "normalization": normalization,
             "std_loss_weight": program.std_loss_weight, "seed": seed}
     rows, percentile_rows = [], []
     train_time = 0.0

@@ -60,7 +60,7 @@ SCHEDULE_KEYS = {
     "step_decay": ("name", "warmup_steps", "decay_rate", "decay_every"),
     "piecewise": ("name", "warmup_steps", "boundaries", "multipliers"),
 }
-VARIANT_KEYS = ("name", "normalization", "affine", "auxiliary_losses", "standardization_loss_weight", "steps")
+VARIANT_KEYS = ("name", "model", "normalization", "affine", "auxiliary_losses", "standardization_loss_weight", "steps")
 
 
 class SpecError(ValueError):
@@ -127,6 +127,7 @@ class VariantSpec:
     affine: bool = False  # a learned per-channel scale and shift after each slot's method
     auxiliary_losses: tuple[PluginSpec, ...] = ()
     steps: int | None = None  # overrides the experiment's steps for this variant
+    model: str | None = None  # overrides the experiment's model (one spec comparing methods on several networks)
 
     def auxiliary_loss(self, name: str) -> PluginSpec | None:
         return next((loss for loss in self.auxiliary_losses if loss.name == name), None)
@@ -168,6 +169,9 @@ class ExperimentSpec:
 
     def steps_for(self, variant: VariantSpec) -> int:
         return variant.steps if variant.steps is not None else self.steps
+
+    def model_for(self, variant: VariantSpec) -> str:
+        return variant.model if variant.model is not None else self.model
 
     def variant(self, name: str) -> VariantSpec:
         for v in self.variants:
@@ -498,8 +502,15 @@ def _variant(source: str, index: int, table: Any, defaults: dict[str, dict]) -> 
     if len(set(names)) != len(names):
         c.fail("auxiliary_losses", f"each auxiliary loss at most once, got {names}")
     steps = c.integer("steps", None, minimum=1) if "steps" in c.table else None
+    model = c.string("model") if "model" in c.table else None
+    if model is not None:
+        from normbench import architectures
+
+        if model not in architectures.REGISTRY:
+            c.fail("model", f"{_unknown(architectures, model, 'architecture')} (see `normbench list`)")
     c.done()
-    return VariantSpec(name=name, normalization=normalization, affine=affine, auxiliary_losses=tuple(losses), steps=steps)
+    return VariantSpec(name=name, normalization=normalization, affine=affine, auxiliary_losses=tuple(losses), steps=steps,
+                       model=model)
 
 
 def from_dict(data: Any, source: str = "<memory>") -> ExperimentSpec:
@@ -589,25 +600,26 @@ def _check_consistency(spec: ExperimentSpec) -> None:
     every slot it fills, batch statistics need enough values, tracked layers must exist."""
     from normbench import architectures, datasets
 
-    arch = architectures.get(spec.model)
     info = datasets.info(spec.dataset)
-    slots = arch.slots
-    layer_names = [slot.layer for slot in slots]
-    for layer in spec.track_percentiles:
-        if layer not in layer_names:
-            raise SpecError(f"{spec.source}: track_percentiles: model {spec.model!r} has no normalized layer {layer!r}; it has {layer_names}")
     if spec.batch_size > info.train_examples:
         raise SpecError(f"{spec.source}: batch_size: {spec.batch_size} exceeds the {info.train_examples} training examples of {spec.dataset}")
     if spec.train_eval_examples > info.train_examples:
         raise SpecError(f"{spec.source}: train_eval_examples: {spec.train_eval_examples} exceeds the {info.train_examples} training examples of {spec.dataset}")
-    if tuple(arch.input_shape) != tuple(info.image_shape):
-        raise SpecError(f"{spec.source}: model: {spec.model!r} expects inputs {arch.input_shape}, {spec.dataset!r} gives {info.image_shape}")
-    if arch.num_classes != info.num_classes:
-        raise SpecError(f"{spec.source}: model: {spec.model!r} predicts {arch.num_classes} classes, {spec.dataset!r} has {info.num_classes}")
+    models = {spec.model: "model", **{v.model: f"variant[{i}].model" for i, v in enumerate(spec.variants) if v.model}}
+    for model, field in models.items():
+        arch = architectures.get(model)
+        layer_names = [slot.layer for slot in arch.slots]
+        for layer in spec.track_percentiles:
+            if layer not in layer_names:
+                raise SpecError(f"{spec.source}: track_percentiles: model {model!r} has no normalized layer {layer!r}; it has {layer_names}")
+        if tuple(arch.input_shape) != tuple(info.image_shape):
+            raise SpecError(f"{spec.source}: {field}: {model!r} expects inputs {arch.input_shape}, {spec.dataset!r} gives {info.image_shape}")
+        if arch.num_classes != info.num_classes:
+            raise SpecError(f"{spec.source}: {field}: {model!r} predicts {arch.num_classes} classes, {spec.dataset!r} has {info.num_classes}")
     from normbench import plan as plan_module
 
     for index, variant in enumerate(spec.variants):
-        problem = plan_module.check_variant(spec, variant, slots)
+        problem = plan_module.check_variant(spec, variant, architectures.get(spec.model_for(variant)).slots)
         if problem:
             field, message = problem
             raise SpecError(f"{spec.source}: variant[{index}].{field}: {message}")
@@ -660,6 +672,8 @@ def _variant_toml(var: dict | VariantSpec) -> dict[str, Any]:
         out["auxiliary_losses"] = [_plugin_toml(loss) for loss in var["auxiliary_losses"]]
     if var.get("steps") is not None:
         out["steps"] = var["steps"]
+    if var.get("model") is not None:
+        out["model"] = var["model"]
     return out
 
 

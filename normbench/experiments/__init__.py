@@ -46,6 +46,12 @@ class Experiment:
     # report(results: normbench.reporting.Results) -> {"table", "markdown", "latex", "figures"};
     # None: the shared curves report.
     report: Callable | None = None
+    # Seeds per backend where they differ from the spec's (e.g. 5 on torch, 2 elsewhere:
+    # enough to check backend agreement without tripling the cost); --seeds overrides it.
+    seeds_by_backend: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def seeds_for(self, backend: str, spec_seeds: int) -> int:
+        return self.seeds_by_backend.get(backend, spec_seeds)
 
 
 # Said of every MNIST experiment; printed under each table.
@@ -66,7 +72,8 @@ def _paper_order(experiment: Experiment) -> tuple:
     match = re.match(r"\s*(\D*?)\s*(\d+)", experiment.figure)
     what, number = (match.group(1), int(match.group(2))) if match else (experiment.figure, 0)
     panel = next((i for i, p in enumerate(_PANELS) if p in experiment.figure), -1)
-    return what, number, panel, experiment.name
+    # The paper's figures first, in its order; comparisons beyond the paper after them.
+    return not experiment.figure.startswith("Figure"), what, number, panel, experiment.name
 
 
 def by_name() -> dict[str, Experiment]:

@@ -108,13 +108,16 @@ def regenerate_command(name: str, records: list[dict], recorded: dict[str, str] 
     backends_ = plots.backend_order({r["backend"] for r in records})
     flags = "".join(f" --backend {b}" for b in backends_)
     try:
-        spec = spec_module.load(experiments.get(name).spec)
+        experiment = experiments.get(name)
+        spec = spec_module.load(experiment.spec)
     except Exception:  # an unknown experiment or a spec that no longer loads: no flags beyond the backends
         return f"normbench reproduce {name}{flags}", None
     seeds = sorted({r["seed"] for r in records})
     if recorded is None:
         recorded = {}
-        if seeds != list(spec.seeds) and seeds == list(range(len(seeds))):
+        planned = {b: experiment.seeds_for(b, len(spec.seeds)) for b in backends_}
+        ran = {b: len({r["seed"] for r in records if r["backend"] == b}) for b in backends_}
+        if ran != planned and len(set(ran.values())) == 1 and seeds == list(range(len(seeds))):
             recorded["--seeds"] = str(len(seeds))  # these results used fewer or more seeds than the spec
         declared_steps = {v.name: spec.steps_for(v) for v in spec.variants}
         done = [r for r in records if r.get("status") == "ok" and r["variant"]["name"] in declared_steps
@@ -122,8 +125,11 @@ def regenerate_command(name: str, records: list[dict], recorded: dict[str, str] 
         if done and any(r["steps_completed"] != declared_steps[r["variant"]["name"]] for r in done):
             recorded["--steps"] = str(max(r["steps_completed"] for r in done))  # a shortened run (--steps)
     flags += "".join(f" {k} {v}" for k, v in recorded.items())
-    n_seeds = int(recorded["--seeds"]) if recorded.get("--seeds", "").isdigit() else len(spec.seeds)
-    return f"normbench reproduce {name}{flags}", len(spec.variants) * n_seeds * len(backends_)
+    if recorded.get("--seeds", "").isdigit():
+        runs_per_variant = int(recorded["--seeds"]) * len(backends_)
+    else:
+        runs_per_variant = sum(experiment.seeds_for(b, len(spec.seeds)) for b in backends_)
+    return f"normbench reproduce {name}{flags}", len(spec.variants) * runs_per_variant
 
 
 def is_results_root(path: str | Path) -> bool:
