@@ -31,10 +31,12 @@ from pathlib import Path
 import pytest
 import tomli_w
 
-from normbench import cli, executors, runner, spec as spec_module
+from normbench import backends, cli, executors, runner, spec as spec_module
 
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 SMOKE_RUNS = 6  # the bundled smoke spec: 3 variants x 2 seeds
+# The sweeps train with torch; the tox environments with one other backend skip them.
+needs_torch = pytest.mark.skipif(not backends.is_available("torch"), reason="backend 'torch' unavailable")
 
 
 def normbench(*args) -> list[str]:
@@ -172,6 +174,7 @@ def test_cuda_runs_ask_for_one_gpu_resource_each_on_a_dask_cluster(tmp_path):
 # ----------------------------------------------------------------------------- a LocalCluster
 
 
+@needs_torch
 def test_a_local_cluster_sweep_equals_the_local_sweep(tmp_path, local_reference):
     out = tmp_path / "out"
     result = run_cli(*smoke(4, out, "--executor", "processes", "--workers", "2"))
@@ -192,6 +195,7 @@ def test_a_local_cluster_sweep_equals_the_local_sweep(tmp_path, local_reference)
     assert reused_count(again.stdout) == SMOKE_RUNS and f"resuming: {SMOKE_RUNS} of {SMOKE_RUNS}" in again.stderr
 
 
+@needs_torch
 def test_a_run_that_diverges_on_a_worker_is_recorded_as_diverged(tmp_path):
     spec_path = tmp_path / "diverge.toml"
     spec_path.write_text(tomli_w.dumps({
@@ -265,6 +269,7 @@ def cluster(tmp_path):
 
 
 @pytest.mark.slow
+@needs_torch
 def test_a_dask_cluster_survives_a_killed_worker_and_a_killed_submitter(tmp_path, cluster, local_reference):
     steps = 4
     reference = metrics_rows(local_reference(steps))
