@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("parity", help="run a spec on every available backend from the same weights and batches and compare")
     p.add_argument("spec", help="bundled spec name or path to a .toml spec")
     p.add_argument("--steps", type=_positive_int, default=50, help="training steps whose losses are compared (default: %(default)s)")
-    p.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="precision (default: %(default)s)")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                   help="precision (default: %(default)s; float32 also compares each backend with a float64 run)")
     p.add_argument("--backend", action="append", dest="backends", help="backend to include (repeatable; default: all available)")
 
     p = sub.add_parser("specs", help="list bundled specs, or print one to copy")

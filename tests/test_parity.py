@@ -231,3 +231,16 @@ def test_format_table_marks_failures():
     table = parity.format_table(rows)
     assert table.count("\n") == 2  # header, rule, one collapsed row
     assert "FAIL" in table and "gradient/conv1/kernel" in table
+
+
+def test_float64_reference_rows_name_the_backend_that_drifted():
+    reference = {"trajectory/loss": np.array([2.0, 2.0]), "final/l/kernel": np.array([1.0, -1.0])}
+    outputs = {"x": {"trajectory/loss": np.array([2.0, 2.0 + 1e-7]), "final/l/kernel": np.array([1.0, -1.0])},
+               "y": {"trajectory/loss": np.array([2.0, 2.2]), "final/l/kernel": np.array([1.0, -1.0])}}
+    rows = parity.compare_with_reference(outputs, reference, "v", 1e-8)
+    assert {(r.pair, r.quantity): r.ok for r in rows} == {
+        ("x-float64", "trajectory/loss"): True, ("x-float64", "final/l/kernel"): True,
+        ("y-float64", "trajectory/loss"): False, ("y-float64", "final/l/kernel"): True}
+    assert all(r.tolerance == parity.drift_tolerance(r.quantity) for r in rows)
+    assert parity.drifted_backends(rows) == ["y"]
+    assert "y-float64" in parity.format_table(rows)
