@@ -30,6 +30,7 @@ import pytest
 
 from normbench import backends, parity
 from normbench import spec as spec_module
+from normbench.plan import resolve
 
 PAIRS = list(itertools.combinations(backends.names(), 2))
 PAIR_IDS = [f"{a}-{b}" for a, b in PAIRS]
