@@ -60,7 +60,7 @@ def _package_files(kind: str) -> set[str]:
 
 IMPORT_CHECK = """
     import contextlib, importlib, importlib.resources, io, json, sys
-    import normbench, normbench.backends, normbench.datasets
+    import normbench, normbench.backends, normbench.datasets, normbench.datasets.mnist
     import normbench.backends.base, normbench.backends.torch, normbench.backends.jax, normbench.backends.tensorflow
     from normbench import cli
     bare = {}
