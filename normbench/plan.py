@@ -88,7 +88,7 @@ class Plan:
         for layer in self.layers:
             if layer.normalized:
                 slot = layer.slot
-                names = tuple(self.method.parameters(slot)) + tuple(self.method.kernel_parameters(slot, np.zeros(layer.kernel_shape)))
+                names = tuple(self.method.parameters(slot)) + self.method.kernel_parameter_names(slot)
                 if self.affine:
                     names += AFFINE_PARAMETERS
                 self._suffixes[layer.name] = (names, tuple(self.method.state(slot)))
@@ -119,7 +119,11 @@ class Plan:
             channels = shape[-1]
             if layer.normalized:
                 slot = layer.slot
-                for suffix, value in {**self.method.parameters(slot), **self.method.kernel_parameters(slot, kernel)}.items():
+                from_kernel = self.method.kernel_parameters(slot, kernel)
+                if tuple(from_kernel) != self.method.kernel_parameter_names(slot):
+                    raise TypeError(f"{self.method.name}: kernel_parameters returned {tuple(from_kernel)}, but "
+                                    f"kernel_parameter_names declares {self.method.kernel_parameter_names(slot)}")
+                for suffix, value in {**self.method.parameters(slot), **from_kernel}.items():
                     params[f"{layer.name}/{suffix}"] = np.asarray(value, np.float64)
                 if self.affine:
                     params[f"{layer.name}/affine_scale"] = np.ones(channels)

@@ -284,10 +284,53 @@ def np_objective(program, params, images, labels):
     return total
 
 
+def np_chain_objective(plan, params, images, labels, normalize):
+    """Cross entropy of `plan`'s straight-chain network (cnn*, mlp*) with
+    `normalize(z, params, layer)` in every normalization slot, then ReLU."""
+    x = images
+    for layer in plan.layers:
+        kernel = params[f"{layer.name}/kernel"]
+        z = np_conv2d(x, kernel, layer.stride, layer.pads) if layer.kind == "conv" else x.reshape(len(x), -1) @ kernel
+        if f"{layer.name}/bias" in params:
+            z = z + params[f"{layer.name}/bias"]
+        if not layer.normalized:
+            break
+        x = np.maximum(normalize(z, params, layer.name), 0.0)
+    return np_softmax_cross_entropy(z, labels)
+
+
+def check_gradients(grads, objective, params, rng, *, coordinates=6, h=1e-6, rtol=1e-6, atol=1e-8, order=2):
+    """Backend gradients against central differences of a float64 NumPy `objective(params)`
+    at a few random coordinates of every parameter. `order=4` uses the fourth-order
+    stencil, for objectives whose curvature makes the second-order truncation error
+    (h^2 times the third derivative) visible."""
+    assert set(grads) == set(params)
+    for name, value in params.items():
+        flat = value.reshape(-1)
+        for index in rng.choice(flat.size, size=min(coordinates, flat.size), replace=False):
+            def at(step):
+                moved = flat.copy()
+                moved[index] += step
+                return objective({**params, name: moved.reshape(value.shape)})
+            if order == 4:
+                expected = (8 * (at(h) - at(-h)) - (at(2 * h) - at(-2 * h))) / (12 * h)
+            else:
+                expected = (at(h) - at(-h)) / (2 * h)
+            actual = grads[name].reshape(-1)[index]
+            # Central differences of an O(1) objective with h = 1e-6 carry ~1e-9 of rounding.
+            assert abs(actual - expected) <= rtol * abs(expected) + atol, (name, index, actual, expected)
+
+
+def put_activation(e, z):
+    """A canonical activation onto a backend: images travel NHWC -> backend layout; (N, C) as is."""
+    return e.put_images(z) if z.ndim == 4 else e.import_tree({"z": z})["z"]
+
+
 REFERENCE = types.SimpleNamespace(
     conv2d=np_conv2d, conv2d_kernel_grad=np_conv2d_kernel_grad, conv2d_input_grad=np_conv2d_input_grad, moments=np_moments, std_loss=np_std_loss,
     std_loss_grad=np_std_loss_grad, softmax_cross_entropy=np_softmax_cross_entropy, forward=np_forward,
-    objective=np_objective,
+    objective=np_objective, chain_objective=np_chain_objective, check_gradients=check_gradients,
+    put_activation=put_activation,
 )
 
 

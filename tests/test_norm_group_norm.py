@@ -31,11 +31,6 @@ def np_group_norm(z, scale, shift, groups, epsilon=EPSILON):
     return y * scale + shift
 
 
-def _put(e, z):
-    """A canonical activation onto a backend: images travel NHWC -> backend layout; (N, C) as is."""
-    return e.put_images(z) if z.ndim == 4 else e.import_tree({"z": z})["z"]
-
-
 def _tolerances(dtype):
     return (1e-10, 1e-12) if dtype == "float64" else (1e-4, 1e-5)
 
@@ -43,7 +38,7 @@ def _tolerances(dtype):
 @pytest.mark.parametrize("training", [True, False], ids=["train", "infer"])
 @pytest.mark.parametrize("shape,groups", [((5, 4, 3, 6), 3), ((5, 4, 3, 6), 1), ((5, 4, 3, 6), 6), ((7, 12), 4)],
                          ids=["nhwc-g3", "nhwc-g1", "nhwc-g6", "dense-g4"])
-def test_forward_matches_reference(engine, rng, shape, groups, training):
+def test_forward_matches_reference(engine, rng, ref, shape, groups, training):
     e = engine
     method = normalizations.get("group_norm")(groups=groups, epsilon=EPSILON)
     slot = Slot("layer", "conv" if len(shape) == 4 else "dense", shape[1:], ())
@@ -54,10 +49,10 @@ def test_forward_matches_reference(engine, rng, shape, groups, training):
     scale, shift = rng.uniform(0.5, 2.0, size=shape[-1]), rng.normal(size=shape[-1])
     params = e.import_tree({"scale": scale, "shift": shift})
     if training:
-        y, state = method.train(e.ops, _put(e, z), params, {}, slot)
+        y, state = method.train(e.ops, ref.put_activation(e, z), params, {}, slot)
         assert state == {}
     else:
-        y = method.infer(e.ops, _put(e, z), params, {}, slot)
+        y = method.infer(e.ops, ref.put_activation(e, z), params, {}, slot)
     rtol, atol = _tolerances(e.dtype)
     np.testing.assert_allclose(e.activation_to_numpy(y), np_group_norm(z, scale, shift, groups), rtol=rtol, atol=atol)
 
@@ -69,18 +64,8 @@ VARIANT = {"name": "gn", "normalization": {"name": "group_norm", "groups": 4}}
 
 def np_objective(ref, plan, params, images, labels):
     """Cross entropy of `plan`'s straight-chain network with group norm in every slot."""
-    x = images
-    for layer in plan.layers:
-        kernel = params[f"{layer.name}/kernel"]
-        z = ref.conv2d(x, kernel, layer.stride, layer.pads) if layer.kind == "conv" else x.reshape(len(x), -1) @ kernel
-        if f"{layer.name}/bias" in params:
-            z = z + params[f"{layer.name}/bias"]
-        if not layer.normalized:
-            break
-        x = np.maximum(np_group_norm(z, params[f"{layer.name}/scale"], params[f"{layer.name}/shift"], 4), 0.0)
-    shifted = z - z.max(axis=1, keepdims=True)
-    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-    return -log_probs[np.arange(len(labels)), labels].mean()
+    return ref.chain_objective(plan, params, images, labels, lambda z, p, layer: np_group_norm(
+        z, p[f"{layer}/scale"], p[f"{layer}/shift"], 4))
 
 
 def test_network_gradients_match_finite_differences(engine64, rng, ref, spec_factory):
@@ -97,15 +82,8 @@ def test_network_gradients_match_finite_differences(engine64, rng, ref, spec_fac
     x, y = e.put_images(images), e.put_labels(labels)
     grads, seen = e.trainer(plan, params, state, x, y).gradients(x, y)
     np.testing.assert_allclose(seen["total_loss"], np_objective(ref, plan, params, images, labels), rtol=1e-11)
-    h = 1e-6
-    for name, value in params.items():
-        for i in rng.choice(value.size, size=min(value.size, 3), replace=False):
-            index = np.unravel_index(i, value.shape)
-            moved = [{**params, name: value.copy()} for _ in range(2)]
-            moved[0][name][index] += h
-            moved[1][name][index] -= h
-            numeric = (np_objective(ref, plan, moved[0], images, labels) - np_objective(ref, plan, moved[1], images, labels)) / (2 * h)
-            np.testing.assert_allclose(grads[name][index], numeric, rtol=1e-5, atol=1e-8, err_msg=f"{name}{index}")
+    ref.check_gradients(grads, lambda p: np_objective(ref, plan, p, images, labels), params, rng,
+                        coordinates=3, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])

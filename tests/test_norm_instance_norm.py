@@ -32,7 +32,7 @@ def np_instance_norm(z, scale, shift, epsilon=EPSILON):
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "infer"])
 @pytest.mark.parametrize("shape", [(5, 4, 3, 6), (3, 1, 7, 2)], ids=["nhwc", "nhwc-one-row"])
-def test_forward_matches_reference(engine, rng, shape, training):
+def test_forward_matches_reference(engine, rng, ref, shape, training):
     e = engine
     method = normalizations.get("instance_norm")()
     assert method.epsilon == EPSILON and method.provides_offset
@@ -55,16 +55,8 @@ def test_forward_matches_reference(engine, rng, shape, training):
 
 def np_objective(ref, plan, params, images, labels):
     """Cross entropy of `plan`'s straight-chain CNN with instance norm in every slot."""
-    x = images
-    for layer in plan.layers:
-        kernel = params[f"{layer.name}/kernel"]
-        z = ref.conv2d(x, kernel, layer.stride, layer.pads) if layer.kind == "conv" else x.reshape(len(x), -1) @ kernel
-        if f"{layer.name}/bias" in params:
-            z = z + params[f"{layer.name}/bias"]
-        if not layer.normalized:
-            break
-        x = np.maximum(np_instance_norm(z, params[f"{layer.name}/scale"], params[f"{layer.name}/shift"]), 0.0)
-    return ref.softmax_cross_entropy(z, labels)
+    return ref.chain_objective(plan, params, images, labels, lambda z, p, layer: np_instance_norm(
+        z, p[f"{layer}/scale"], p[f"{layer}/shift"]))
 
 
 def test_network_gradients_match_finite_differences(engine64, rng, ref, spec_factory):
@@ -81,16 +73,8 @@ def test_network_gradients_match_finite_differences(engine64, rng, ref, spec_fac
     x, y = e.put_images(images), e.put_labels(labels)
     grads, seen = e.trainer(plan, params, state, x, y).gradients(x, y)
     np.testing.assert_allclose(seen["total_loss"], np_objective(ref, plan, params, images, labels), rtol=1e-11)
-    h = 1e-6
-    for name, value in params.items():
-        for i in rng.choice(value.size, size=min(value.size, 3), replace=False):
-            index = np.unravel_index(i, value.shape)
-            moved = [{**params, name: value.copy()} for _ in range(2)]
-            moved[0][name][index] += h
-            moved[1][name][index] -= h
-            numeric = (np_objective(ref, plan, moved[0], images, labels)
-                       - np_objective(ref, plan, moved[1], images, labels)) / (2 * h)
-            np.testing.assert_allclose(grads[name][index], numeric, rtol=1e-5, atol=1e-8, err_msg=f"{name}{index}")
+    ref.check_gradients(grads, lambda p: np_objective(ref, plan, p, images, labels), params, rng,
+                        coordinates=3, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])

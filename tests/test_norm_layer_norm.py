@@ -27,14 +27,9 @@ def np_layer_norm(z, scale, shift, epsilon=EPSILON):
     return y * scale + shift
 
 
-def _put(e, z):
-    """A canonical activation onto a backend: images travel NHWC -> backend layout; (N, C) as is."""
-    return e.put_images(z) if z.ndim == 4 else e.import_tree({"z": z})["z"]
-
-
 @pytest.mark.parametrize("training", [True, False], ids=["train", "infer"])
 @pytest.mark.parametrize("shape", [(5, 4, 3, 6), (7, 12)], ids=["nhwc", "dense"])
-def test_forward_matches_reference(engine, rng, shape, training):
+def test_forward_matches_reference(engine, rng, ref, shape, training):
     e = engine
     method = normalizations.get("layer_norm")()
     assert method.epsilon == EPSILON and method.provides_offset
@@ -47,26 +42,18 @@ def test_forward_matches_reference(engine, rng, shape, training):
     scale, shift = rng.uniform(0.5, 2.0, size=shape[-1]), rng.normal(size=shape[-1])
     params = e.import_tree({"scale": scale, "shift": shift})
     if training:
-        y, state = method.train(e.ops, _put(e, z), params, {}, slot)
+        y, state = method.train(e.ops, ref.put_activation(e, z), params, {}, slot)
         assert state == {}
     else:
-        y = method.infer(e.ops, _put(e, z), params, {}, slot)
+        y = method.infer(e.ops, ref.put_activation(e, z), params, {}, slot)
     rtol, atol = (1e-10, 1e-12) if e.dtype == "float64" else (1e-4, 1e-5)
     np.testing.assert_allclose(e.activation_to_numpy(y), np_layer_norm(z, scale, shift), rtol=rtol, atol=atol)
 
 
 def np_objective(ref, plan, params, images, labels):
     """Cross entropy of `plan`'s straight-chain network with layer norm in every slot."""
-    x = images
-    for layer in plan.layers:
-        kernel = params[f"{layer.name}/kernel"]
-        z = ref.conv2d(x, kernel, layer.stride, layer.pads) if layer.kind == "conv" else x.reshape(len(x), -1) @ kernel
-        if f"{layer.name}/bias" in params:
-            z = z + params[f"{layer.name}/bias"]
-        if not layer.normalized:
-            break
-        x = np.maximum(np_layer_norm(z, params[f"{layer.name}/scale"], params[f"{layer.name}/shift"]), 0.0)
-    return ref.softmax_cross_entropy(z, labels)
+    return ref.chain_objective(plan, params, images, labels, lambda z, p, layer: np_layer_norm(
+        z, p[f"{layer}/scale"], p[f"{layer}/shift"]))
 
 
 @pytest.mark.parametrize("model", ["cnn-tiny", "mlp-tiny"])
@@ -85,16 +72,8 @@ def test_network_gradients_match_finite_differences(engine64, rng, ref, spec_fac
     x, y = e.put_images(images), e.put_labels(labels)
     grads, seen = e.trainer(plan, params, state, x, y).gradients(x, y)
     np.testing.assert_allclose(seen["total_loss"], np_objective(ref, plan, params, images, labels), rtol=1e-11)
-    h = 1e-6
-    for name, value in params.items():
-        for i in rng.choice(value.size, size=min(value.size, 3), replace=False):
-            index = np.unravel_index(i, value.shape)
-            moved = [{**params, name: value.copy()} for _ in range(2)]
-            moved[0][name][index] += h
-            moved[1][name][index] -= h
-            numeric = (np_objective(ref, plan, moved[0], images, labels)
-                       - np_objective(ref, plan, moved[1], images, labels)) / (2 * h)
-            np.testing.assert_allclose(grads[name][index], numeric, rtol=1e-5, atol=1e-8, err_msg=f"{name}{index}")
+    ref.check_gradients(grads, lambda p: np_objective(ref, plan, p, images, labels), params, rng,
+                        coordinates=3, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])

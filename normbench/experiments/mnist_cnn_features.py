@@ -129,11 +129,7 @@ def percentiles_figure(percentiles: pd.DataFrame, variant_order: list[str], meth
             if d.empty:
                 plots.no_data(ax)
     handles, labels = plots.legend_entries(axes.flat)
-    if handles:
-        fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False, bbox_to_anchor=(0.5, -0.01))
-    fig.suptitle(plots.wrap_title(title, 3.9 * len(panels)), fontsize=9)
-    fig.tight_layout(rect=(0, 0.06, 1, 0.95))
-    return plots.save(fig, path_stem)
+    return plots.finish(fig, path_stem, title, title_width=3.9 * len(panels), handles=handles, labels=labels)
 
 
 EXPERIMENT = Experiment(

@@ -201,12 +201,8 @@ def regularization_figure(data: pd.DataFrame, variant_order: list[str], colors: 
             if not ax.has_data():
                 plots.no_data(ax)
     handles, labels = plots.legend_entries(axes.flat)
-    if handles:
-        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 3), frameon=False,
-                   bbox_to_anchor=(0.5, -0.01))
-    fig.suptitle(plots.wrap_title(title, 9.2), fontsize=9)
-    fig.tight_layout(rect=(0, 0.06, 1, 0.96))
-    return plots.save(fig, path_stem)
+    return plots.finish(fig, path_stem, title, title_width=9.2, handles=handles, labels=labels, max_columns=3,
+                        top=0.96)
 
 
 EXPERIMENT = Experiment(

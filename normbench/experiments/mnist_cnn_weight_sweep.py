@@ -211,11 +211,8 @@ def weight_sweep_figure(finals: pd.DataFrame, references: pd.DataFrame, diverged
         if not ax.has_data():
             plots.no_data(ax)
     handles, labels = plots.legend_entries(axes[0])
-    if handles:
-        fig.legend(handles, labels, loc="lower center", ncol=2, frameon=False, bbox_to_anchor=(0.5, -0.02))
-    fig.suptitle(plots.wrap_title(title, width), fontsize=9)
-    fig.tight_layout(rect=(0, 0.13, 1, 0.95))
-    return plots.save(fig, path_stem)
+    return plots.finish(fig, path_stem, title, title_width=width, handles=handles, labels=labels, max_columns=2,
+                        legend_y=-0.02, bottom=0.13)
 
 
 EXPERIMENT = Experiment(

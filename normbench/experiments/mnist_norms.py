@@ -168,11 +168,8 @@ def _figure(finals: pd.DataFrame, results, backends: list[str]) -> list:
     # One legend entry per backend, in grey: a point's colour is its method's.
     handles = [Line2D([], [], marker=markers[b], color="0.3", linestyle="none", label=f"{b} (mean ± sd; dots: runs)")
                for b in backends]
-    if handles:
-        fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False, bbox_to_anchor=(0.5, -0.02))
-    fig.suptitle(plots.wrap_title(results.title, 6.2 * len(models)), fontsize=9)
-    fig.tight_layout(rect=(0, 0.06, 1, 0.95))
-    return plots.save(fig, results.out / FIGURE_STEM)
+    return plots.finish(fig, results.out / FIGURE_STEM, results.title, title_width=6.2 * len(models), handles=handles,
+                        legend_y=-0.02)
 
 
 EXPERIMENT = Experiment(

@@ -113,8 +113,13 @@ class Normalization:
         """Initial values of the method's parameters in `slot`, by suffix (float64, canonical)."""
         return {}
 
+    def kernel_parameter_names(self, slot: Slot) -> tuple[str, ...]:
+        """Suffixes of `kernel_parameters`, known before any kernel is drawn."""
+        return ()
+
     def kernel_parameters(self, slot: Slot, kernel: np.ndarray) -> dict[str, np.ndarray]:
-        """Parameters initialised from the layer's initial kernel (weight normalization's gain)."""
+        """Parameters initialised from the layer's initial kernel (weight normalization's
+        gain), keyed by `kernel_parameter_names(slot)`."""
         return {}
 
     def state(self, slot: Slot) -> dict[str, np.ndarray]:
@@ -133,6 +138,33 @@ class Normalization:
     def infer(self, ops, z, params: dict, state: dict, slot: Slot):
         """Inference-mode output."""
         return z
+
+
+class PerExampleNormalization(Normalization):
+    """Shared by the methods whose statistics are each example's own (layer, group and
+    instance norm): they keep no state, compute the same thing in training and inference,
+    and end with a learned per-channel scale (ones) and shift (zeros). A subclass has an
+    `epsilon` option and writes `infer` with `standardize` and `scale_and_shift`."""
+
+    epsilon: float
+
+    @property
+    def provides_offset(self) -> bool:
+        return True  # the mean subtraction cancels any bias before it
+
+    def parameters(self, slot):
+        return {"scale": np.ones(slot.channels), "shift": np.zeros(slot.channels)}
+
+    def train(self, ops, z, params, state, slot):
+        return self.infer(ops, z, params, state, slot), state
+
+    def standardize(self, ops, z, axes):
+        """(z - mean) / sqrt(var + epsilon), moments per example over `axes`."""
+        mean, var = ops.moments(z, axes, keepdims=True)
+        return (z - mean) * ops.rsqrt(var + self.epsilon)
+
+    def scale_and_shift(self, ops, y, params):
+        return ops.add_channel_bias(ops.scale_channels(y, params["scale"]), params["shift"])
 
 
 def _collect(module):
@@ -156,4 +188,4 @@ def shorthands() -> dict[str, tuple[str, dict[str, Any]]]:
     return {short: (name, dict(opts)) for name, cls in REGISTRY.items() for short, opts in cls.shorthands.items()}
 
 
-__all__ = ["Context", "Normalization", "REGISTRY", "Slot", "get", "names", "shorthands", "single"]
+__all__ = ["Context", "Normalization", "PerExampleNormalization", "REGISTRY", "Slot", "get", "names", "shorthands", "single"]

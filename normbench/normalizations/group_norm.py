@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from normbench.normalizations import Normalization
+from normbench.normalizations import PerExampleNormalization
 from normbench.options import Option
 
 
-class GroupNorm(Normalization):
+class GroupNorm(PerExampleNormalization):
     name = "group_norm"
     label = "group norm"
     color = "#CC79A7"  # Okabe-Ito reddish purple
@@ -35,10 +35,6 @@ class GroupNorm(Normalization):
                "batch-norm default; the paper's code uses 1e-5)", low=0.0, low_open=True),
     )
 
-    @property
-    def provides_offset(self) -> bool:
-        return True  # the mean subtraction cancels any bias before it
-
     def check_slot(self, slot):
         if slot.channels % self.groups:
             return f"its {slot.channels} channels are not divisible by groups = {self.groups}"
@@ -47,19 +43,12 @@ class GroupNorm(Normalization):
                     f"whatever its input")
         return None
 
-    def parameters(self, slot):
-        return {"scale": np.ones(slot.channels), "shift": np.zeros(slot.channels)}
-
-    def train(self, ops, z, params, state, slot):
-        return self.infer(ops, z, params, state, slot), state
-
     def infer(self, ops, z, params, state, slot):
         shape = ops.shape(z)  # canonical (N, H, W, C) or (N, C)
         grouped = ops.reshape(z, (*shape[:-1], self.groups, shape[-1] // self.groups))
         axes = (*range(1, len(shape) - 1), len(shape))  # positions and the channels within a group
-        mean, var = ops.moments(grouped, axes, keepdims=True)
-        y = ops.reshape((grouped - mean) * ops.rsqrt(var + self.epsilon), shape)
-        return ops.add_channel_bias(ops.scale_channels(y, params["scale"]), params["shift"])
+        y = ops.reshape(self.standardize(ops, grouped, axes), shape)
+        return self.scale_and_shift(ops, y, params)
 
 
 METHOD = GroupNorm

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from normbench.normalizations import Normalization
+from normbench.normalizations import PerExampleNormalization
 from normbench.options import Option
 
 
-class InstanceNorm(Normalization):
+class InstanceNorm(PerExampleNormalization):
     name = "instance_norm"
     label = "instance norm"
     color = "#E69F00"  # Okabe-Ito orange
@@ -33,10 +33,6 @@ class InstanceNorm(Normalization):
                "batch-norm default; PyTorch uses 1e-5)", low=0.0, low_open=True),
     )
 
-    @property
-    def provides_offset(self) -> bool:
-        return True  # the mean subtraction cancels any bias before it
-
     def check_slot(self, slot):
         if not slot.spatial:
             return ("instance norm normalizes each channel over its spatial positions and a dense layer has none "
@@ -45,16 +41,8 @@ class InstanceNorm(Normalization):
             return "its output has a single spatial position, which normalizes to 0 whatever its input"
         return None
 
-    def parameters(self, slot):
-        return {"scale": np.ones(slot.channels), "shift": np.zeros(slot.channels)}
-
-    def train(self, ops, z, params, state, slot):
-        return self.infer(ops, z, params, state, slot), state
-
     def infer(self, ops, z, params, state, slot):
-        mean, var = ops.moments(z, (1, 2), keepdims=True)  # canonical H and W
-        y = (z - mean) * ops.rsqrt(var + self.epsilon)
-        return ops.add_channel_bias(ops.scale_channels(y, params["scale"]), params["shift"])
+        return self.scale_and_shift(ops, self.standardize(ops, z, (1, 2)), params)  # canonical H and W
 
 
 METHOD = InstanceNorm

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from normbench.normalizations import Normalization
+from normbench.normalizations import PerExampleNormalization
 from normbench.options import Option
 
 
-class LayerNorm(Normalization):
+class LayerNorm(PerExampleNormalization):
     name = "layer_norm"
     label = "layer norm"
     color = "#009E73"  # Okabe-Ito bluish green
@@ -33,26 +33,14 @@ class LayerNorm(Normalization):
                "batch-norm default; Ba et al. and PyTorch use 1e-5)", low=0.0, low_open=True),
     )
 
-    @property
-    def provides_offset(self) -> bool:
-        return True  # the mean subtraction cancels any bias before it
-
     def check_slot(self, slot):
         if int(np.prod(slot.shape)) < 2:
             return "the layer has a single unit, which normalizes to 0 whatever its input"
         return None
 
-    def parameters(self, slot):
-        return {"scale": np.ones(slot.channels), "shift": np.zeros(slot.channels)}
-
-    def train(self, ops, z, params, state, slot):
-        return self.infer(ops, z, params, state, slot), state
-
     def infer(self, ops, z, params, state, slot):
         axes = tuple(range(1, ops.ndim(z)))  # every axis but the batch
-        mean, var = ops.moments(z, axes, keepdims=True)
-        y = (z - mean) * ops.rsqrt(var + self.epsilon)
-        return ops.add_channel_bias(ops.scale_channels(y, params["scale"]), params["shift"])
+        return self.scale_and_shift(ops, self.standardize(ops, z, axes), params)
 
 
 METHOD = LayerNorm

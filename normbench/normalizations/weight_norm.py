@@ -31,6 +31,9 @@ class WeightNorm(Normalization):
     literature = ("A reparameterization that speeds up SGD like batch norm, without batch dependence and at a "
                   "fraction of its cost (Salimans & Kingma 2016).")
 
+    def kernel_parameter_names(self, slot):
+        return ("gain",)
+
     def kernel_parameters(self, slot, kernel):
         axes = tuple(range(kernel.ndim - 1))  # canonical kernel: output channel last
         return {"gain": np.sqrt(np.sum(np.asarray(kernel, np.float64) ** 2, axis=axes))}

@@ -78,6 +78,9 @@ class WeightStandardization(Normalization):
     def parameters(self, slot):
         return self.then.parameters(slot)
 
+    def kernel_parameter_names(self, slot):
+        return self.then.kernel_parameter_names(slot)
+
     def kernel_parameters(self, slot, kernel):
         # A `then` that reparameterizes the kernel too (weight_norm) sees the standardized one.
         return self.then.kernel_parameters(slot, self.standardized(np.asarray(kernel, np.float64)))

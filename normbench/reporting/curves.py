@@ -110,12 +110,9 @@ def curves_figure(metrics: pd.DataFrame, status: pd.DataFrame, variant_order: li
             axes[0][col].text(0.98, 0.98, "diverged, not drawn:\n" + "\n".join(diverged), transform=axes[0][col].transAxes,
                               ha="right", va="top", fontsize=7, color="#B00000",
                               bbox=dict(facecolor="white", alpha=0.85, edgecolor="#B00000", linewidth=0.6))
-    handles, labels = plots.legend_entries(axes.flat)  # every panel: a backend may lack a method
-    if labels:  # none when every run diverged
-        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 3), frameon=False, bbox_to_anchor=(0.5, -0.01))
-    fig.suptitle(plots.wrap_title(title, 4.6 * len(backends_)), fontsize=10)
-    fig.tight_layout(rect=(0, 0.08, 1, 0.97))
-    return plots.save(fig, path_stem)
+    handles, labels = plots.legend_entries(axes.flat)  # every panel: a backend may lack a method; none when all diverged
+    return plots.finish(fig, path_stem, title, title_width=4.6 * len(backends_), handles=handles, labels=labels,
+                        max_columns=3, bottom=0.08, top=0.97, title_size=10)
 
 
 def report(results) -> dict:

@@ -80,5 +80,24 @@ def save(fig, path_stem: Path) -> list[Path]:
     return paths
 
 
+def finish(fig, path_stem: Path, title: str, *, title_width: float, handles=(), labels=None, max_columns: int | None = None,
+           legend_y: float = -0.01, bottom: float = 0.06, top: float = 0.95, title_size: int = 9) -> list[Path]:
+    """The common end of every report figure: one legend below the panels (`handles`, with
+    `labels` or their own), the wrapped title above them, a layout that leaves room for
+    both (`bottom`, `top`: figure fractions), then `save`."""
+    handles = list(handles)
+    if handles:
+        count = len(handles)
+        legend = dict(loc="lower center", ncol=min(count, max_columns or count), frameon=False,
+                      bbox_to_anchor=(0.5, legend_y))
+        if labels is None:
+            fig.legend(handles=handles, **legend)
+        else:
+            fig.legend(handles, labels, **legend)
+    fig.suptitle(wrap_title(title, title_width), fontsize=title_size)
+    fig.tight_layout(rect=(0, bottom, 1, top))
+    return save(fig, path_stem)
+
+
 def no_data(ax, text: str = "no finished runs") -> None:
     ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", color="0.4")
