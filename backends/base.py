@@ -58,14 +58,44 @@ class Ops(abc.ABC):
     def rsqrt(self, x):
         return 1.0 / self.sqrt(x)
     @abc.abstractmethod
-    def conv2d(self, x, kernel, stride: int, pads: tuple[tuple[int, int], tuple[int, int]]):
-        """Cross-correlation with explicit ((top, bottom), (left, right)) zero padding, no bias."""
+    def conv2d(self, x, kernel, stride: int, pads: tuple[tuple[int, int], tuple[int, int]], groups: int = 1):
+        """Cross-correlation with explicit ((top, bottom), (left, right)) zero padding, no
+        bias. With `groups` > 1 the input channels split into `groups` consecutive blocks,
+        each convolved with its own block of output channels: the canonical kernel is
+        (kh, kw, C_in / groups, C_out), output channel o sees input block o // (C_out /
+        groups). groups = C_in is a depthwise convolution."""
     @abc.abstractmethod
     def dense(self, x, kernel):
         """x @ kernel for x of shape (batch, in)."""
     @abc.abstractmethod
     def flatten(self, x):
         """(batch, ...) -> (batch, features), features ordered as canonical (h, w, c)."""
+    # ---- pooling, merging and activations: the architecture vocabulary's primitives.
+    # Windows and pads are canonical (height, width); pads are explicit ((top, bottom),
+    # (left, right)), computed once by the architecture (TensorFlow's SAME rule).
+    @abc.abstractmethod
+    def max_pool2d(self, x, window: tuple[int, int], stride: int, pads):
+        """Maximum over each window; padding never wins (it is -inf). Where a window's
+        maximum is tied, the gradient goes to its first position in row-major order, as
+        PyTorch's, XLA's and TensorFlow's max pooling all do."""
+    @abc.abstractmethod
+    def avg_pool2d(self, x, window: tuple[int, int], stride: int, pads):
+        """Mean over each window's positions inside the input: padding is not counted
+        (TensorFlow's SAME average pooling, PyTorch's count_include_pad=False)."""
+    @abc.abstractmethod
+    def max(self, x, axes: tuple[int, ...], keepdims: bool = False):
+        """Maximum over canonical `axes` (global max pooling, over points too). The gradient
+        is split evenly between tied maxima, as every framework's reduce-max does."""
+
+    def add(self, a, b):
+        """a + b of two activations of one shape (residual connections)."""
+        return a + b
+    @abc.abstractmethod
+    def concat_channels(self, xs: list):
+        """Activations of one batch and spatial shape joined along the channel axis, in order."""
+    @abc.abstractmethod
+    def relu6(self, x):
+        """min(max(x, 0), 6); its gradient is 0 at exactly 0 and at exactly 6 (every framework's)."""
     @abc.abstractmethod
     def add_channel_bias(self, x, bias): ...
     @abc.abstractmethod
@@ -169,6 +199,16 @@ class Ops(abc.ABC):
         """log det(matrix + diagonal_shift * I) of a symmetric positive definite matrix
         (leading axes batched), as 2 * sum(log diag(L)) with L its Cholesky factor;
         differentiable (d/dA = (A + shift I)^-1)."""
+
+
+def valid_counts(size: tuple[int, int], window: tuple[int, int], stride: int, pads) -> np.ndarray:
+    """(out_h, out_w) float64: how many of each window's positions lie inside an input of
+    spatial `size` (the divisor of `avg_pool2d`)."""
+    per_axis = []
+    for n, k, (low, high) in zip(size, window, pads):
+        starts = np.arange(0, n + low + high - k + 1, stride) - low
+        per_axis.append(np.minimum(starts + k, n) - np.maximum(starts, 0))
+    return np.outer(per_axis[0], per_axis[1]).astype(np.float64)
 
 
 class Engine(abc.ABC):

@@ -147,7 +147,7 @@ class Plan:
             kernel = params[f"{layer.name}/kernel"]
             if layer.normalized:
                 kernel = method.kernel(ops, kernel, self._slot_params(params, layer.name))
-            z = ops.conv2d(x, kernel, layer.stride, layer.pads) if layer.kind == "conv" else ops.dense(x, kernel)
+            z = ops.conv2d(x, kernel, layer.stride, layer.pads, layer.groups) if layer.kind == "conv" else ops.dense(x, kernel)
             bias = params.get(f"{layer.name}/bias")
             return z if bias is None else ops.add_channel_bias(z, bias)
 

@@ -46,9 +46,29 @@ class Ops(base.Ops):
     def rsqrt(self, x):
         return lax.rsqrt(x)
 
-    def conv2d(self, x, kernel, stride, pads):
+    def conv2d(self, x, kernel, stride, pads, groups=1):
         return lax.conv_general_dilated(x, kernel, window_strides=(stride, stride), padding=tuple(pads),
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=_PRECISION)
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups,
+                                        precision=_PRECISION)
+
+    def max_pool2d(self, x, window, stride, pads):
+        return lax.reduce_window(x, -jnp.inf, lax.max, (1, *window, 1), (1, stride, stride, 1),
+                                 ((0, 0), *pads, (0, 0)))
+
+    def avg_pool2d(self, x, window, stride, pads):
+        sums = lax.reduce_window(x, 0.0, lax.add, (1, *window, 1), (1, stride, stride, 1),
+                                 ((0, 0), *pads, (0, 0)))
+        counts = base.valid_counts(tuple(x.shape[1:3]), window, stride, pads)
+        return sums / jnp.asarray(counts[None, :, :, None], x.dtype)
+
+    def max(self, x, axes, keepdims=False):
+        return jnp.max(x, axis=tuple(axes), keepdims=keepdims)
+
+    def concat_channels(self, xs):
+        return jnp.concatenate(xs, axis=-1)
+
+    def relu6(self, x):
+        return jax.nn.relu6(x)
 
     def dense(self, x, kernel):
         return jnp.matmul(x, kernel, precision=_PRECISION)

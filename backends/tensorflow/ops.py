@@ -89,11 +89,54 @@ class Ops(base.Ops):
     def rsqrt(self, x):
         return tf.math.rsqrt(x)
 
-    def conv2d(self, x, kernel, stride, pads):
+    def conv2d(self, x, kernel, stride, pads, groups=1):
         # Explicit pads, never "SAME": the neutral model already applied TensorFlow's SAME
         # rule, and one code path keeps even and odd cases aligned identically.
         (top, bottom), (left, right) = pads
-        return tf.nn.conv2d(x, kernel, strides=stride, padding=[[0, 0], [top, bottom], [left, right], [0, 0]])
+        padding = [[0, 0], [top, bottom], [left, right], [0, 0]]
+        if groups == 1:
+            return tf.nn.conv2d(x, kernel, strides=stride, padding=padding)
+        # tf.nn.conv2d computes grouped convolutions forward, but has no gradient for them
+        # on CPU ("Gradients for grouped convolutions are not supported on CPU").
+        channels = x.shape[-1]
+        if groups == channels:  # depthwise: HWIO (kh, kw, 1, C * m) is depthwise's (kh, kw, C, m)
+            kh, kw, _, out = kernel.shape
+            # Padded first, then VALID: with explicit padding, grappler's float32 fusion of
+            # depthwise convolution + bias + ReLU6 aborts the process (TF 2.21, CPU:
+            # "Check failed: ... Invalid index from the dimension: 1, 0, H").
+            if top or bottom or left or right:
+                x = tf.pad(x, padding)
+            return tf.nn.depthwise_conv2d(x, tf.reshape(kernel, [kh, kw, channels, out // channels]),
+                                          strides=[1, stride, stride, 1], padding="VALID")
+        return tf.concat([tf.nn.conv2d(block, block_kernel, strides=stride, padding=padding)
+                          for block, block_kernel in zip(tf.split(x, groups, axis=-1), tf.split(kernel, groups, axis=-1))],
+                         axis=-1)
+
+    def max_pool2d(self, x, window, stride, pads):
+        # Pooling takes no explicit pads: pad with -inf (never the maximum), then VALID.
+        (top, bottom), (left, right) = pads
+        if top or bottom or left or right:
+            x = tf.pad(x, [[0, 0], [top, bottom], [left, right], [0, 0]], constant_values=float("-inf"))
+        return tf.nn.max_pool2d(x, list(window), stride, "VALID")
+
+    def avg_pool2d(self, x, window, stride, pads):
+        (top, bottom), (left, right) = pads
+        if not (top or bottom or left or right):
+            return tf.nn.avg_pool2d(x, list(window), stride, "VALID")
+        # Window means over zero padding, times the window's size over the positions inside.
+        padded = tf.pad(x, [[0, 0], [top, bottom], [left, right], [0, 0]])
+        counts = base.valid_counts(tuple(x.shape[1:3]), window, stride, pads)
+        ratio = tf.constant((window[0] * window[1] / counts)[None, :, :, None], x.dtype)
+        return tf.nn.avg_pool2d(padded, list(window), stride, "VALID") * ratio
+
+    def max(self, x, axes, keepdims=False):
+        return tf.reduce_max(x, axis=list(axes), keepdims=keepdims)
+
+    def concat_channels(self, xs):
+        return tf.concat(xs, axis=-1)
+
+    def relu6(self, x):
+        return tf.nn.relu6(x)
 
     def dense(self, x, kernel):
         return tf.matmul(x, kernel)

@@ -59,13 +59,38 @@ class Ops(base.Ops):
     def rsqrt(self, x):
         return torch.rsqrt(x)
 
-    def conv2d(self, x, kernel, stride, pads):
+    def conv2d(self, x, kernel, stride, pads, groups=1):
         (top, bottom), (left, right) = pads
         if top == bottom and left == right:
-            return F.conv2d(x, kernel, stride=stride, padding=(top, left))
+            return F.conv2d(x, kernel, stride=stride, padding=(top, left), groups=groups)
         # PyTorch's conv padding is symmetric; TensorFlow's SAME puts the odd pixel at
         # the bottom/right, so pad explicitly to keep the canonical alignment.
-        return F.conv2d(F.pad(x, (left, right, top, bottom)), kernel, stride=stride)
+        return F.conv2d(F.pad(x, (left, right, top, bottom)), kernel, stride=stride, groups=groups)
+
+    def max_pool2d(self, x, window, stride, pads):
+        (top, bottom), (left, right) = pads
+        if top == bottom and left == right and 2 * top <= window[0] and 2 * left <= window[1]:
+            return F.max_pool2d(x, window, stride, padding=(top, left))  # its padding is -inf
+        return F.max_pool2d(F.pad(x, (left, right, top, bottom), value=float("-inf")), window, stride)
+
+    def avg_pool2d(self, x, window, stride, pads):
+        (top, bottom), (left, right) = pads
+        if top == bottom and left == right and 2 * top <= window[0] and 2 * left <= window[1]:
+            return F.avg_pool2d(x, window, stride, padding=(top, left), count_include_pad=False)
+        # Asymmetric (SAME's odd pixel): window sums over zero padding / positions inside.
+        sums = F.avg_pool2d(F.pad(x, (left, right, top, bottom)), window, stride, divisor_override=1)
+        counts = base.valid_counts(tuple(x.shape[2:]), window, stride, pads)
+        return sums / torch.from_numpy(counts).to(sums.device, sums.dtype)
+
+    def max(self, x, axes, keepdims=False):
+        # amax, not max(dim): its gradient splits between ties, as the contract asks.
+        return self._canonical_result(x.amax(dim=_dims(x, axes), keepdim=True), x, tuple(axes), keepdims)
+
+    def concat_channels(self, xs):
+        return torch.cat(xs, dim=1 if xs[0].dim() == 4 else -1)
+
+    def relu6(self, x):
+        return F.relu6(x)
 
     def dense(self, x, kernel):
         return x @ kernel

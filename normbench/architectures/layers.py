@@ -7,6 +7,12 @@ An architecture is a Python function `build(net, x) -> logits` written against `
         x = net.dense("logits", x, 10, normalize=False, activation=None)
         return x
 
+The vocabulary: `conv` (grouped with `groups`; `depthwise_conv`), `dense`, `max_pool`,
+`avg_pool`, `global_avg_pool`, `global_max_pool` (over all spatial positions, or over
+points stored as an (P, 1, C) image), `add` (residual connections), `concat` (channels),
+`flatten` and `activation` ("relu", "relu6"). Only `conv` and `dense` own parameters and
+normalization slots; the rest are shape functions on both sides.
+
 The same function is run twice: once by `declare` on shapes alone (which layers exist,
 their kernels, explicit pads and slot shapes; no framework), and once per step by
 `Net.apply` against a backend's primitives. A hidden layer is
@@ -44,6 +50,7 @@ class Layer:
     normalized: bool  # has a normalization slot (hidden layers) or not (the head)
     stride: int = 1
     pads: tuple[tuple[int, int], tuple[int, int]] | None = None
+    groups: int = 1  # > 1: grouped convolution; = input channels: depthwise
 
     @property
     def slot(self) -> Slot:
@@ -106,6 +113,19 @@ def declare(arch: Architecture) -> tuple[Layer, ...]:
     return _DECLARED[arch.name]
 
 
+def _pair(size) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def window_geometry(shape, window, stride, padding):
+    """Explicit pads and output (H, W) of a window of `window` (int or (h, w)) over an
+    activation of canonical `shape` (H, W, C)."""
+    kh, kw = _pair(window)
+    pad_h, out_h = conv_padding(shape[0], kh, stride, padding)
+    pad_w, out_w = conv_padding(shape[1], kw, stride, padding)
+    return (kh, kw), (pad_h, pad_w), (out_h, out_w)
+
+
 class _DeclaringNet:
     def __init__(self):
         self.layers: list[Layer] = []
@@ -115,23 +135,71 @@ class _DeclaringNet:
             raise ValueError(f"layer name {layer.name!r} is used twice")
         self.layers.append(layer)
 
-    def conv(self, name, x, channels, kernel_size, stride=1, padding="same", normalize=True, activation="relu"):
-        h, w, c = x.shape
-        pad_h, out_h = conv_padding(h, kernel_size, stride, padding)
-        pad_w, out_w = conv_padding(w, kernel_size, stride, padding)
-        self._add(Layer(name, "conv", (kernel_size, kernel_size, c, channels), (out_h, out_w, channels), normalize,
-                        stride, (pad_h, pad_w)))
+    def conv(self, name, x, channels, kernel_size, stride=1, padding="same", groups=1, normalize=True,
+             activation="relu"):
+        if len(x.shape) != 3:
+            raise ValueError(f"layer {name!r}: a convolution needs an (H, W, C) input, got {x.shape}")
+        c = x.shape[-1]
+        if c % groups or channels % groups:
+            raise ValueError(f"layer {name!r}: {c} input and {channels} output channels are not both divisible by "
+                             f"groups = {groups}")
+        self.activation(x, activation)
+        (kh, kw), pads, (out_h, out_w) = window_geometry(x.shape, kernel_size, stride, padding)
+        self._add(Layer(name, "conv", (kh, kw, c // groups, channels), (out_h, out_w, channels), normalize,
+                        stride, pads, groups))
         return _Shape((out_h, out_w, channels))
 
+    def depthwise_conv(self, name, x, kernel_size, stride=1, multiplier=1, padding="same", normalize=True,
+                       activation="relu"):
+        return self.conv(name, x, x.shape[-1] * multiplier, kernel_size, stride, padding, groups=x.shape[-1],
+                         normalize=normalize, activation=activation)
+
     def dense(self, name, x, units, normalize=True, activation="relu"):
+        self.activation(x, activation)
         self._add(Layer(name, "dense", (math.prod(x.shape), units), (units,), normalize))
         return _Shape((units,))
+
+    def _pool(self, x, window, stride, padding):
+        if len(x.shape) != 3:
+            raise ValueError(f"pooling needs an (H, W, C) input, got {x.shape}")
+        _, _, (out_h, out_w) = window_geometry(x.shape, window, stride, padding)
+        return _Shape((out_h, out_w, x.shape[-1]))
+
+    def max_pool(self, x, window, stride, padding="same"):
+        return self._pool(x, window, stride, padding)
+
+    def avg_pool(self, x, window, stride, padding="same"):
+        return self._pool(x, window, stride, padding)
+
+    def global_avg_pool(self, x):
+        return _Shape(x.shape[-1:])
+
+    def global_max_pool(self, x):
+        return _Shape(x.shape[-1:])
+
+    def add(self, a, b):
+        if a.shape != b.shape:
+            raise ValueError(f"add: shapes {a.shape} and {b.shape} differ")
+        return a
+
+    def concat(self, xs):
+        if len({x.shape[:-1] for x in xs}) != 1:
+            raise ValueError(f"concat: spatial shapes differ: {[x.shape for x in xs]}")
+        return _Shape((*xs[0].shape[:-1], sum(x.shape[-1] for x in xs)))
 
     def flatten(self, x):
         return _Shape((math.prod(x.shape),))
 
+    def activation(self, x, kind="relu"):
+        if kind is not None and kind not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {kind!r}; known: {', '.join(ACTIVATIONS)}")
+        return x
+
     def relu(self, x):
         return x
+
+
+ACTIVATIONS = ("relu", "relu6")
 
 
 # ----------------------------------------------------------------------------- applying
@@ -154,12 +222,19 @@ class Net:
             return x
         if activation == "relu":
             return self.ops.relu(x)
+        if activation == "relu6":
+            return self.ops.relu6(x)
         raise ValueError(f"unknown activation {activation!r}")
 
-    def conv(self, name, x, channels, kernel_size, stride=1, padding="same", normalize=True, activation="relu"):
+    def conv(self, name, x, channels, kernel_size, stride=1, padding="same", groups=1, normalize=True,
+             activation="relu"):
         layer = self._layers[name]
         z = self._linear(layer, x)
         return self._activate(self._slot(layer, z) if normalize else z, activation)
+
+    def depthwise_conv(self, name, x, kernel_size, stride=1, multiplier=1, padding="same", normalize=True,
+                       activation="relu"):
+        return self.conv(name, x, None, kernel_size, stride, padding, normalize=normalize, activation=activation)
 
     def dense(self, name, x, units, normalize=True, activation="relu"):
         layer = self._layers[name]
@@ -168,8 +243,35 @@ class Net:
         z = self._linear(layer, x)
         return self._activate(self._slot(layer, z) if normalize else z, activation)
 
+    def _geometry(self, x, window, stride, padding):
+        window, pads, _ = window_geometry(self.ops.shape(x)[1:], window, stride, padding)
+        return window, pads
+
+    def max_pool(self, x, window, stride, padding="same"):
+        window, pads = self._geometry(x, window, stride, padding)
+        return self.ops.max_pool2d(x, window, stride, pads)
+
+    def avg_pool(self, x, window, stride, padding="same"):
+        window, pads = self._geometry(x, window, stride, padding)
+        return self.ops.avg_pool2d(x, window, stride, pads)
+
+    def global_avg_pool(self, x):
+        return self.ops.mean(x, (1, 2))
+
+    def global_max_pool(self, x):
+        return self.ops.max(x, (1, 2))
+
+    def add(self, a, b):
+        return self.ops.add(a, b)
+
+    def concat(self, xs):
+        return self.ops.concat_channels(list(xs))
+
     def flatten(self, x):
         return self.ops.flatten(x) if self.ops.ndim(x) > 2 else x
+
+    def activation(self, x, kind="relu"):
+        return self._activate(x, kind)
 
     def relu(self, x):
         return self.ops.relu(x)
