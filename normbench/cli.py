@@ -154,14 +154,18 @@ def _reproduce(args, executor) -> int:
     chosen = [backends.canonical_name(b) for b in (args.backends or experiment.default_backends)]
     out = Path(args.out) if args.out else Path("results") / experiment.name
     out.mkdir(parents=True, exist_ok=True)
-    (out / "experiment.json").write_text(json.dumps({"experiment": experiment.name, "backends": chosen,
-                                                     "command": provenance.command_line()}, indent=2) + "\n")
     # Backends that run the same number of seeds share one sweep (an experiment may ask
     # for fewer seeds on some backends; an explicit --seeds applies to every backend).
+    seeds_of = {b: len(spec.seeds) if args.seeds else experiment.seeds_for(b, len(spec.seeds)) for b in chosen}
+    (out / "experiment.json").write_text(json.dumps({"experiment": experiment.name, "backends": chosen,
+                                                     "seeds": seeds_of, "command": provenance.command_line()},
+                                                    indent=2) + "\n")
     groups: dict[int, list[str]] = {}
     for backend in chosen:
-        groups.setdefault(len(spec.seeds) if args.seeds else experiment.seeds_for(backend, len(spec.seeds)), []).append(backend)
-    for seeds, members in groups.items():
+        groups.setdefault(seeds_of[backend], []).append(backend)
+    # Fewest seeds first: each sweep rewrites <out>/spec.toml, and the last one, with the
+    # most seeds, leaves the spec whose seeds every backend's runs are drawn from.
+    for seeds, members in sorted(groups.items()):
         executor.run_sweep(spec if seeds == len(spec.seeds) else spec.replace(seeds=seeds), members, out,
                            device=args.device, data_dir=args.data_dir, progress=_progress_enabled(args), log=_info)
     built = reporting.build_report(out, experiment.name)

@@ -141,7 +141,12 @@ def report(results) -> dict:
 def _figure(finals: pd.DataFrame, results, backends: list[str]) -> list:
     plt = plots.pyplot()
     models = list(dict.fromkeys(_split(v)[0] for v in results.variant_order))
-    colors = results.colors(results.variant_order)
+    # One colour per method in both panels: the colour of the method's first variant.
+    by_variant = results.colors(results.variant_order)
+    by_method: dict[str, str] = {}
+    for variant in results.variant_order:
+        by_method.setdefault(_split(variant)[1], by_variant[variant])
+    colors = {variant: by_method[_split(variant)[1]] for variant in results.variant_order}
     fig, axes = plt.subplots(1, len(models), figsize=(6.2 * len(models), 4.6), squeeze=False, sharey=True)
     markers = dict(zip(backends, "osD^v"))
     for col, model in enumerate(models):

@@ -75,7 +75,9 @@ def save(fig, path_stem: Path) -> list[Path]:
 
     paths = [Path(path_stem).with_suffix(".png"), Path(path_stem).with_suffix(".pdf")]
     for p in paths:
-        fig.savefig(p, dpi=150, bbox_inches="tight")
+        # No creation date in PDFs: a rebuilt report is byte-identical when nothing changed.
+        metadata = {"CreationDate": None} if p.suffix == ".pdf" else None
+        fig.savefig(p, dpi=150, bbox_inches="tight", metadata=metadata)
     plt.close(fig)
     return paths
 
