@@ -116,9 +116,8 @@ def report(results) -> dict:
             if a.empty and b.empty:
                 continue
             said, p = verdict(a, b, claim.relation)
-            mark = {"agrees": "agrees", "disagrees": "**disagrees**", "inconclusive": "inconclusive", "n/a": "n/a"}[said]
             claims.append(f"{claim.text} {model}: {claim.method} {fmt(*mean_sd(a))}% vs {claim.other} "
-                          f"{fmt(*mean_sd(b))}% on {reference} (Welch p = {p:.2g}): **{mark}**.")
+                          f"{fmt(*mean_sd(b))}% on {reference} (Welch p = {p:.2g}): **{said}**.")
     notes = [
         "Literature claims, each checked on " + (reference or "?") + " (the backend with the most seeds) by a "
         f"two-sided Welch t-test at the {ALPHA:.0%} level (rule fixed before the runs; see normbench/experiments/"
