@@ -244,3 +244,19 @@ def test_float64_reference_rows_name_the_backend_that_drifted():
     assert all(r.tolerance == parity.drift_tolerance(r.quantity) for r in rows)
     assert parity.drifted_backends(rows) == ["y"]
     assert "y-float64" in parity.format_table(rows)
+
+
+def test_total_loss_is_held_to_its_loosest_term():
+    """A total with an auxiliary loss (tolerance 5e-5) in it may be as far off as that
+    term; without one it keeps the total's own 5e-6."""
+    from normbench.parity import compare_outputs
+
+    base = {"cross_entropy": np.array(2.0), "total_loss": np.array(100.0)}
+    off = {"cross_entropy": np.array(2.0), "total_loss": np.array(100.0 * (1 + 2e-5))}
+    plain = compare_outputs({"a": base, "b": off}, "float32", "v", log_epsilon=1e-8)
+    assert not next(r for r in plain if r.quantity == "total_loss").ok
+    with_aux = {**base, "decorrelation_loss": np.array(98.0)}
+    with_aux_off = {**off, "decorrelation_loss": np.array(98.0 * (1 + 2e-5))}
+    rows = compare_outputs({"a": with_aux, "b": with_aux_off}, "float32", "v", log_epsilon=1e-8)
+    assert next(r for r in rows if r.quantity == "total_loss").ok
+    assert next(r for r in rows if r.quantity == "total_loss").tolerance == 5e-5
