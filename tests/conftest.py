@@ -321,6 +321,15 @@ def check_gradients(grads, objective, params, rng, *, coordinates=6, h=1e-6, rto
             assert abs(actual - expected) <= rtol * abs(expected) + atol, (name, index, actual, expected)
 
 
+def perturb_scales_and_shifts(params, rng):
+    """Non-trivial method scales and shifts (in place), so that a dropped one shows."""
+    for key in params:
+        if key.endswith("/scale"):
+            params[key] = rng.uniform(0.5, 2.0, size=params[key].shape)
+        elif key.endswith("/shift"):
+            params[key] = rng.normal(size=params[key].shape) * 0.3
+
+
 def put_activation(e, z):
     """A canonical activation onto a backend: images travel NHWC -> backend layout; (N, C) as is."""
     return e.put_images(z) if z.ndim == 4 else e.import_tree({"z": z})["z"]
@@ -330,7 +339,7 @@ REFERENCE = types.SimpleNamespace(
     conv2d=np_conv2d, conv2d_kernel_grad=np_conv2d_kernel_grad, conv2d_input_grad=np_conv2d_input_grad, moments=np_moments, std_loss=np_std_loss,
     std_loss_grad=np_std_loss_grad, softmax_cross_entropy=np_softmax_cross_entropy, forward=np_forward,
     objective=np_objective, chain_objective=np_chain_objective, check_gradients=check_gradients,
-    put_activation=put_activation,
+    put_activation=put_activation, perturb_scales_and_shifts=perturb_scales_and_shifts,
 )
 
 

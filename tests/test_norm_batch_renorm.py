@@ -206,11 +206,7 @@ def np_network(ref, plan, params, state, images, labels, fixed=None, options=DEF
 def test_network_gradients_hold_r_and_d_constant(engine64, rng, ref, spec_factory, model):
     plan = resolve(spec_factory(model=model, batch_size=6, variants=[VARIANT]), "brn")
     params, _ = plan.initial_parameters(seed=3)
-    for key in params:  # non-trivial scales and shifts, so a missing one shows
-        if key.endswith("/scale"):
-            params[key] = rng.uniform(0.5, 2.0, size=params[key].shape)
-        elif key.endswith("/shift"):
-            params[key] = rng.normal(size=params[key].shape) * 0.3
+    ref.perturb_scales_and_shifts(params, rng)
     images, labels = rng.normal(size=(6, 28, 28, 1)) + 0.5, rng.integers(0, 10, size=6)
     state = {}
     loss, seen = np_network(ref, plan, params, state, images, labels)

@@ -62,11 +62,7 @@ def test_network_gradients_match_finite_differences(engine64, rng, ref, spec_fac
     params, state = plan.initial_parameters(seed=3)
     first = plan.slots[0].layer
     assert state == {} and f"{first}/bias" not in params and f"{first}/scale" in params
-    for key in params:  # non-trivial scales and shifts, so a missing one shows
-        if key.endswith("/scale"):
-            params[key] = rng.uniform(0.5, 2.0, size=params[key].shape)
-        elif key.endswith("/shift"):
-            params[key] = rng.normal(size=params[key].shape) * 0.3
+    ref.perturb_scales_and_shifts(params, rng)
     images, labels = rng.normal(size=(4, 28, 28, 1)) + 0.5, rng.integers(0, 10, size=4)
     e = engine64
     x, y = e.put_images(images), e.put_labels(labels)
