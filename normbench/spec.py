@@ -658,8 +658,10 @@ def _plugin_toml(plugin: dict | PluginSpec) -> dict[str, Any]:
 def _variant_toml(var: dict | VariantSpec) -> dict[str, Any]:
     if isinstance(var, VariantSpec):
         var = dataclasses.asdict(var)
-    if not isinstance(var.get("normalization"), dict):
-        # Already in the TOML shape (a `replace(variants=[...])` argument): drop unset fields,
+    normalization = var.get("normalization")
+    if not (isinstance(normalization, dict) and isinstance(normalization.get("options"), (list, tuple))):
+        # Already in the TOML shape (a `replace(variants=[...])` argument, its methods as
+        # strings or inline tables, not `asdict`'s {name, options}): drop unset fields,
         # and a shorthand's weight field where the variant does not use that shorthand.
         _, auxiliary_losses = _registries()
         owners = {field: short for short, (_, field) in auxiliary_losses.normalization_shorthands().items()}
