@@ -254,8 +254,9 @@ def _cmd_backends(_args) -> int:
 def _cmd_datasets(_args) -> int:
     from normbench import datasets
 
+    width = max(map(len, datasets.names()))
     for name in datasets.names():
-        print(f"{name:8s} {datasets.describe(name)}")
+        print(f"{name:{width}s} {datasets.describe(name)}")
     return 0
 
 

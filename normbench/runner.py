@@ -92,7 +92,7 @@ class RunResult:
 
 @dataclasses.dataclass
 class LoadedData:
-    """A data set as the runner uses it: float images in [0, 1] (NHWC), int labels."""
+    """A data set as the runner uses it: float inputs (NHWC; 8-bit images scaled to [0, 1]), int labels."""
     name: str
     train_images: np.ndarray
     train_labels: np.ndarray
@@ -103,8 +103,10 @@ class LoadedData:
 
 def load_data(spec: ExperimentSpec, data_dir: str | None = None) -> LoadedData:
     ds = datasets.load(spec.dataset, data_dir)
-    # Scale in float64, then round once to the run dtype: identical inputs in every backend.
-    scale = lambda x: (x.astype(np.float64) / 255.0).astype(spec.dtype)
+    # 8-bit images are scaled to [0, 1] in float64, then rounded once to the run dtype:
+    # identical inputs in every backend. Float data (point coordinates) are used as stored.
+    def scale(x):
+        return (x.astype(np.float64) / 255.0 if x.dtype == np.uint8 else x).astype(spec.dtype)
     return LoadedData(spec.dataset, scale(ds.train_images), ds.train_labels.astype(np.int64),
                       scale(ds.test_images), ds.test_labels.astype(np.int64), dict(getattr(ds, "files", {})))
 

@@ -137,7 +137,9 @@ def test_backends(capsys):
 def test_datasets(capsys):
     code, out, _ = _main(["datasets"], capsys)
     assert code == 0
-    assert out.split()[0] == "mnist"
+    from normbench import datasets
+
+    assert [line.split()[0] for line in out.splitlines()] == datasets.names()
 
 
 def test_no_command_prints_help(capsys):
