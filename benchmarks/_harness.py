@@ -42,6 +42,9 @@ from normbench.runner import execute_run, load_data
 BACKENDS = registry.names()  # every backend stays in the grid; unavailable ones are skipped
 DEVICES = ["cpu", "cuda"]  # "cuda" is skipped where the backend reports no such device
 BENCHMARK_SPECS = ("mnist-cnn", "mnist-mlp")  # the paper's MNIST setups: 1000 steps, SGD lr 1e-3, batch 128
+# Every normalization method and auxiliary loss on the same two networks at the same
+# settings: the step-time ratios' grid of methods (bench_ratios' Method* classes).
+METHODS_SPEC = "mnist-norms"
 
 
 def _variant_key(variant) -> str:
@@ -62,6 +65,7 @@ def _grid():
 
 SPEC_FOR_MODEL, NORMALIZATIONS = _grid()
 MODELS = list(SPEC_FOR_MODEL)
+METHOD_VARIANTS = [v.name for v in specs.load(METHODS_SPEC).variants]
 SEED = 0
 
 # Test accuracy a run must reach for `track_steps_to_target`, per (model, normalization).
@@ -153,6 +157,27 @@ def training_spec(model: str, normalization: str):
     return spec, variant
 
 
+def training_plan(model: str, normalization: str):
+    """The resolved plan of a (model, normalization) cell of the paper's grid."""
+    return resolve(*training_spec(model, normalization))
+
+
+def method_plan(variant: str):
+    """The resolved plan of one variant of METHODS_SPEC (seed 0)."""
+    return resolve(specs.load(METHODS_SPEC).replace(seeds=[SEED]), variant)
+
+
+def method_baseline(variant: str) -> str:
+    """The variant of METHODS_SPEC without normalization on the same network as `variant`
+    (the denominator of a method's overhead)."""
+    spec = specs.load(METHODS_SPEC)
+    model = spec.model_for(spec.variant(variant))
+    for v in spec.variants:
+        if spec.model_for(v) == model and v.normalization.name == "none" and not v.auxiliary_losses and not v.affine:
+            return v.name
+    raise NotImplementedError(f"{METHODS_SPEC} has no variant without normalization on {model}")
+
+
 @functools.cache
 def mnist():
     """Real MNIST as the runner loads it (cached in ~/.cache/normbench; fetched once)."""
@@ -170,19 +195,18 @@ def _placed_training_set(backend: str, device: str):
 
 
 class Stepper:
-    """A fresh backend trainer walking through seed 0's batch order. `step()` is the
-    unit every timing benchmark measures: one update, then `synchronize()`, then the
+    """A fresh backend trainer of `plan` walking through seed 0's batch order. `step()` is
+    the unit every timing benchmark measures: one update, then `synchronize()`, then the
     injected sleep (if any), all inside the caller's timer."""
 
-    def __init__(self, backend: str, model: str, normalization: str, device: str):
+    def __init__(self, backend: str, plan, device: str):
         self.engine = engine(backend, device)
-        spec, variant = training_spec(model, normalization)
-        self.program = resolve(spec, variant)
+        self.program = plan
         params, state = self.program.initial_parameters(SEED)
         images, labels = _placed_training_set(backend, device)
         self.trainer = self.engine.trainer(self.program, params, state, images, labels)
         _, data_seed = seed_streams(SEED)
-        self.order = BatchOrder(data_seed, mnist().train_labels.shape[0], spec.batch_size)
+        self.order = BatchOrder(data_seed, mnist().train_labels.shape[0], plan.spec.batch_size)
         self.order.indices(0)  # draw the epoch's permutation now, not inside a timed step
         self.count = 0
 
@@ -206,11 +230,19 @@ _WARM: dict[tuple, Stepper] = {}
 
 
 def warm_stepper(backend: str, model: str, normalization: str, device: str) -> Stepper:
-    """A warmed-up Stepper, created once per process. This asv re-runs `setup` before
-    every timed sample (asv#966), so setup must fetch rather than rebuild."""
+    """A warmed-up Stepper of a (model, normalization) cell, created once per process. This
+    asv re-runs `setup` before every timed sample (asv#966), so setup must fetch rather than rebuild."""
     key = (backend, model, normalization, device)
     if key not in _WARM:
-        _WARM[key] = Stepper(*key).warm_up(warmup_steps())
+        _WARM[key] = Stepper(backend, training_plan(model, normalization), device).warm_up(warmup_steps())
+    return _WARM[key]
+
+
+def warm_method_stepper(backend: str, variant: str, device: str) -> Stepper:
+    """`warm_stepper` for a variant of METHODS_SPEC."""
+    key = (backend, METHODS_SPEC, variant, device)
+    if key not in _WARM:
+        _WARM[key] = Stepper(backend, method_plan(variant), device).warm_up(warmup_steps())
     return _WARM[key]
 
 
@@ -233,21 +265,41 @@ def side_by_side_medians(steps, rounds: int, min_seconds: float = 0.0) -> list[f
 
 
 def reference_module(backend: str):
-    """benchmarks/reference_<framework>.py, or NotImplementedError when it does not exist."""
+    """benchmarks/reference_<backend>/, or NotImplementedError when it does not exist."""
     name = f"{__package__}.reference_{backend}"
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as exc:
         if exc.name == name:
-            raise NotImplementedError(f"no reference loop for {backend} (benchmarks/reference_{backend}.py)") from None
+            raise NotImplementedError(f"no reference loop for {backend} (benchmarks/reference_{backend}/)") from None
         raise
 
 
 def reference_device(backend: str, device: str):
-    """The `device` argument each reference module takes: reference_jax wants a jax
-    Device (None = jax's default, which is the GPU where there is one); reference_torch
-    and reference_tensorflow take the device name ("cpu", "cuda")."""
+    """The `device` argument each reference loop takes: reference_jax wants a jax Device
+    (None = jax's default, which is the GPU where there is one); reference_torch and
+    reference_tensorflow take the device name ("cpu", "cuda")."""
     return engine(backend, device).jax_device if backend == "jax" else device
+
+
+class ReferenceStepper:
+    """The hand-written loop of `backend` for `plan` (benchmarks/reference_<backend>/), with
+    the same unit as `Stepper.step`: one update, then synchronize, inside the caller's timer.
+    NotImplementedError (asv's skip) where the loop does not cover the plan."""
+
+    def __init__(self, backend: str, plan, device: str):
+        engine(backend, device)  # the same skips as the backend's side
+        data = mnist()
+        self._step, self._synchronize = reference_module(backend).make_reference_step(
+            plan, device=reference_device(backend, device), seed=SEED, data=(data.train_images, data.train_labels))
+        self.count = 0
+        for _ in range(warmup_steps()):
+            self.step()
+
+    def step(self) -> None:
+        self._step(self.count)
+        self._synchronize()
+        self.count += 1
 
 
 # ----------------------------------------------------------------------------- memory

@@ -1,9 +1,18 @@
-"""Step-time ratios measured side by side in one process (alternating, medians):
-a normalization's overhead over no normalization, and each backend against the
-minimal hand-written loop in its own framework (benchmarks/reference_<framework>.py).
-Lower is better for both."""
+"""Step-time ratios measured side by side in one process (alternating, medians): a
+method's overhead over no normalization, and each backend against the hand-written loop
+in its own framework (benchmarks/reference_<framework>/). Lower is better for both.
+
+Two grids: the paper's cells (model x the bundled specs' variants, the history since the
+first nightly) and every normalization method and auxiliary loss (the variants of
+`_harness.METHODS_SPEC`, both networks)."""
 
 from . import _harness as h
+
+
+def _ratio(label: str, ours, theirs, what: str) -> float:
+    mine, other = h.side_by_side_medians([ours.step, theirs.step], *h.ratio_rounds())
+    print(f"{label}: {mine * 1e3:.2f} ms, {what} {other * 1e3:.2f} ms per step")
+    return mine / other
 
 
 class NormalizationOverhead:
@@ -20,15 +29,12 @@ class NormalizationOverhead:
         self.variant = h.warm_stepper(backend, model, normalization, device)
 
     def track_overhead_vs_none(self, backend, model, normalization, device):
-        variant, baseline = h.side_by_side_medians([self.variant.step, self.baseline.step], *h.ratio_rounds())
-        print(f"{backend}/{model}/{device}: {normalization} {variant * 1e3:.2f} ms, none {baseline * 1e3:.2f} ms per step")
-        return variant / baseline
+        return _ratio(f"{backend}/{model}/{device}: {normalization}", self.variant, self.baseline, "none")
 
 
 class ReferenceRatio:
     """Median backend step time / median step time of the hand-written loop in the same
-    framework (same model, normalization, batch size and device). Skipped where the
-    reference module is missing."""
+    framework (same model, normalization, batches, initial weights and device)."""
 
     params = [h.BACKENDS, h.MODELS, h.NORMALIZATIONS, h.DEVICES]
     param_names = ["backend", "model", "normalization", "device"]
@@ -37,20 +43,43 @@ class ReferenceRatio:
 
     def setup(self, backend, model, normalization, device):
         self.stepper = h.warm_stepper(backend, model, normalization, device)
-        module = h.reference_module(backend)
-        spec, _ = h.training_spec(model, normalization)
-        step, self.synchronize = module.make_reference_step(model, normalization, batch_size=spec.batch_size,
-                                                              device=h.reference_device(backend, device))
-        self.reference_step, self.count = step, 0
-        for _ in range(h.warmup_steps()):
-            self._reference()
-
-    def _reference(self):
-        self.reference_step(self.count)
-        self.synchronize()
-        self.count += 1
+        self.reference = h.ReferenceStepper(backend, self.stepper.program, device)
 
     def track_ratio_to_reference(self, backend, model, normalization, device):
-        ours, reference = h.side_by_side_medians([self.stepper.step, self._reference], *h.ratio_rounds())
-        print(f"{backend}/{model}/{normalization}/{device}: backend {ours * 1e3:.2f} ms, reference {reference * 1e3:.2f} ms per step")
-        return ours / reference
+        return _ratio(f"{backend}/{model}/{normalization}/{device}: backend", self.stepper, self.reference, "reference")
+
+
+class MethodOverhead:
+    """`NormalizationOverhead` for every variant of the methods grid: its median step time
+    over that of the variant without normalization on the same network."""
+
+    params = [h.BACKENDS, h.METHOD_VARIANTS, h.DEVICES]
+    param_names = ["backend", "variant", "device"]
+    unit = "ratio"
+    timeout = 300
+
+    def setup(self, backend, variant, device):
+        baseline = h.method_baseline(variant)
+        if baseline == variant:
+            raise NotImplementedError(f"{variant} is the baseline of its network")
+        self.baseline = h.warm_method_stepper(backend, baseline, device)
+        self.variant = h.warm_method_stepper(backend, variant, device)
+
+    def track_overhead_vs_none(self, backend, variant, device):
+        return _ratio(f"{backend}/{variant}/{device}", self.variant, self.baseline, "none")
+
+
+class MethodReferenceRatio:
+    """`ReferenceRatio` for every variant of the methods grid."""
+
+    params = [h.BACKENDS, h.METHOD_VARIANTS, h.DEVICES]
+    param_names = ["backend", "variant", "device"]
+    unit = "ratio"
+    timeout = 300
+
+    def setup(self, backend, variant, device):
+        self.stepper = h.warm_method_stepper(backend, variant, device)
+        self.reference = h.ReferenceStepper(backend, self.stepper.program, device)
+
+    def track_ratio_to_reference(self, backend, variant, device):
+        return _ratio(f"{backend}/{variant}/{device}: backend", self.stepper, self.reference, "reference")

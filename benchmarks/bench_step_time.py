@@ -37,7 +37,7 @@ class TimeFirstStep:
     rounds = 3  # ... and three processes
 
     def setup(self, backend, model, normalization, device):
-        self.stepper = h.Stepper(backend, model, normalization, device)
+        self.stepper = h.Stepper(backend, h.training_plan(model, normalization), device)
 
     def time_first_step(self, backend, model, normalization, device):
         self.stepper.step()

@@ -281,6 +281,8 @@ EXPORTED = [
     ("bench_step_time.TimeFirstStep.time_first_step", "First step of a fresh trainer (tracing, compilation, kernel set-up)", "seconds"),
     ("bench_ratios.ReferenceRatio.track_ratio_to_reference", "Step time / a minimal hand-written loop in the same framework", "ratio"),
     ("bench_ratios.NormalizationOverhead.track_overhead_vs_none", "Step time / the same model without normalization", "ratio"),
+    ("bench_ratios.MethodReferenceRatio.track_ratio_to_reference", "Every method: step time / the hand-written loop in the same framework", "ratio"),
+    ("bench_ratios.MethodOverhead.track_overhead_vs_none", "Every method: step time / the same network without normalization", "ratio"),
     ("track_steps_to_target", "Steps to the target test accuracy (1000 = not reached)", "steps"),
     ("track_final_test_error", "Test error after 1000 steps", "fraction"),
     ("track_host_rss_growth", "Host RSS growth during a 1000-step run", "bytes"),
@@ -305,7 +307,7 @@ def export(results: list, benchmarks: dict, machine: str, info: dict, commit: st
                     continue  # skipped here (absent framework or device) or failed
                 records.append({"benchmark": key, "unit": unit, **dict(zip(names, params)), "value": value})
     out.mkdir(parents=True, exist_ok=True)
-    columns = ["benchmark", "unit", "backend", "model", "normalization", "device", "value"]
+    columns = ["benchmark", "unit", "backend", "model", "normalization", "variant", "device", "value"]
     with open(out / "benchmarks.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
@@ -331,6 +333,16 @@ def export(results: list, benchmarks: dict, machine: str, info: dict, commit: st
         mine = [r for r in records if r["benchmark"] == pattern or r["benchmark"].endswith("." + pattern)]
         for device in sorted({r.get("device", "") for r in mine}):
             rows = [r for r in mine if r.get("device", "") == device]
+            if any(r.get("variant") for r in rows):  # the methods grid: a row per variant, a column per backend
+                backends = list(dict.fromkeys(_backend_of(r) for r in rows))
+                lines += [f"## {heading} ({device})", "", "| variant | " + " | ".join(backends) + " |",
+                          "|---|" + "---|" * len(backends)]
+                for variant in dict.fromkeys(r["variant"] for r in rows):
+                    cells = [next((_format(r["value"], unit) for r in rows if r["variant"] == variant
+                                   and _backend_of(r) == b), "—") for b in backends]
+                    lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+                lines.append("")
+                continue
             present = [n for n in normalizations if any(r.get("normalization") == n for r in rows)] or [None]
             keys = list(dict.fromkeys((_backend_of(r), r.get("model", "")) for r in rows))
             lines += [f"## {heading} ({device})", "", "| backend | model | " + " | ".join(n or "value" for n in present) + " |",

@@ -263,18 +263,3 @@ def test_torch_is_imported_before_tensorflow():
             "print(m.index('torch') < m.index('tensorflow'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.stdout.strip() == "True", out.stderr[-2000:]
-
-
-@pytest.mark.parametrize("model,normalization", [("mlp3", "batch_norm_scale_shift"), ("cnn3", "standardization_loss")])
-def test_hand_written_reference_steps(model, normalization):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "reference_tensorflow.py"
-    module_spec = importlib.util.spec_from_file_location("reference_tensorflow", path)
-    reference = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(reference)
-    step, synchronize = reference.make_reference_step(model, normalization, batch_size=16)
-    for i in range(2):
-        step(i)
-    synchronize()

@@ -48,7 +48,8 @@ def _discover() -> dict:
 
 
 BENCHMARKS = _discover()
-MODULES = sorted(p.stem for p in BENCHMARK_DIR.glob("*.py") if p.stem != "__init__")
+MODULES = sorted([p.stem for p in BENCHMARK_DIR.glob("*.py") if p.stem != "__init__"]
+                 + [p.name for p in BENCHMARK_DIR.iterdir() if (p / "__init__.py").exists()])
 _CACHES: dict[str, object] = {}
 
 
@@ -111,7 +112,7 @@ def test_injected_sleep_lands_inside_the_timed_step(monkeypatch):
     backend = next((b for b in harness.BACKENDS if harness.registry.is_available(b)), None)
     if backend is None:
         pytest.skip("no backend available")
-    stepper = harness.Stepper(backend, "mlp3", "none", "cpu")
+    stepper = harness.Stepper(backend, harness.training_plan("mlp3", "none"), "cpu")
     monkeypatch.setenv("NORMBENCH_INJECT_STEP_SLEEP_MS", "200")
     # A sleep lasts at least its duration: every timed step must, whatever the machine's load.
     assert harness.side_by_side_medians([stepper.step], 3)[0] >= 0.2
@@ -202,6 +203,8 @@ class _FakeGridResult(_FakeResult):
     params = {"python": "/nonexistent/python"}
 
     def get_result_params(self, key):
+        if ".Method" in key:  # the methods grid: backend x variant x device
+            return [["'torch'", "'jax'"], ["'cnn3-none'", "'cnn3-group-norm'"], ["'cpu'", "'cuda'"]]
         grid = [["'cnn3'"], ["'none'", "'batch_norm_shift'"], ["'cpu'", "'cuda'"]]
         return [["'torch'"], *grid] if key.startswith("bench_step_time") else grid
 
@@ -209,25 +212,33 @@ class _FakeGridResult(_FakeResult):
 def test_nightly_export_writes_every_recorded_value_and_skips_the_absent(tmp_path):
     nightly = _load_nightly()
     nan = float("nan")
+    method_ratio = "bench_ratios.MethodReferenceRatio.track_ratio_to_reference"
     result = _FakeGridResult({"bench_step_time.TimeStep.time_step": [0.0123, nan, 0.0111, nan],
-                              "bench_training.JaxTraining.track_final_test_error": [0.86, nan, 0.1424, nan]})
+                              "bench_training.JaxTraining.track_final_test_error": [0.86, nan, 0.1424, nan],
+                              method_ratio: [1.05, nan, 1.31, nan, 0.98, nan, nan, nan]})
     names = ["model", "normalization", "device"]
     benchmarks = {"bench_step_time.TimeStep.time_step": {"unit": "seconds", "param_names": ["backend", *names]},
-                  "bench_training.JaxTraining.track_final_test_error": {"unit": "fraction", "param_names": names}}
+                  "bench_training.JaxTraining.track_final_test_error": {"unit": "fraction", "param_names": names},
+                  method_ratio: {"unit": "ratio", "param_names": ["backend", "variant", "device"]}}
     info = {"cpu": "Test CPU", "num_cpu": "2", "ram": str(8 * 2**30), "os": "Linux"}
     written = nightly.export([result], benchmarks, "m", info, "c" * 40, tmp_path, "python scripts/nightly.py --export x")
     rows = (tmp_path / "benchmarks.csv").read_text().splitlines()
     assert rows[1:] == [  # cuda was skipped (n/a): left out
-        "bench_step_time.TimeStep.time_step,seconds,torch,cnn3,none,cpu,0.0123",
-        "bench_step_time.TimeStep.time_step,seconds,torch,cnn3,batch_norm_shift,cpu,0.0111",
-        "bench_training.JaxTraining.track_final_test_error,fraction,,cnn3,none,cpu,0.86",
-        "bench_training.JaxTraining.track_final_test_error,fraction,,cnn3,batch_norm_shift,cpu,0.1424"]
+        f"{method_ratio},ratio,torch,,,cnn3-none,cpu,1.05",
+        f"{method_ratio},ratio,torch,,,cnn3-group-norm,cpu,1.31",
+        f"{method_ratio},ratio,jax,,,cnn3-none,cpu,0.98",
+        "bench_step_time.TimeStep.time_step,seconds,torch,cnn3,none,,cpu,0.0123",
+        "bench_step_time.TimeStep.time_step,seconds,torch,cnn3,batch_norm_shift,,cpu,0.0111",
+        "bench_training.JaxTraining.track_final_test_error,fraction,,cnn3,none,,cpu,0.86",
+        "bench_training.JaxTraining.track_final_test_error,fraction,,cnn3,batch_norm_shift,,cpu,0.1424"]
     text = (tmp_path / "README.md").read_text()
     assert "| torch | cnn3 | 12.3 ms | 11.1 ms |" in text
     assert "| jax | cnn3 | 86.00% | 14.24% |" in text  # the backend of a training class comes from its name
+    assert "| variant | torch | jax |" in text  # the methods grid: a row per variant, a column per backend
+    assert "| cnn3-none | 1.050 | 0.980 |" in text and "| cnn3-group-norm | 1.310 | — |" in text
     assert "cuda" not in text
     provenance = json.loads((tmp_path / "provenance.json").read_text())
-    assert provenance["commit"] == "c" * 40 and provenance["records"] == 4 and "no longer exists" in provenance["packages"]
+    assert provenance["commit"] == "c" * 40 and provenance["records"] == 7 and "no longer exists" in provenance["packages"]
     assert [p.name for p in written] == ["README.md", "benchmarks.csv", "provenance.json"]
 
 

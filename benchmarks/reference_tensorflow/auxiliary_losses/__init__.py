@@ -1,0 +1,1 @@
+"""One file per auxiliary loss: its value in TensorFlow from the slot outputs."""

@@ -1,0 +1,1 @@
+"""One file per normalization method: its training forward in TensorFlow (NHWC / NC)."""
