@@ -101,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("backends", help="list backends and whether they are installed")
     sub.add_parser("datasets", help="list data sets")
+    p = sub.add_parser("models", help="list architectures with parameter counts and forward FLOPs per example")
+    p.add_argument("--normalization", default="none",
+                   help="method in every normalization slot while counting (default: %(default)s; published "
+                        "counts of batch-normalized networks include its scale and shift)")
     sub.add_parser("list", help="list bundled specs, experiments, backends and data sets")
     return parser
 
@@ -260,6 +264,33 @@ def _cmd_datasets(_args) -> int:
     return 0
 
 
+def _cmd_models(args) -> int:
+    from normbench import architectures, normalizations
+    from normbench.plan import architecture_counts
+    from normbench.spec import PluginSpec
+
+    if args.normalization not in normalizations.names():
+        raise UsageError(f"--normalization: unknown method {args.normalization!r}; known: {', '.join(normalizations.names())}")
+    rows = []
+    for name, arch in architectures.REGISTRY.items():
+        try:
+            counts = architecture_counts(arch, PluginSpec(args.normalization))
+        except ValueError as exc:  # the method does not fit this network: say why, count the others
+            counts = {"parameters": None, "flops": None, "why": str(exc)}
+        shape = "x".join(map(str, arch.input_shape))
+        rows.append((name, "small" if arch.small else "full", shape, arch.num_classes, counts))
+    print(f"parameters with normalization = {args.normalization}; forward FLOPs per example (2 x multiply-accumulates "
+          f"of convolutions and dense layers)")
+    print(f"{'architecture':20s} {'size':5s} {'input':>11s} {'classes':>7s} {'parameters':>12s} {'MFLOPs':>10s}")
+    for name, size, shape, classes, counts in rows:
+        if counts["parameters"] is None:
+            print(f"{name:20s} {size:5s} {shape:>11s} {classes:7d} {'n/a':>12s} {'n/a':>10s}  ({counts['why']})")
+        else:
+            print(f"{name:20s} {size:5s} {shape:>11s} {classes:7d} {counts['parameters']:12,d} "
+                  f"{counts['flops'] / 1e6:10.2f}")
+    return 0
+
+
 def _cmd_list(args) -> int:
     from normbench import architectures, auxiliary_losses, experiments, normalizations
 
@@ -304,7 +335,8 @@ def _info(message: str) -> None:
 
 
 COMMANDS = {"run": _cmd_run, "reproduce": _cmd_reproduce, "report": _cmd_report, "parity": _cmd_parity, "specs": _cmd_specs,
-            "backends": _cmd_backends, "datasets": _cmd_datasets, "list": _cmd_list}
+            "backends": _cmd_backends, "datasets": _cmd_datasets, "models": _cmd_models,
+            "list": _cmd_list}
 
 
 def main(argv: list[str] | None = None) -> int:

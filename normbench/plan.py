@@ -257,6 +257,25 @@ def _table_defaults(spec: ExperimentSpec, plugin: str) -> dict:
     return out
 
 
+def architecture_counts(arch: architectures.Architecture, normalization: PluginSpec = PluginSpec("none")) -> dict:
+    """{parameters, multiply_accumulates, flops} of `arch` with `normalization` in its slots,
+    per example. Parameters are every trained value (kernels, biases, the method's own);
+    running statistics are state, not parameters. FLOPs = 2 x multiply-accumulates.
+    ValueError (one sentence) when the method cannot fill one of the slots."""
+    method = build_method(normalization)
+    for slot in arch.slots:
+        problem = method.check_slot(slot)
+        if problem:
+            raise ValueError(f"{method.describe()} cannot normalize layer {slot.layer} of {arch.name}: {problem}")
+    variant = VariantSpec("count", normalization=normalization)
+    spec = ExperimentSpec(name="count", model=arch.name, dataset=datasets.names()[0], batch_size=1, steps=1,
+                          eval_every=1, seeds=(0,), variants=(variant,))
+    plan = Plan(spec, variant, arch)
+    params, _ = plan.initial_parameters(0)
+    macs = sum(layer.multiply_accumulates for layer in plan.layers)
+    return {"parameters": int(sum(v.size for v in params.values())), "multiply_accumulates": macs, "flops": 2 * macs}
+
+
 def resolve(spec: ExperimentSpec, variant: VariantSpec | str) -> Plan:
     """The plan of one variant (a VariantSpec or a variant name) of `spec`."""
     return Plan(spec, spec.variant(variant) if isinstance(variant, str) else variant)

@@ -146,3 +146,25 @@ def test_no_command_prints_help(capsys):
     code, out, _ = _main([], capsys)
     assert code == 2
     assert "run" in out and "report" in out
+
+
+def test_models_lists_every_architecture_with_counts(capsys):
+    from normbench import architectures
+
+    code, out, _ = _main(["models"], capsys)
+    assert code == 0
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[2:]}
+    assert list(rows) == architectures.names()
+    # cnn3 by hand: kernels 5*5*1*32 + 5*5*32*16 + 5*5*16*8 + 128*10, biases 32 + 16 + 8 + 10;
+    # multiply-accumulates 14*14*32*25 + 7*7*16*800 + 4*4*8*400 + 128*10 = 836,480.
+    assert rows["cnn3"][4] == "18,146" and rows["cnn3"][5] == f"{2 * 836480 / 1e6:.2f}"
+    code, out, _ = _main(["models", "--normalization", "batch_norm"], capsys)
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[2:]}
+    assert rows["cnn3"][4] == f"{18146 - 56 + 2 * 56:,}"  # no biases; a scale and a shift per channel
+
+
+def test_models_says_where_a_method_does_not_fit(capsys):
+    code, out, _ = _main(["models", "--normalization", "group_norm"], capsys)
+    assert code == 0 and "cnn3" in out and "not divisible by groups = 32" in out
+    code, _, err = _main(["models", "--normalization", "nope"], capsys)
+    assert code == 2 and "--normalization: unknown method 'nope'" in err and "\n" not in err.strip()

@@ -56,6 +56,20 @@ class Layer:
     def slot(self) -> Slot:
         return Slot(self.name, self.kind, self.out_shape, self.kernel_shape)
 
+    @property
+    def multiply_accumulates(self) -> int:
+        """Multiply-accumulates of the layer's forward pass for one example: every output
+        value of a convolution costs kh x kw x (input channels / groups) of them, every
+        output unit of a dense layer its fan-in. Normalization, activations and pooling are
+        not counted (the convention of the published counts)."""
+        fan_in = 1
+        for size in self.kernel_shape[:-1]:
+            fan_in *= size
+        outputs = 1
+        for size in self.out_shape:
+            outputs *= size
+        return fan_in * outputs
+
 
 @dataclasses.dataclass(frozen=True)
 class Architecture:
