@@ -181,7 +181,7 @@ def method_baseline(variant: str) -> str:
 @functools.cache
 def mnist():
     """Real MNIST as the runner loads it (cached in ~/.cache/normbench; fetched once)."""
-    return load_data(training_spec("cnn3", "none")[0])
+    return load_data(specs.load(BENCHMARK_SPECS[0]))
 
 
 @functools.cache
