@@ -382,6 +382,8 @@ top level
   batch_size           integer >= 1
   steps                integer >= 1             SGD updates per run
   eval_every           integer >= 1             evaluate test set + training subset every N steps (and at 0 and the end)
+  eval_resolution      number in (0, 1)         also evaluate the test set on a geometric grid, so steps to an accuracy
+                                                are known within this fraction (the speed-up metric; default: off)
   train_eval_examples  integer >= 1             size of the fixed training subset evaluated (default 10000)
   seeds                integer N (seeds 0..N-1) or a list of distinct integers >= 0
   track_percentiles    list of layer names      record the 1/20/80/99th percentiles of these pre-activations

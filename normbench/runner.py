@@ -244,11 +244,15 @@ def execute_run(engine, program: Plan, seed: int, train_images, train_labels, ev
             "std_loss_weight": program.std_loss_weight, "seed": seed}
     rows, percentile_rows = [], []
     train_time = 0.0
+    evaluations = dict(spec.evaluation_steps(variant))  # step -> full (both splits) or the test split only
 
-    def evaluate(step: int) -> list[str]:
-        """Record the evaluation at `step` if it is finite; return what was not."""
+    def evaluate(step: int, full: bool = True) -> list[str]:
+        """Record the evaluation at `step` if it is finite; return what was not.
+        Not `full`: the test split only (a point of the resolution grid)."""
         new_rows, new_percentiles, non_finite = [], [], []
         for split, (images, labels, n) in evaluator.splits.items():
+            if not full and split != "test":
+                continue
             result = trainer.evaluate(images, labels, n)
             with np.errstate(all="ignore"):  # an exploding model overflows here; caught just below
                 std_loss = program.std_metric.value_from_statistics(result["moments"])
@@ -284,7 +288,7 @@ def execute_run(engine, program: Plan, seed: int, train_images, train_labels, ev
         pending.append(trainer.step(order.indices(step), program.learning_rate(step)))
         if on_step is not None:
             on_step(step)
-        at_evaluation = (step + 1) % spec.eval_every == 0 or step + 1 == steps
+        at_evaluation = step + 1 in evaluations
         if not (at_evaluation or len(pending) == LOSS_CHECK_EVERY):
             continue
         # One sync and one transfer per interval: the timer covers the steps only.
@@ -300,7 +304,7 @@ def execute_run(engine, program: Plan, seed: int, train_images, train_labels, ev
             break
         first, pending = step + 1, []
         if at_evaluation:
-            non_finite = evaluate(step + 1)
+            non_finite = evaluate(step + 1, evaluations[step + 1])
             if non_finite:
                 status, diverged_at = "diverged", step + 1
                 break

@@ -46,7 +46,7 @@ MAX_SEEDS = 10000  # an integer `seeds` expands to a tuple: keep a typo from all
 # Keys each table accepts. Optimizer and schedule fields depend on the chosen name, so a
 # hyperparameter of another optimizer is rejected instead of silently ignored.
 TOP_LEVEL_KEYS = ("name", "description", "model", "dataset", "dtype", "batch_size", "steps", "eval_every",
-                  "train_eval_examples", "seeds", "track_percentiles", "optimizer", "schedule", "variant")
+                  "eval_resolution", "train_eval_examples", "seeds", "track_percentiles", "optimizer", "schedule", "variant")
 # Besides these, a top-level table named after a normalization method or auxiliary loss
 # ([batch_norm], [standardization]) or one of their legacy shorthands' tables
 # ([standardization_loss]) gives option defaults for every variant that uses the plugin.
@@ -156,6 +156,12 @@ class ExperimentSpec:
     description: str = ""
     dtype: str = "float32"
     train_eval_examples: int = 10000  # fixed training subset evaluated alongside the test set
+    # Steps-to-accuracy readings (the speed-up metric) need evaluations dense where the
+    # curves cross a target, which may be step 30 or step 3000. With a resolution r, the
+    # test set is also evaluated on a geometric grid (ratio 1 + r) below eval_every / r, so
+    # every first step at which a curve reaches a level is known to within a fraction r
+    # (and one step). None: the multiples of eval_every only.
+    eval_resolution: float | None = None
     # Layers whose pre-activation percentiles (1, 20, 80, 99) are recorded at every
     # evaluation (Figure 4). Empty: none.
     track_percentiles: tuple[str, ...] = ()
@@ -179,9 +185,27 @@ class ExperimentSpec:
                 return v
         raise SpecError(f"{self.source}: variant: no variant named {name!r}; have {[v.name for v in self.variants]}")
 
+    def evaluation_steps(self, variant: VariantSpec) -> tuple[tuple[int, bool], ...]:
+        """(step, full) for every evaluation of a run of `variant`, ascending, from step 0
+        to its last step. `full` evaluations (0, the multiples of eval_every, the last step)
+        cover the test set and the training subset; those the resolution grid adds cover
+        the test set only: the curves the speed-up is read from, at half the cost."""
+        steps = self.steps_for(variant)
+        full = {0, steps, *range(self.eval_every, steps + 1, self.eval_every)}
+        extra = set()
+        if self.eval_resolution is not None:
+            point, limit = 1.0, min(steps, self.eval_every / self.eval_resolution)
+            while point <= limit:
+                extra.add(int(math.ceil(point - 1e-9)))
+                point = max(point * (1.0 + self.eval_resolution), point + 1.0)
+        return tuple((s, s in full) for s in sorted(full | extra))
+
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out.pop("source")
+        if out["eval_resolution"] is None:
+            # Unset, it is left out: the hashes of specs written before it existed stay as they were.
+            out.pop("eval_resolution")
         return out
 
     def hash(self) -> str:
@@ -532,6 +556,8 @@ def from_dict(data: Any, source: str = "<memory>") -> ExperimentSpec:
     batch_size = c.integer("batch_size", minimum=1)
     steps = c.integer("steps", minimum=1)
     eval_every = c.integer("eval_every", minimum=1)
+    eval_resolution = c.number("eval_resolution", None, low=0.0, high=1.0, low_open=True, high_open=True) \
+        if "eval_resolution" in c.table else None
     train_eval_examples = c.integer("train_eval_examples", 10000, minimum=1)
     raw_seeds = c._take("seeds", _REQUIRED)
     if _is_int(raw_seeds):
@@ -562,7 +588,7 @@ def from_dict(data: Any, source: str = "<memory>") -> ExperimentSpec:
         raise SpecError(f"{source}: variant: duplicate variant names {duplicates}; each variant needs its own name")
     spec = ExperimentSpec(
         name=name, description=description, model=model, dataset=dataset, dtype=dtype,
-        batch_size=batch_size, steps=steps, eval_every=eval_every, seeds=seeds,
+        batch_size=batch_size, steps=steps, eval_every=eval_every, eval_resolution=eval_resolution, seeds=seeds,
         train_eval_examples=train_eval_examples, track_percentiles=track, variants=variants,
         optimizer=optimizer, schedule=schedule, plugin_defaults=written, source=source,
     )
@@ -628,6 +654,8 @@ def _check_consistency(spec: ExperimentSpec) -> None:
 def _to_toml_shape(data: dict[str, Any]) -> dict[str, Any]:
     """Turn `ExperimentSpec.to_dict()` back into the TOML document shape."""
     out = dict(data)
+    if out.get("eval_resolution", 0.0) is None:
+        out.pop("eval_resolution")
     out["variant"] = [_variant_toml(var) for var in out.pop("variants")]
     out["seeds"] = out["seeds"] if isinstance(out["seeds"], int) else list(out["seeds"])
     out["track_percentiles"] = list(out["track_percentiles"])

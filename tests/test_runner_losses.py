@@ -76,3 +76,28 @@ def test_divergence_is_pinned_to_the_first_non_finite_step_despite_batched_reads
     # Training stopped at the first read after the bad step; no NaN model was evaluated.
     assert trainer.steps == -(-first_bad_step // 10) * 10
     assert [r["step"] for r in outcome["rows"]] == list(range(0, trainer.steps - 9, 10))
+
+
+class _TwoSplitEvaluator:
+    splits = {"test": (None, None, 10), "train": (None, None, 10)}
+
+
+def test_eval_resolution_adds_test_only_evaluations_on_a_geometric_grid(spec_factory):
+    spec = spec_factory(steps=300, eval_every=100).replace(eval_resolution=0.25)
+    grid = dict(spec.evaluation_steps(spec.variants[0]))
+    # Multiples of eval_every (and 0, the end) are full; the grid below eval_every / r = 400
+    # (capped at the budget) adds points at most 25% (or one step) apart.
+    assert [s for s, full in grid.items() if full] == [0, 100, 200, 300]
+    steps = sorted(grid)
+    assert all(b - a <= max(1, 0.25 * a) + 1 for a, b in zip(steps, steps[1:]))
+    assert {1, 2, 3, 4, 5} <= set(steps) and len(steps) < 40
+    outcome = runner.execute_run(_ScriptedEngine(_ScriptedTrainer(lambda k: 1.0)), TrainingProgram(spec, spec.variants[0]),
+                                 0, np.zeros((64, 28, 28, 1)), np.zeros(64, np.int64), _TwoSplitEvaluator())
+    test_steps = [r["step"] for r in outcome["rows"] if r["split"] == "test"]
+    train_steps = [r["step"] for r in outcome["rows"] if r["split"] == "train"]
+    assert test_steps == steps and train_steps == [0, 100, 200, 300]
+
+
+def test_without_eval_resolution_the_grid_is_the_multiples_of_eval_every(spec_factory):
+    spec = spec_factory(steps=250, eval_every=100)
+    assert spec.evaluation_steps(spec.variants[0]) == ((0, True), (100, True), (200, True), (250, True))

@@ -321,3 +321,15 @@ def dataclass_replace(obj, **changes):
     import dataclasses
 
     return dataclasses.replace(obj, **changes)
+
+
+def test_eval_resolution_validates_round_trips_and_leaves_old_hashes_alone():
+    base = spec_module.load("mnist-cnn")
+    finer = base.replace(eval_resolution=0.05)
+    assert finer.eval_resolution == 0.05 and finer.hash() != base.hash()
+    assert spec_module.loads(spec_module.to_toml(finer)) == finer
+    assert "eval_resolution" not in spec_module.to_toml(base)
+    assert finer.replace(eval_resolution=None) == base and finer.replace(eval_resolution=None).hash() == base.hash()
+    for bad in (0, 1, -0.1, 2.0, "5%"):
+        with pytest.raises(spec_module.SpecError, match="eval_resolution"):
+            base.replace(eval_resolution=bad)
