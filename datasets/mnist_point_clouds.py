@@ -44,8 +44,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import DATA_DIR_ENV_VAR, Dataset, DatasetError, DatasetInfo, Source, SourceError, data_root, ensure_files
-from .idx import read_idx, write_idx
+from .base import DATA_DIR_ENV_VAR, Dataset, DatasetError, DatasetInfo, Source, SourceError, data_root, data_root_origin, one_line
+from .idx import load_idx_dataset, write_idx
 
 __all__ = [
     "DESCRIPTION",
@@ -79,6 +79,7 @@ TRAIN_POINTS = "train-points-idx4-float"
 TRAIN_LABELS = "train-labels-idx1-ubyte"
 TEST_POINTS = "t10k-points-idx4-float"
 TEST_LABELS = "t10k-labels-idx1-ubyte"
+SPLITS = ((TRAIN_POINTS, TRAIN_LABELS), (TEST_POINTS, TEST_LABELS))
 
 # SHA-256 of the four IDX files built from the pinned MNIST (the label files are MNIST's,
 # byte for byte).  Module-level so tests can substitute a table for tiny fake MNIST files;
@@ -165,7 +166,7 @@ class BuildFromMnist:
         try:
             mnist = datasets.load("mnist", self.data_dir, fetch=self.fetch)
         except DatasetError as error:
-            raise SourceError(f"MNIST: {_one_line(error)}") from None
+            raise SourceError(f"MNIST: {one_line(error)}") from None
         try:
             train_clouds = build_clouds(mnist.train_images, "train")
             test_clouds = build_clouds(mnist.test_images, "test")
@@ -199,46 +200,20 @@ def load(
     saying what is wrong with which file and how to fix it.
     """
     directory = cache_dir(data_dir)
-    try:
-        digests, used_sources = ensure_files(
-            directory,
-            EXPECTED_SHA256 if expected is None else expected,
-            sources=[BuildFromMnist(data_dir, fetch=fetch)] if sources is None else sources,
-            fetch=True,  # building is local; the builder passes `fetch` on to MNIST
-            how_to_fix=_how_to_fix(directory),
-        )
-        train_clouds, train_labels = _read_split(directory, TRAIN_POINTS, TRAIN_LABELS)
-        test_clouds, test_labels = _read_split(directory, TEST_POINTS, TEST_LABELS)
-    except DatasetError as error:
-        raise type(error)(_one_line(error)) from None
-    obtained = f"just made ({', '.join(used_sources)})" if used_sources else "already cached"
-    return Dataset(
-        name=NAME,
-        train_images=train_clouds,
-        train_labels=train_labels,
-        test_images=test_clouds,
-        test_labels=test_labels,
-        num_classes=NUM_CLASSES,
-        source=f"MNIST point clouds (PointNet++ B.3) built from MNIST, IDX files in {directory}, "
-               f"SHA-256 verified; {obtained}",
-        files=digests,
+    return load_idx_dataset(
+        INFO,
+        directory,
+        EXPECTED_SHA256 if expected is None else expected,
+        SPLITS,
+        sources=[BuildFromMnist(data_dir, fetch=fetch)] if sources is None else sources,
+        fetch=True,  # building is local; the builder passes `fetch` on to MNIST
+        how_to_fix=_how_to_fix(directory),
+        origin=data_root_origin(data_dir),
+        describe=f"MNIST point clouds (PointNet++ B.3) built from MNIST, IDX files in {directory}, SHA-256 verified",
+        made="just made ({})",
+        dtype=np.float32,
+        fold_errors=True,
     )
-
-
-def _read_split(directory: Path, points_name: str, labels_name: str) -> tuple[np.ndarray, np.ndarray]:
-    """Read one split as (float32 clouds (N, 512, 1, 3), int64 labels), checking the two files agree."""
-    clouds = read_idx(directory / points_name)
-    labels = read_idx(directory / labels_name)
-    if clouds.dtype != np.float32 or clouds.shape[1:] != INFO.image_shape:
-        raise DatasetError(f"{directory / points_name}: expected float32 clouds (N, {NUM_POINTS}, 1, 3), "
-                           f"got {clouds.dtype} {clouds.shape}")
-    if labels.dtype != np.uint8 or labels.ndim != 1 or len(labels) != len(clouds):
-        raise DatasetError(f"{directory / labels_name}: expected {len(clouds)} uint8 labels, got {labels.dtype} {labels.shape}")
-    return clouds, labels.astype(np.int64)
-
-
-def _one_line(error: Exception) -> str:
-    return " | ".join(line.strip() for line in str(error).splitlines() if line.strip())
 
 
 def _how_to_fix(directory: Path) -> str:

@@ -142,6 +142,34 @@ def test_datasets(capsys):
     assert [line.split()[0] for line in out.splitlines()] == datasets.names()
 
 
+@pytest.mark.parametrize("where", ["under-a-file", "proc"])
+@pytest.mark.parametrize("set_by", ["option", "env"])
+def test_unusable_data_dir_names_the_option_or_variable(where, set_by, tmp_path, capsys, monkeypatch):
+    """`--data-dir /proc/x` once printed only "[Errno 2] No such file or directory: '/proc/x'"."""
+    if not backends.available():
+        pytest.skip("no backend installed: `run` stops at the backend before loading data")
+    if where == "proc":
+        if not Path("/proc/self").is_dir():
+            pytest.skip("no /proc here")
+        data_dir = Path("/proc/normbench-no-such-dir")
+    else:
+        (tmp_path / "a-file").write_text("not a directory")
+        data_dir = tmp_path / "a-file" / "data"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("NORMBENCH_DATA_DIR", raising=False)
+    argv = ["run", "smoke", "--backend", backends.available()[0], "--out", str(tmp_path / "out"), "--no-progress"]
+    if set_by == "option":
+        argv += ["--data-dir", str(data_dir)]
+        named = f"--data-dir {data_dir}: "
+    else:
+        monkeypatch.setenv("NORMBENCH_DATA_DIR", str(data_dir))
+        named = f"NORMBENCH_DATA_DIR={data_dir}: "
+    code, _, err = _main(argv, capsys)
+    _assert_usage_error(code, err, named, f"the data cache {data_dir / 'mnist'} cannot be written",
+                        "pass a writable directory")
+    assert "[Errno" not in err
+
+
 def test_no_command_prints_help(capsys):
     code, out, _ = _main([], capsys)
     assert code == 2

