@@ -104,7 +104,7 @@ BAD_SPECS = [
     ("zero-variant-steps", variant_changed(0, steps=0), "variant[0].steps", ">= 1"),
     # unknown choices
     ("unknown-model", changed(model="resnet50"), "model", "cnn3, cnn-tiny, mlp3, mlp-tiny"),
-    ("unknown-dataset", changed(dataset="cifar10"), "dataset", "unknown value 'cifar10'; allowed: "),
+    ("unknown-dataset", changed(dataset="cifar11"), "dataset", "unknown value 'cifar11'; allowed: "),
     ("unknown-dtype", changed(dtype="float16"), "dtype", "float32, float64"),
     ("unknown-optimizer", changed(optimizer={"name": "lamb"}), "optimizer.name", "sgd, rmsprop, adam"),
     ("unknown-schedule", changed(schedule={"name": "cosine"}), "schedule.name", "constant, step_decay, piecewise"),
