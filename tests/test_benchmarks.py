@@ -101,7 +101,9 @@ def test_full_budgets_follow_the_paper(monkeypatch):
             assert (spec.steps_for(variant), spec.batch_size, spec.eval_every, spec.seeds) == (1000, 128, 50, (0,))
             assert (spec.optimizer.name, spec.optimizer.learning_rate) == ("sgd", 1e-3)
             assert harness._variant_key(variant) == normalization
-            assert 0.1 < harness.TARGET_ACCURACY[(model, normalization)] < 1.0
+            # Steps to the target are resolved to 5% by the evaluation grid.
+            assert spec.eval_resolution == harness.STEP_RESOLUTION == 0.05
+        assert harness.baseline_normalization(model) == "none"
     # The grid is the bundled specs' variants: the paper's three methods on both models.
     assert harness.NORMALIZATIONS == ["none", "batch_norm_shift", "standardization_loss"]
     assert harness.MODELS == ["cnn3", "mlp3"]
@@ -266,3 +268,25 @@ def test_nightly_keeps_a_timing_regression_only_when_a_second_measurement_confir
     assert "*unconfirmed*: over its threshold when first measured (`m` torch, cpu 572.2 MiB, `u` torch, cpu 1.3 s)" in md
     # Nothing flagged: nothing re-measured.
     assert nightly.confirm_regressions(nightly.compare(base, base, units, everything), remeasure) and len(asked) == 3
+
+
+def test_steps_to_target_reads_the_baselines_best_accuracy_and_never_reports_the_budget():
+    harness = importlib.import_module("benchmarks._harness")
+
+    def run(curve):
+        return {"test_accuracy": curve, "budget": 1000, "final_test_error": 1 - curve[-1][1]}
+
+    cache = {"runs": {
+        harness.run_key("cnn3", "none", "cpu"): run([(0, 0.1), (500, 0.3), (900, 0.42), (1000, 0.41)]),
+        harness.run_key("cnn3", "batch_norm_shift", "cpu"): run([(0, 0.1), (95, 0.40), (100, 0.43), (1000, 0.9)]),
+        harness.run_key("cnn3", "standardization_loss", "cpu"): run([(0, 0.1), (1000, 0.30)]),
+    }}
+    bn = harness.steps_to_target(cache, "cnn3", "batch_norm_shift", "cpu")
+    assert (bn["target"], bn["steps"], bn["resolution"]) == (0.42, 100, 5)
+    assert harness.steps_to_target(cache, "cnn3", "none", "cpu")["steps"] == 900
+    assert harness.steps_to_target(cache, "cnn3", "standardization_loss", "cpu")["steps"] is None
+    training = importlib.import_module("benchmarks.bench_training")
+    bench = training.TorchTraining()
+    with pytest.raises(NotImplementedError):
+        bench.track_steps_to_target(cache, "cnn3", "standardization_loss", "cpu")
+    assert bench.track_steps_to_target(cache, "cnn3", "batch_norm_shift", "cpu") == 100
