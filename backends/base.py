@@ -264,8 +264,9 @@ class Trainer(abc.ABC):
         self.engine, self.program, self.track = engine, program, track
 
     @abc.abstractmethod
-    def step(self, indices: np.ndarray, learning_rate: float):
-        """One update on the training examples `indices`. Returns the batch's losses,
+    def step(self, indices: np.ndarray, learning_rate: float, dropout_masks: dict[str, np.ndarray] | None = None):
+        """One update on the training examples `indices` (with this step's
+        `program.dropout_masks`, required when the network has dropout). Returns the batch's losses,
         `program.step_loss_names` in order, as one backend array that is *not* read back:
         `loss` is `program.loss` (cross entropy + weighted auxiliary losses; the L2 term
         acts through its gradient and is not included).
@@ -278,9 +279,9 @@ class Trainer(abc.ABC):
         """Arrays returned by `step` -> float NumPy of shape (steps, losses), in one transfer."""
         return self.engine.stack_to_numpy(step_losses).reshape(len(step_losses), len(self.program.step_loss_names))
 
-    def step_and_read(self, indices: np.ndarray, learning_rate: float) -> dict[str, float]:
+    def step_and_read(self, indices: np.ndarray, learning_rate: float, dropout_masks=None) -> dict[str, float]:
         """`step`, then its losses as Python floats (a sync per step: for tests and tools)."""
-        values = self.read_losses([self.step(indices, learning_rate)])[0]
+        values = self.read_losses([self.step(indices, learning_rate, dropout_masks)])[0]
         return {name: float(v) for name, v in zip(self.program.step_loss_names, values)}
 
     @abc.abstractmethod
@@ -288,9 +289,10 @@ class Trainer(abc.ABC):
         """Current (params, running-statistics state), canonical NumPy."""
 
     @abc.abstractmethod
-    def gradients(self, images, labels) -> tuple[dict, dict]:
+    def gradients(self, images, labels, dropout_masks=None) -> tuple[dict, dict]:
         """(canonical gradients of the full objective, L2 included; canonical training-mode intermediates)
-        on one batch, without updating anything. For parity tests."""
+        on one batch (with these dropout masks, where the network has dropout), without
+        updating anything. For parity tests."""
 
     def _canonical_intermediates(self, seen: dict) -> dict[str, np.ndarray]:
         """`program.inspect` output as flat canonical NumPy, for `gradients`."""

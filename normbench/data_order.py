@@ -21,6 +21,13 @@ def seed_streams(seed: int) -> tuple[np.random.SeedSequence, np.random.SeedSeque
     return init, data
 
 
+def dropout_stream(seed: int, step: int) -> np.random.SeedSequence:
+    """The seed sequence of run `seed`'s dropout masks at training step `step`: a third
+    child of the run seed (spawn key 2; the weights and data-order streams above are keys 0
+    and 1, so adding it changed neither), one grandchild per step."""
+    return np.random.SeedSequence(seed, spawn_key=(2, step))
+
+
 class BatchOrder:
     """Indices of the training examples in each step's batch."""
 

@@ -296,7 +296,7 @@ def step_outputs(spec: ExperimentSpec, variant_name: str, backend: str, dtype: s
     params, state = program.initial_parameters(seed)
     x, y = engine.put_images(images), engine.put_labels(labels)
     trainer = engine.trainer(program, params, state, x, y)
-    grads, intermediates = trainer.gradients(x, y)
+    grads, intermediates = trainer.gradients(x, y, program.dropout_masks(seed, 0, len(indices)))
     out = {f"gradient/{k}": np.asarray(v, np.float64) for k, v in grads.items()}
     out.update({k: np.asarray(v, np.float64) for k, v in intermediates.items()})
     return out
@@ -318,7 +318,8 @@ def trajectory_outputs(spec: ExperimentSpec, variant_name: str, backend: str, st
     params, state = program.initial_parameters(seed)
     trainer = engine.trainer(program, params, state, engine.put_images(data.train_images[used].astype(dtype)),
                              engine.put_labels(data.train_labels[used]))
-    step_losses = [trainer.step(np.searchsorted(used, batch), program.learning_rate(t)) for t, batch in enumerate(batches)]
+    step_losses = [trainer.step(np.searchsorted(used, batch), program.learning_rate(t),
+                                program.dropout_masks(seed, t, len(batch))) for t, batch in enumerate(batches)]
     losses = trainer.read_losses(step_losses).astype(np.float64)
     final_params, final_state = trainer.export()
     out = {f"trajectory/{name}": losses[:, k] for k, name in enumerate(program.step_loss_names)}

@@ -20,7 +20,7 @@ import math
 import numpy as np
 
 from normbench import architectures, auxiliary_losses, datasets, normalizations, optimizers
-from normbench.data_order import seed_streams
+from normbench.data_order import dropout_stream, seed_streams
 from normbench.spec import ExperimentSpec, PluginSpec, VariantSpec
 
 AFFINE_PARAMETERS = ("affine_scale", "affine_shift")
@@ -60,6 +60,7 @@ class ForwardOutput:
     preactivations: dict  # each slot's output after `affine`: the input of its activation
     taps: dict  # each slot's method output, before `affine`: what auxiliary losses see
     state: dict  # updated running statistics
+    losses: dict = dataclasses.field(default_factory=dict)  # the architecture's own loss terms, by name
 
 
 class Plan:
@@ -77,7 +78,10 @@ class Plan:
         self.optimizer = optimizers.build(spec.optimizer)
         self.steps = spec.steps_for(variant)
         # What `Trainer.step` returns per step, in this order.
-        self.step_loss_names = ("loss", "cross_entropy", *(f"{loss.name}_loss" for loss in self.losses))
+        self.architecture_losses = self.arch.auxiliary_losses()  # (name, weight): terms the network itself adds
+        self.dropouts = self.arch.dropouts()
+        self.step_loss_names = ("loss", "cross_entropy", *(f"{loss.name}_loss" for loss in self.losses),
+                                *(f"{name}_loss" for name, _ in self.architecture_losses))
         reported = auxiliary_losses.always_reported()
         trained = variant.auxiliary_loss(reported.name)
         # The standardization loss is evaluated for every variant (metrics.csv's std_loss):
@@ -99,8 +103,8 @@ class Plan:
         return [layer.slot for layer in self.layers if layer.normalized]
 
     def has_bias(self, layer) -> bool:
-        """A layer keeps its bias unless something after it provides the offset."""
-        return not layer.normalized or not (self.method.provides_offset or self.affine)
+        """A layer keeps its bias unless it declares none or something after it provides the offset."""
+        return layer.bias and (not layer.normalized or not (self.method.provides_offset or self.affine))
 
     # ---- parameters
     def initial_parameters(self, seed: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -114,7 +118,8 @@ class Plan:
             receptive = int(np.prod(shape[:-2])) if len(shape) > 2 else 1
             fan_in, fan_out = shape[-2] * receptive, shape[-1] * receptive
             limit = math.sqrt(6.0 / (fan_in + fan_out))
-            kernel = rng.uniform(-limit, limit, size=shape)
+            # A zero kernel draws nothing: the stream of every other layer is unchanged.
+            kernel = np.zeros(shape) if layer.kernel_init == "zeros" else rng.uniform(-limit, limit, size=shape)
             params[f"{layer.name}/kernel"] = kernel
             channels = shape[-1]
             if layer.normalized:
@@ -131,15 +136,26 @@ class Plan:
                 for suffix, value in self.method.state(slot).items():
                     state[f"{layer.name}/{suffix}"] = np.asarray(value, np.float64)
             if self.has_bias(layer):
-                params[f"{layer.name}/bias"] = np.zeros(channels)
+                identity = layer.bias_init == "identity"
+                params[f"{layer.name}/bias"] = np.eye(math.isqrt(channels)).ravel() if identity else np.zeros(channels)
         return params, state
+
+    def dropout_masks(self, seed: int, step: int, batch_size: int) -> dict[str, np.ndarray] | None:
+        """Keep masks (1.0 keep, 0.0 drop; float64) of every dropout layer for training step
+        `step` of run `seed`, or None for a network without dropout. Drawn on the host from
+        the run's dropout stream, one generator per step (so any step's masks can be made
+        without the ones before it), and passed to every backend alike."""
+        if not self.dropouts:
+            return None
+        rng = np.random.Generator(np.random.PCG64(dropout_stream(seed, step)))
+        return {d.name: (rng.random((batch_size, *d.shape)) >= d.rate).astype(np.float64) for d in self.dropouts}
 
     def learning_rate(self, step: int) -> float:
         base = self.spec.optimizer.learning_rate * optimizers.schedule_multiplier(self.spec.schedule, step)
         return self.optimizer.effective_learning_rate(base, step)
 
     # ---- the network
-    def forward(self, ops, params: dict, state: dict, images, training: bool) -> ForwardOutput:
+    def forward(self, ops, params: dict, state: dict, images, training: bool, dropout_masks=None) -> ForwardOutput:
         preacts, taps, new_state = {}, {}, dict(state)
         method = self.method
 
@@ -165,28 +181,34 @@ class Plan:
             preacts[layer.name] = y
             return y
 
-        net = architectures.layers.Net(ops, self.layers, params, linear, slot)
+        if training and self.dropouts and dropout_masks is None:
+            raise ValueError(f"{self.arch.name} has dropout: a training-mode forward needs this step's masks "
+                             "(Plan.dropout_masks)")
+        net = architectures.layers.Net(ops, self.layers, params, linear, slot, dropout_masks if training else None)
         logits = self.arch.build(net, images)
-        return ForwardOutput(logits=logits, preactivations=preacts, taps=taps, state=new_state)
+        return ForwardOutput(logits=logits, preactivations=preacts, taps=taps, state=new_state, losses=net.losses)
 
     def _slot_params(self, params: dict, layer: str) -> dict:
         return {suffix: params[f"{layer}/{suffix}"] for suffix in self._suffixes[layer][0]}
 
     # ---- the objective
-    def loss(self, ops, params: dict, state: dict, images, labels):
+    def loss(self, ops, params: dict, state: dict, images, labels, dropout_masks=None):
         """The differentiated objective: cross entropy + sum of weight x auxiliary loss.
         Returns (total, aux); aux holds each component (`step_loss_names`) and the new state.
 
         The L2 term is not in this graph: `update` adds its gradient, weight_decay x
         kernel, directly. The mathematics is the same; in eager frameworks
         differentiating a sum of squares per kernel cost ~10% of an MLP step."""
-        out = self.forward(ops, params, state, images, training=True)
+        out = self.forward(ops, params, state, images, training=True, dropout_masks=dropout_masks)
         cross_entropy = ops.softmax_cross_entropy(out.logits, labels)
         total, aux = cross_entropy, {"cross_entropy": cross_entropy, "state": out.state}
         for loss in self.losses:
             value = loss.value(ops, out.taps)
             aux[f"{loss.name}_loss"] = value
             total = total + loss.weight * value
+        for name, weight in self.architecture_losses:
+            aux[f"{name}_loss"] = out.losses[name]
+            total = total + weight * out.losses[name]
         aux["loss"] = total
         return total, aux
 
@@ -203,16 +225,19 @@ class Plan:
         grads = self.objective_gradients(ops, params, loss_grads)
         return self.optimizer.update(ops, params, grads, opt_state, learning_rate)
 
-    def inspect(self, ops, params: dict, state: dict, images, labels) -> dict:
+    def inspect(self, ops, params: dict, state: dict, images, labels, dropout_masks=None) -> dict:
         """Training-mode forward exposing every intermediate quantity (for parity tests),
         including the full objective's value `total_loss` (with the L2 penalty)."""
-        out = self.forward(ops, params, state, images, training=True)
+        out = self.forward(ops, params, state, images, training=True, dropout_masks=dropout_masks)
         cross_entropy = ops.softmax_cross_entropy(out.logits, labels)
         total = cross_entropy + weight_decay_penalty(ops, params, self.spec.optimizer.weight_decay)
         losses = {}
         for loss in self.losses:
             losses[f"{loss.name}_loss"] = loss.value(ops, out.taps)
             total = total + loss.weight * losses[f"{loss.name}_loss"]
+        for name, weight in self.architecture_losses:
+            losses[f"{name}_loss"] = out.losses[name]
+            total = total + weight * out.losses[name]
         return {
             "logits": out.logits,
             "preactivations": out.preactivations,

@@ -285,7 +285,8 @@ def execute_run(engine, program: Plan, seed: int, train_images, train_labels, ev
     engine.synchronize()
     start = time.perf_counter()
     for step in range(steps if status == "ok" else 0):
-        pending.append(trainer.step(order.indices(step), program.learning_rate(step)))
+        pending.append(trainer.step(order.indices(step), program.learning_rate(step),
+                                    program.dropout_masks(seed, step, spec.batch_size)))
         if on_step is not None:
             on_step(step)
         at_evaluation = step + 1 in evaluations

@@ -86,12 +86,12 @@ def _toml_value(value) -> str:
     raise TypeError(value)
 
 
-def spec_text(*, name="test", model="mlp-tiny", dtype="float64", batch_size=8, steps=3, eval_every=1, seeds=1,
+def spec_text(*, name="test", model="mlp-tiny", dataset="mnist", dtype="float64", batch_size=8, steps=3, eval_every=1, seeds=1,
               train_eval_examples=64, optimizer=None, schedule=None, batch_norm=None, standardization_loss=None,
               variants=None, **top) -> str:
     """TOML text of a small, valid spec; tables are given as dicts, variants as a list of dicts."""
     lines = [f"{k} = {_toml_value(v)}" for k, v in dict(
-        name=name, model=model, dataset="mnist", dtype=dtype, batch_size=batch_size, steps=steps,
+        name=name, model=model, dataset=dataset, dtype=dtype, batch_size=batch_size, steps=steps,
         eval_every=eval_every, seeds=seeds, train_eval_examples=train_eval_examples, **top).items()]
     tables = {"optimizer": optimizer or {"name": "sgd", "learning_rate": 0.1}, "schedule": schedule,
               "batch_norm": batch_norm, "standardization_loss": standardization_loss}

@@ -109,23 +109,23 @@ class Trainer(base.Trainer):
         self.train_images, self.train_labels = train_images, train_labels
         self.compile_seconds: dict[int, float] = {}
 
-        def objective(params, state, images, labels):
-            return program.loss(ops, params, state, images, labels)
+        def objective(params, state, images, labels, masks):
+            return program.loss(ops, params, state, images, labels, masks)
 
         value_and_grad = jax.value_and_grad(objective, has_aux=True)
 
-        def train_step(params, opt_state, state, train_images, train_labels, indices, lr):
+        def train_step(params, opt_state, state, train_images, train_labels, indices, lr, masks):
             # The batch is gathered on the device from the resident training set: only
-            # the indices cross the host boundary each step.
+            # the indices (and dropout masks) cross the host boundary each step.
             images, labels = train_images[indices], train_labels[indices]
-            (total, aux), grads = value_and_grad(params, state, images, labels)
+            (total, aux), grads = value_and_grad(params, state, images, labels, masks)
             params, opt_state = program.update(ops, params, grads, opt_state, lr)
             losses = jnp.stack(program.step_losses(aux))
             return params, opt_state, aux["state"], losses
 
-        def gradients(params, state, images, labels):
-            _, grads = value_and_grad(params, state, images, labels)
-            return program.objective_gradients(ops, params, grads), program.inspect(ops, params, state, images, labels)
+        def gradients(params, state, images, labels, masks):
+            _, grads = value_and_grad(params, state, images, labels, masks)
+            return program.objective_gradients(ops, params, grads), program.inspect(ops, params, state, images, labels, masks)
 
         def evaluation(params, state, images, labels):
             return program.evaluation(ops, params, state, images, labels, track)
@@ -137,12 +137,14 @@ class Trainer(base.Trainer):
         self._gradients = jax.jit(gradients)
         self._evaluation = jax.jit(evaluation)
 
-    def _arguments(self, indices, learning_rate):
+    def _arguments(self, indices, learning_rate, dropout_masks):
         e = self.engine
-        # lr is a 0-d array of the run dtype, so a changing schedule never retraces; both
+        # lr is a 0-d array of the run dtype, so a changing schedule never retraces; the
         # per-step inputs go to the device in one batched transfer.
-        indices, lr = jax.device_put((np.asarray(indices, np.int32), np.asarray(learning_rate, e.np_dtype)), e.jax_device)
-        return self.params, self.opt_state, self.state, self.train_images, self.train_labels, indices, lr
+        masks = None if dropout_masks is None else {k: np.asarray(v, e.np_dtype) for k, v in dropout_masks.items()}
+        indices, lr, masks = jax.device_put((np.asarray(indices, np.int32), np.asarray(learning_rate, e.np_dtype), masks),
+                                            e.jax_device)
+        return self.params, self.opt_state, self.state, self.train_images, self.train_labels, indices, lr, masks
 
     def compile(self, batch_size: int) -> float:
         """Compile the training step for batches of `batch_size` ahead of time (idempotent).
@@ -150,21 +152,23 @@ class Trainer(base.Trainer):
         if batch_size in self._compiled:
             return 0.0
         start = time.perf_counter()
-        args = self._arguments(np.zeros(batch_size, np.int32), 0.0)
+        args = self._arguments(np.zeros(batch_size, np.int32), 0.0, self.program.dropout_masks(0, 0, batch_size))
         self._compiled[batch_size] = self._train_step.lower(*args).compile()
         self.compile_seconds[batch_size] = time.perf_counter() - start
         return self.compile_seconds[batch_size]
 
-    def step(self, indices, learning_rate):
+    def step(self, indices, learning_rate, dropout_masks=None):
         self.compile(len(indices))
-        self.params, self.opt_state, self.state, losses = self._compiled[len(indices)](*self._arguments(indices, learning_rate))
+        arguments = self._arguments(indices, learning_rate, dropout_masks)
+        self.params, self.opt_state, self.state, losses = self._compiled[len(indices)](*arguments)
         return losses
 
     def export(self):
         return self.engine.export_tree(self.params), self.engine.export_tree(self.state)
 
-    def gradients(self, images, labels):
-        grads, seen = self._gradients(self.params, self.state, images, labels)
+    def gradients(self, images, labels, dropout_masks=None):
+        masks = None if dropout_masks is None else self.engine.import_tree(dropout_masks)
+        grads, seen = self._gradients(self.params, self.state, images, labels, masks)
         return self.engine.export_tree(grads), self._canonical_intermediates(seen)
 
     def _evaluate_chunk(self, images, labels):

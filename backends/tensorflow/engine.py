@@ -141,7 +141,8 @@ class Trainer(base.Trainer):
         tensor so schedules never retrace, and a direct call skips tf.function's dispatch
         (and its "frequent retracing" heuristics, which would misfire when a sweep builds
         one trainer after another from the same code)."""
-        key = (name, *((tuple(a.shape), a.dtype) for a in args))
+        key = (name, *(tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(a.items())) if isinstance(a, dict)
+                       else (tuple(a.shape), a.dtype) for a in args))
         function = self._traced.get(key)
         if function is None:
             with tf.device(self.engine.tf_device):
@@ -159,33 +160,42 @@ class Trainer(base.Trainer):
         # control dependencies, so the update sees one consistent snapshot.
         return {k: v.value() for k, v in variables.items()}
 
-    def _loss_and_gradients(self, params, state, images, labels):
+    def _loss_and_gradients(self, params, state, images, labels, masks):
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch(params)
-            total, aux = self.program.loss(self.ops, params, state, images, labels)
+            total, aux = self.program.loss(self.ops, params, state, images, labels, masks or None)
         grads = tape.gradient(total, params, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         return total, aux, grads
 
-    def _train_step_fn(self, indices, learning_rate):
+    def _train_step_fn(self, indices, learning_rate, masks):
         images, labels = tf.gather(self.train_images, indices), tf.gather(self.train_labels, indices)
         params, opt_state = self._values(self.params), self._values(self.opt_state)
-        total, aux, grads = self._loss_and_gradients(params, self._values(self.state), images, labels)
+        total, aux, grads = self._loss_and_gradients(params, self._values(self.state), images, labels, masks)
         new_params, new_opt_state = self.program.update(self.ops, params, grads, opt_state, learning_rate)
         for group, values in ((self.params, new_params), (self.opt_state, new_opt_state), (self.state, aux["state"])):
             for k, variable in group.items():
                 variable.assign(values[k], read_value=False)
         return tf.stack(self.program.step_losses(aux))
 
-    def _gradients_fn(self, images, labels):
+    def _gradients_fn(self, images, labels, masks):
         params, state = self._values(self.params), self._values(self.state)
-        _, _, grads = self._loss_and_gradients(params, state, images, labels)
-        return self.program.objective_gradients(self.ops, params, grads), self.program.inspect(self.ops, params, state, images, labels)
+        _, _, grads = self._loss_and_gradients(params, state, images, labels, masks)
+        return (self.program.objective_gradients(self.ops, params, grads),
+                self.program.inspect(self.ops, params, state, images, labels, masks or None))
 
     def _evaluation_fn(self, images, labels):
         return self.program.evaluation(self.ops, self._values(self.params), self._values(self.state), images, labels, self.track)
 
     # ---- the Trainer contract
-    def step(self, indices, learning_rate):
+    def _masks(self, dropout_masks) -> dict:
+        # A dict of tensors (empty without dropout): a traced function's arguments are tensors.
+        if dropout_masks is None:
+            return {}
+        with tf.device(self.engine.tf_device):
+            return {k: tf.constant(v, dtype=self.engine.tf_dtype) for k, v in dropout_masks.items()}
+
+    def step(self, indices, learning_rate, dropout_masks=None):
+        masks = self._masks(dropout_masks)
         with tf.device(self.engine.tf_device):
             indices = tf.constant(np.asarray(indices, dtype=np.int64))
             lr = self._learning_rates.get(learning_rate)
@@ -197,14 +207,14 @@ class Trainer(base.Trainer):
                 lr = self._learning_rates[learning_rate] = tf.constant(learning_rate, dtype=self.engine.tf_dtype)
             step = self._steps.get(len(indices))
             if step is None:
-                step = self._steps[len(indices)] = self._concrete("step", indices, lr)
-        return step(indices, lr)
+                step = self._steps[len(indices)] = self._concrete("step", indices, lr, masks)
+        return step(indices, lr, masks)
 
     def export(self):
         return self.engine.export_tree(self.params), self.engine.export_tree(self.state)
 
-    def gradients(self, images, labels):
-        grads, seen = self._call("gradients", images, labels)
+    def gradients(self, images, labels, dropout_masks=None):
+        grads, seen = self._call("gradients", images, labels, self._masks(dropout_masks))
         return self.engine.export_tree(grads), self._canonical_intermediates(seen)
 
     def _evaluate_chunk(self, images, labels):

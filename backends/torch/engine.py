@@ -101,9 +101,12 @@ class Trainer(base.Trainer):
         index = torch.from_numpy(np.ascontiguousarray(indices, dtype=np.int64)).to(self.engine.torch_device)
         return self.train_images.index_select(0, index), self.train_labels.index_select(0, index)
 
-    def step(self, indices, learning_rate):
+    def _masks(self, dropout_masks):
+        return None if dropout_masks is None else self.engine.import_tree(dropout_masks)
+
+    def step(self, indices, learning_rate, dropout_masks=None):
         images, labels = self._batch(indices)
-        total, aux = self.program.loss(self.ops, self.params, self.state, images, labels)
+        total, aux = self.program.loss(self.ops, self.params, self.state, images, labels, self._masks(dropout_masks))
         grads = torch.autograd.grad(total, list(self.params.values()))
         with torch.no_grad():
             params, self.opt_state = self.program.update(
@@ -115,12 +118,13 @@ class Trainer(base.Trainer):
     def export(self):
         return self.engine.export_tree(self.params), self.engine.export_tree(self.state)
 
-    def gradients(self, images, labels):
-        total, _ = self.program.loss(self.ops, self.params, self.state, images, labels)
+    def gradients(self, images, labels, dropout_masks=None):
+        masks = self._masks(dropout_masks)
+        total, _ = self.program.loss(self.ops, self.params, self.state, images, labels, masks)
         grads = torch.autograd.grad(total, list(self.params.values()))
         with torch.no_grad():
             grads = self.program.objective_gradients(self.ops, self.params, dict(zip(self.params, grads)))
-            seen = self.program.inspect(self.ops, self.params, self.state, images, labels)
+            seen = self.program.inspect(self.ops, self.params, self.state, images, labels, masks)
         return self.engine.export_tree(grads), self._canonical_intermediates(seen)
 
     def _evaluate_chunk(self, images, labels):

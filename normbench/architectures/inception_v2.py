@@ -45,13 +45,11 @@ Counts of `inception-v2` (224 x 224 x 3, 1000 classes; slim's ImageNet checkpoin
   only), has 64 biases, ReLU and no batch norm. Without the arg_scope (biases instead of
   beta): again 11,178,336.
 - here, batch norm with a shift only (`batch_norm` with scale = false, the paper's
-  setting) in all 69 slots: 11,178,360; no normalization: 11,178,360 (slot layers keep a
-  bias). Both are slim's count + 24: the vocabulary gives a convolution without a slot a
-  bias, so the depthwise half of the stem has 24 biases slim's separable convolution
-  lacks (under batch norm their gradient is exactly zero: the pointwise convolution makes
-  them a per-channel constant that the mean subtraction removes). The stem slot's 64
-  shifts stand where slim has 64 stem biases.
-- batch norm with scale and shift (`batch_norm`'s default): 11,188,312, a scale for each
+  setting) in all 69 slots: 11,178,336; no normalization: 11,178,336 (slot layers keep a
+  bias). Both equal slim's count: the depthwise half of the stem is declared `bias=False`,
+  as slim's separable convolution has no bias between its two halves, and the stem slot's
+  64 shifts stand where slim has 64 stem biases.
+- batch norm with scale and shift (`batch_norm`'s default): 11,188,288, a scale for each
   of the 9,952 slot channels more. Group norm (32 groups) fills every slot: all are
   multiples of 32 channels.
 - 1,934,857,216 multiply-accumulates (conv and dense layers; the stem's depthwise half
@@ -70,8 +68,8 @@ left out: 28 -> 14 (the 7x7/2 separable convolution, depthwise multiplier int(8 
 and 2 x 2, a quarter of the reference's 28, 14 and 7 on each side, and the final average
 is over 2 x 2. Keeping all five reductions would leave mixed_5b/5c at 1 x 1 (their 3x3
 convolutions reduced to the centre tap); leaving out both stem pools (mixed_3b at 14 x 14)
-triples the multiply-accumulates (6.7 M). Per example: 2,211,112 multiply-accumulates; 162,574 parameters with
-batch norm (scale and shift), 161,326 without normalization. Group norm with its default
+triples the multiply-accumulates (6.7 M). Per example: 2,211,112 multiply-accumulates; 162,572 parameters with
+batch norm (scale and shift), 161,324 without normalization. Group norm with its default
 32 groups does not fit (the first slot, `conv2d_1a_7x7.pointwise`, has 8 channels, and
 the error names it); every slot is a multiple of 4 channels, so 4 groups fit.
 
@@ -159,7 +157,8 @@ def build(net, x, *, classes, depth_multiplier=1.0, min_depth=16, stem_strides=(
 
     conv_1a, pool_2a, pool_3a = stem_strides
     x = net.depthwise_conv("conv2d_1a_7x7.depthwise", x, kernel_size=7, stride=conv_1a,
-                           multiplier=stem_multiplier(depth_multiplier, min_depth), normalize=False, activation=None)
+                           multiplier=stem_multiplier(depth_multiplier, min_depth), normalize=False, activation=None,
+                           bias=False)
     x = net.conv("conv2d_1a_7x7.pointwise", x, width(64), kernel_size=1)
     if pool_2a > 1:
         x = net.max_pool(x, 3, stride=pool_2a)

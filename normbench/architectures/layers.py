@@ -11,7 +11,17 @@ The vocabulary: `conv` (grouped with `groups`; `depthwise_conv`), `dense`, `max_
 `avg_pool`, `global_avg_pool`, `global_max_pool` (over all spatial positions, or over
 points stored as an (P, 1, C) image), `add` (residual connections), `concat` (channels),
 `flatten` and `activation` ("relu", "relu6"). Only `conv` and `dense` own parameters and
-normalization slots; the rest are shape functions on both sides.
+normalization slots; the rest are shape functions on both sides. For PointNet:
+`point_transform` (every point's channel vector times a per-example matrix), `matrix` (a
+dense output viewed as per-example K x K matrices), `dropout` (on (batch, units)
+activations; its masks come from the run's framework-free dropout stream, identical in
+every backend) and `auxiliary_loss` (a weighted term the architecture adds to the
+objective, e.g. PointNet's feature-transform orthogonality loss).
+
+`conv` and `dense` take `bias=False` (no bias even without a normalization slot: TF-slim's
+depthwise stems) and `kernel_init="zeros"` / `bias_init="identity"` (PointNet's T-Net
+regressors start at the identity transform); otherwise kernels are Glorot uniform and
+biases zero.
 
 The same function is run twice: once by `declare` on shapes alone (which layers exist,
 their kernels, explicit pads and slot shapes; no framework), and once per step by
@@ -51,6 +61,9 @@ class Layer:
     stride: int = 1
     pads: tuple[tuple[int, int], tuple[int, int]] | None = None
     groups: int = 1  # > 1: grouped convolution; = input channels: depthwise
+    bias: bool = True  # False: never a bias (else: one unless the slot's method provides the offset)
+    kernel_init: str = "glorot_uniform"  # | "zeros"
+    bias_init: str = "zeros"  # | "identity": the flattened K x K identity (units = K * K)
 
     @property
     def slot(self) -> Slot:
@@ -72,6 +85,16 @@ class Layer:
 
 
 @dataclasses.dataclass(frozen=True)
+class Dropout:
+    """One dropout layer: each unit of `shape` (one example's) is zeroed with probability
+    `rate` in training, the rest scaled by 1 / (1 - rate); inference passes through."""
+
+    name: str
+    shape: tuple[int, ...]
+    rate: float
+
+
+@dataclasses.dataclass(frozen=True)
 class Architecture:
     name: str
     input_shape: tuple[int, ...]  # one example, canonical (H, W, C)
@@ -82,6 +105,14 @@ class Architecture:
 
     def layers(self) -> tuple[Layer, ...]:
         return declare(self)
+
+    def dropouts(self) -> tuple[Dropout, ...]:
+        """The dropout layers, in call order."""
+        return _declared(self).dropouts
+
+    def auxiliary_losses(self) -> tuple[tuple[str, float], ...]:
+        """(name, weight) of each loss term the architecture adds to the objective."""
+        return _declared(self).losses
 
     @property
     def slots(self) -> tuple[Slot, ...]:
@@ -113,18 +144,31 @@ class _Shape:
         self.shape = tuple(shape)
 
 
-_DECLARED: dict[str, tuple[Layer, ...]] = {}
+@dataclasses.dataclass(frozen=True)
+class _Declaration:
+    layers: tuple[Layer, ...]
+    dropouts: tuple[Dropout, ...]
+    losses: tuple[tuple[str, float], ...]
 
 
-def declare(arch: Architecture) -> tuple[Layer, ...]:
-    """Every layer of `arch` in call order, from shapes alone (cached per architecture)."""
-    if arch.name not in _DECLARED:
+_DECLARED: dict[str, _Declaration] = {}
+
+
+def _declared(arch: Architecture) -> _Declaration:
+    # Keyed by name and build function: tests declare networks of their own under reused names.
+    key = (arch.name, arch.build, arch.input_shape, arch.num_classes)
+    if key not in _DECLARED:
         net = _DeclaringNet()
         out = arch.build(net, _Shape(arch.input_shape))
         if out.shape != (arch.num_classes,):
             raise ValueError(f"architecture {arch.name!r} returns {out.shape}, expected ({arch.num_classes},)")
-        _DECLARED[arch.name] = tuple(net.layers)
-    return _DECLARED[arch.name]
+        _DECLARED[key] = _Declaration(tuple(net.layers), tuple(net.dropouts), tuple(net.losses))
+    return _DECLARED[key]
+
+
+def declare(arch: Architecture) -> tuple[Layer, ...]:
+    """Every layer of `arch` in call order, from shapes alone (cached per architecture)."""
+    return _declared(arch).layers
 
 
 def _pair(size) -> tuple[int, int]:
@@ -140,17 +184,35 @@ def window_geometry(shape, window, stride, padding):
     return (kh, kw), (pad_h, pad_w), (out_h, out_w)
 
 
+KERNEL_INITS = ("glorot_uniform", "zeros")
+BIAS_INITS = ("zeros", "identity")
+
+
 class _DeclaringNet:
     def __init__(self):
         self.layers: list[Layer] = []
+        self.dropouts: list[Dropout] = []
+        self.losses: list[tuple[str, float]] = []
+        self._names: set[str] = set()
+
+    def _claim(self, name: str) -> None:
+        if name in self._names:
+            raise ValueError(f"layer name {name!r} is used twice")
+        self._names.add(name)
 
     def _add(self, layer: Layer):
-        if any(existing.name == layer.name for existing in self.layers):
-            raise ValueError(f"layer name {layer.name!r} is used twice")
+        self._claim(layer.name)
+        if layer.kernel_init not in KERNEL_INITS or layer.bias_init not in BIAS_INITS:
+            raise ValueError(f"layer {layer.name!r}: kernel_init must be one of {KERNEL_INITS} and bias_init one of "
+                             f"{BIAS_INITS}, got {layer.kernel_init!r} and {layer.bias_init!r}")
+        if layer.bias_init == "identity" and math.isqrt(layer.kernel_shape[-1]) ** 2 != layer.kernel_shape[-1]:
+            raise ValueError(f"layer {layer.name!r}: bias_init='identity' needs K * K units, got {layer.kernel_shape[-1]}")
+        if layer.bias_init != "zeros" and (layer.normalized or not layer.bias):
+            raise ValueError(f"layer {layer.name!r}: bias_init={layer.bias_init!r} needs a bias (normalize=False, bias=True)")
         self.layers.append(layer)
 
     def conv(self, name, x, channels, kernel_size, stride=1, padding="same", groups=1, normalize=True,
-             activation="relu"):
+             activation="relu", bias=True):
         if len(x.shape) != 3:
             raise ValueError(f"layer {name!r}: a convolution needs an (H, W, C) input, got {x.shape}")
         c = x.shape[-1]
@@ -160,18 +222,45 @@ class _DeclaringNet:
         self.activation(x, activation)
         (kh, kw), pads, (out_h, out_w) = window_geometry(x.shape, kernel_size, stride, padding)
         self._add(Layer(name, "conv", (kh, kw, c // groups, channels), (out_h, out_w, channels), normalize,
-                        stride, pads, groups))
+                        stride, pads, groups, bias))
         return _Shape((out_h, out_w, channels))
 
     def depthwise_conv(self, name, x, kernel_size, stride=1, multiplier=1, padding="same", normalize=True,
-                       activation="relu"):
+                       activation="relu", bias=True):
         return self.conv(name, x, x.shape[-1] * multiplier, kernel_size, stride, padding, groups=x.shape[-1],
-                         normalize=normalize, activation=activation)
+                         normalize=normalize, activation=activation, bias=bias)
 
-    def dense(self, name, x, units, normalize=True, activation="relu"):
+    def dense(self, name, x, units, normalize=True, activation="relu", bias=True, kernel_init="glorot_uniform",
+              bias_init="zeros"):
         self.activation(x, activation)
-        self._add(Layer(name, "dense", (math.prod(x.shape), units), (units,), normalize))
+        self._add(Layer(name, "dense", (math.prod(x.shape), units), (units,), normalize, bias=bias,
+                        kernel_init=kernel_init, bias_init=bias_init))
         return _Shape((units,))
+
+    def dropout(self, name, x, rate):
+        if len(x.shape) != 1:
+            raise ValueError(f"dropout {name!r}: needs a (batch, units) activation, got one example of shape {x.shape}")
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"dropout {name!r}: rate must be in [0, 1), got {rate}")
+        self._claim(name)
+        self.dropouts.append(Dropout(name, x.shape, float(rate)))
+        return x
+
+    def matrix(self, x, size):
+        if x.shape != (size * size,):
+            raise ValueError(f"matrix: needs {size * size} units for a {size} x {size} matrix, got {x.shape}")
+        return _Shape((size, size))
+
+    def point_transform(self, x, matrix):
+        if len(x.shape) != 3 or x.shape[1] != 1 or matrix.shape[0] != x.shape[-1]:
+            raise ValueError(f"point_transform: needs points (P, 1, K) and a K x K' matrix, got {x.shape} and {matrix.shape}")
+        return _Shape((x.shape[0], 1, matrix.shape[1]))
+
+    def orthogonality_loss(self, name, matrix, weight):
+        if len(matrix.shape) != 2 or matrix.shape[0] != matrix.shape[1]:
+            raise ValueError(f"orthogonality_loss {name!r}: needs a square matrix, got {matrix.shape}")
+        self._claim(name)
+        self.losses.append((name, float(weight)))
 
     def _pool(self, x, window, stride, padding):
         if len(x.shape) != 3:
@@ -226,10 +315,14 @@ class Net:
     the variant's normalization method (and `affine`) to one slot and records what it
     saw; see `normbench.program`."""
 
-    def __init__(self, ops, layers: tuple[Layer, ...], params: dict, linear_fn, slot_fn):
+    def __init__(self, ops, layers: tuple[Layer, ...], params: dict, linear_fn, slot_fn, dropout_masks=None):
+        """`dropout_masks`: name -> this step's keep mask (1 keep, 0 drop), in training; None
+        in inference, where dropout passes through."""
         self.ops, self.params = ops, params
         self._layers = {layer.name: layer for layer in layers}
         self._linear, self._slot = linear_fn, slot_fn
+        self._masks = dropout_masks
+        self.losses: dict[str, object] = {}  # auxiliary_loss name -> value (weights: Architecture.auxiliary_losses)
 
     def _activate(self, x, activation):
         if activation is None:
@@ -241,21 +334,45 @@ class Net:
         raise ValueError(f"unknown activation {activation!r}")
 
     def conv(self, name, x, channels, kernel_size, stride=1, padding="same", groups=1, normalize=True,
-             activation="relu"):
+             activation="relu", bias=True):
         layer = self._layers[name]
         z = self._linear(layer, x)
         return self._activate(self._slot(layer, z) if normalize else z, activation)
 
     def depthwise_conv(self, name, x, kernel_size, stride=1, multiplier=1, padding="same", normalize=True,
-                       activation="relu"):
+                       activation="relu", bias=True):
         return self.conv(name, x, None, kernel_size, stride, padding, normalize=normalize, activation=activation)
 
-    def dense(self, name, x, units, normalize=True, activation="relu"):
+    def dense(self, name, x, units, normalize=True, activation="relu", bias=True, kernel_init="glorot_uniform",
+              bias_init="zeros"):
         layer = self._layers[name]
         if self.ops.ndim(x) > 2:
             x = self.ops.flatten(x)
         z = self._linear(layer, x)
         return self._activate(self._slot(layer, z) if normalize else z, activation)
+
+    def dropout(self, name, x, rate):
+        if self._masks is None or rate == 0.0:
+            return x
+        # Inverted dropout: the kept units are scaled in training, inference is the identity.
+        return x * self._masks[name] * (1.0 / (1.0 - rate))
+
+    def matrix(self, x, size):
+        return self.ops.reshape(x, (self.ops.shape(x)[0], size, size))
+
+    def point_transform(self, x, matrix):
+        batch, points, _, channels = self.ops.shape(x)
+        out = self.ops.matmul(self.ops.reshape(x, (batch, points, channels)), matrix)
+        return self.ops.reshape(out, (batch, points, 1, self.ops.shape(matrix)[-1]))
+
+    def orthogonality_loss(self, name, matrix, weight):
+        # PointNet's regularizer (Qi et al. 2017a, Section 4.2; its code's
+        # tf.nn.l2_loss(A A^T - I)): 0.5 * ||A A^T - I||_F^2, summed over the batch.
+        # Expanded so no identity constant is needed: ||M - I||^2 = sum(M * M) - 2 trace(M) + K,
+        # with trace(A A^T) = sum(A * A).
+        gram = self.ops.matmul(matrix, matrix, transpose_b=True)
+        batch, size, _ = self.ops.shape(matrix)
+        self.losses[name] = 0.5 * (self.ops.sum(gram * gram) - 2.0 * self.ops.sum(matrix * matrix) + float(batch * size))
 
     def _geometry(self, x, window, stride, padding):
         window, pads, _ = window_geometry(self.ops.shape(x)[1:], window, stride, padding)
