@@ -19,10 +19,11 @@ from types import ModuleType
 
 from normbench.plugins import FolderRegistry
 
-from .base import Dataset, DatasetError, DatasetInfo, SourceError
+from .base import DataDirError, Dataset, DatasetError, DatasetInfo, SourceError
 from .idx import IdxFormatError
 
-__all__ = ["Dataset", "DatasetError", "DatasetInfo", "IdxFormatError", "SourceError", "describe", "info", "load", "names"]
+__all__ = ["DataDirError", "Dataset", "DatasetError", "DatasetInfo", "IdxFormatError", "SourceError", "describe", "info",
+           "load", "names"]
 
 
 def _collect(module):
