@@ -385,6 +385,7 @@ top level
   eval_resolution      number in (0, 1)         also evaluate the test set on a geometric grid, so steps to an accuracy
                                                 are known within this fraction (the speed-up metric; default: off)
   train_eval_examples  integer >= 1             size of the fixed training subset evaluated (default 10000)
+  test_examples        integer >= 1             evaluate the first N test examples only (smoke runs; default: all)
   seeds                integer N (seeds 0..N-1) or a list of distinct integers >= 0
   track_percentiles    list of layer names      record the 1/20/80/99th percentiles of these pre-activations
 

@@ -134,9 +134,10 @@ class _Evaluator:
 
     def __init__(self, engine, data: LoadedData, spec: ExperimentSpec):
         subset = train_eval_subset(len(data.train_labels), spec.train_eval_examples)
+        test = len(data.test_labels) if spec.test_examples is None else spec.test_examples
         self.splits = {
             "train": (engine.put_images(data.train_images[subset]), engine.put_labels(data.train_labels[subset]), len(subset)),
-            "test": (engine.put_images(data.test_images), engine.put_labels(data.test_labels), len(data.test_labels)),
+            "test": (engine.put_images(data.test_images[:test]), engine.put_labels(data.test_labels[:test]), test),
         }
 
 

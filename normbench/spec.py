@@ -46,7 +46,7 @@ MAX_SEEDS = 10000  # an integer `seeds` expands to a tuple: keep a typo from all
 # Keys each table accepts. Optimizer and schedule fields depend on the chosen name, so a
 # hyperparameter of another optimizer is rejected instead of silently ignored.
 TOP_LEVEL_KEYS = ("name", "description", "model", "dataset", "dtype", "batch_size", "steps", "eval_every",
-                  "eval_resolution", "train_eval_examples", "seeds", "track_percentiles", "optimizer", "schedule", "variant")
+                  "eval_resolution", "train_eval_examples", "test_examples", "seeds", "track_percentiles", "optimizer", "schedule", "variant")
 # Besides these, a top-level table named after a normalization method or auxiliary loss
 # ([batch_norm], [standardization]) or one of their legacy shorthands' tables
 # ([standardization_loss]) gives option defaults for every variant that uses the plugin.
@@ -162,6 +162,9 @@ class ExperimentSpec:
     # every first step at which a curve reaches a level is known to within a fraction r
     # (and one step). None: the multiples of eval_every only.
     eval_resolution: float | None = None
+    # The first N test examples only (smoke runs of networks whose evaluation is costly);
+    # None: the whole test set, as every published experiment uses.
+    test_examples: int | None = None
     # Layers whose pre-activation percentiles (1, 20, 80, 99) are recorded at every
     # evaluation (Figure 4). Empty: none.
     track_percentiles: tuple[str, ...] = ()
@@ -203,9 +206,10 @@ class ExperimentSpec:
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out.pop("source")
-        if out["eval_resolution"] is None:
-            # Unset, it is left out: the hashes of specs written before it existed stay as they were.
-            out.pop("eval_resolution")
+        for optional in ("eval_resolution", "test_examples"):
+            if out[optional] is None:
+                # Unset, it is left out: the hashes of specs written before it existed stay as they were.
+                out.pop(optional)
         return out
 
     def hash(self) -> str:
@@ -559,6 +563,7 @@ def from_dict(data: Any, source: str = "<memory>") -> ExperimentSpec:
     eval_resolution = c.number("eval_resolution", None, low=0.0, high=1.0, low_open=True, high_open=True) \
         if "eval_resolution" in c.table else None
     train_eval_examples = c.integer("train_eval_examples", 10000, minimum=1)
+    test_examples = c.integer("test_examples", None, minimum=1) if "test_examples" in c.table else None
     raw_seeds = c._take("seeds", _REQUIRED)
     if _is_int(raw_seeds):
         if not 1 <= raw_seeds <= MAX_SEEDS:
@@ -588,7 +593,8 @@ def from_dict(data: Any, source: str = "<memory>") -> ExperimentSpec:
         raise SpecError(f"{source}: variant: duplicate variant names {duplicates}; each variant needs its own name")
     spec = ExperimentSpec(
         name=name, description=description, model=model, dataset=dataset, dtype=dtype,
-        batch_size=batch_size, steps=steps, eval_every=eval_every, eval_resolution=eval_resolution, seeds=seeds,
+        batch_size=batch_size, steps=steps, eval_every=eval_every, eval_resolution=eval_resolution,
+        test_examples=test_examples, seeds=seeds,
         train_eval_examples=train_eval_examples, track_percentiles=track, variants=variants,
         optimizer=optimizer, schedule=schedule, plugin_defaults=written, source=source,
     )
@@ -629,6 +635,8 @@ def _check_consistency(spec: ExperimentSpec) -> None:
     info = datasets.info(spec.dataset)
     if spec.batch_size > info.train_examples:
         raise SpecError(f"{spec.source}: batch_size: {spec.batch_size} exceeds the {info.train_examples} training examples of {spec.dataset}")
+    if spec.test_examples is not None and spec.test_examples > info.test_examples:
+        raise SpecError(f"{spec.source}: test_examples: {spec.test_examples} exceeds the {info.test_examples} test examples of {spec.dataset}")
     if spec.train_eval_examples > info.train_examples:
         raise SpecError(f"{spec.source}: train_eval_examples: {spec.train_eval_examples} exceeds the {info.train_examples} training examples of {spec.dataset}")
     models = {spec.model: "model", **{v.model: f"variant[{i}].model" for i, v in enumerate(spec.variants) if v.model}}
@@ -654,8 +662,9 @@ def _check_consistency(spec: ExperimentSpec) -> None:
 def _to_toml_shape(data: dict[str, Any]) -> dict[str, Any]:
     """Turn `ExperimentSpec.to_dict()` back into the TOML document shape."""
     out = dict(data)
-    if out.get("eval_resolution", 0.0) is None:
-        out.pop("eval_resolution")
+    for optional in ("eval_resolution", "test_examples"):
+        if optional in out and out[optional] is None:
+            out.pop(optional)
     out["variant"] = [_variant_toml(var) for var in out.pop("variants")]
     out["seeds"] = out["seeds"] if isinstance(out["seeds"], int) else list(out["seeds"])
     out["track_percentiles"] = list(out["track_percentiles"])

@@ -333,3 +333,14 @@ def test_eval_resolution_validates_round_trips_and_leaves_old_hashes_alone():
     for bad in (0, 1, -0.1, 2.0, "5%"):
         with pytest.raises(spec_module.SpecError, match="eval_resolution"):
             base.replace(eval_resolution=bad)
+
+
+def test_test_examples_is_optional_bounded_and_leaves_old_hashes_alone():
+    base = spec_module.load("mnist-cnn")
+    assert base.test_examples is None and "test_examples" not in spec_module.to_toml(base)
+    fewer = base.replace(test_examples=1000)
+    assert fewer.test_examples == 1000 and spec_module.loads(spec_module.to_toml(fewer)) == fewer
+    assert fewer.replace(test_examples=None).hash() == base.hash()
+    for bad in (0, 10001, 2.5):
+        with pytest.raises(SpecError, match="test_examples"):
+            base.replace(test_examples=bad)
