@@ -212,3 +212,37 @@ def curve_figure(curve: pd.DataFrame, variants: list[str], colors: dict[str, str
     handles, labels = plots.legend_entries(axes.flat)
     return plots.finish(fig, path_stem, title, title_width=4.6 * max(len(backends), 1), handles=handles, labels=labels,
                         max_columns=4, bottom=0.2, top=0.88, title_size=10)
+
+
+def groups_by_prefix(variants: list[str], baseline_method: str = "none") -> dict[str, list[str]]:
+    """{baseline variant: its group's variants} for variants named `<network>-<method>`
+    (mnist-norms' convention): each network's baseline is `<network>-none`."""
+    out: dict[str, list[str]] = {}
+    for variant in variants:
+        network = variant.partition("-")[0]
+        out.setdefault(f"{network}-{baseline_method}", []).append(variant)
+    return {base: members for base, members in out.items() if base in members}
+
+
+def report(results, groups: dict[str, list[str]], *, paper: dict[str, float] | None = None, notes: list[str] = (),
+           verdicts=None) -> dict:
+    """The speed-up report of an experiment: for each group (a baseline variant and the
+    variants measured against it) the speed-up table and the speed-up curve figure
+    (`speedup_curve[_<baseline>].png`). `verdicts(table) -> [sentences]` states the
+    experiment's claims against its table."""
+    metrics, status = results.metrics, results.status
+    tables, curves, figures = [], [], []
+    for baseline, members in groups.items():
+        table = speedup_table(metrics, status, baseline, members)
+        tables.append(table.assign(baseline=baseline))
+        curve = speedup_curve(metrics, status, baseline, [m for m in members if m != baseline])
+        curves.append(curve.assign(baseline=baseline))
+        stem = FIGURE_STEM if len(groups) == 1 else f"{FIGURE_STEM}_{baseline}"
+        figures += curve_figure(curve, [m for m in members if m != baseline], results.colors(members),
+                                results.out / stem, f"{results.title}: speed-up over {baseline}")
+    table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
+    pd.concat(curves, ignore_index=True).to_csv(results.out / "speedup_curve.csv", index=False, float_format="%.6g") \
+        if curves else None
+    said = list(verdicts(table)) if verdicts and not table.empty else []
+    markdown, latex = render(table, results.title, "the baseline", None, paper, [*said, *notes])
+    return {"table": table, "markdown": markdown, "latex": latex, "figures": figures}
