@@ -24,6 +24,11 @@ SPECS = ("mnist-cnn", "mnist-mlp", "mnist-norms")
 BATCH, STEPS, SEED = 16, 4, 1
 # float32 through 4 SGD steps, reduction orders differing between the loop and normbench.
 RTOL, ATOL = 2e-4, 2e-5
+# The decorrelation loss's log-determinant of a nearly singular float32 covariance amplifies
+# rounding: on an AVX-512 Intel CPU the two PyTorch (and JAX) computations of bn-decorrelation
+# part by 1e-6, 6e-5, 8e-5 and 3.4e-4 over the 4 steps (2e-4 held on AMD EPYC): for this
+# loss only, 3x the largest gap seen.
+DECORRELATION_RTOL = 1e-3
 
 
 def _reference(backend):
@@ -85,7 +90,8 @@ def test_reference_loop_computes_what_normbench_computes(backend, spec_name, var
     step, synchronize = _reference(backend).make_reference_step(plan, seed=SEED, data=data)
     reference = [float(step(i)) for i in range(STEPS)]
     synchronize()
-    np.testing.assert_allclose(reference, _normbench_losses(backend, plan, data), rtol=RTOL, atol=ATOL)
+    rtol = DECORRELATION_RTOL if any(p.name == "decorrelation" for p in plan.variant.auxiliary_losses) else RTOL
+    np.testing.assert_allclose(reference, _normbench_losses(backend, plan, data), rtol=rtol, atol=ATOL)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -214,9 +214,9 @@ def curve_figure(curve: pd.DataFrame, variants: list[str], colors: dict[str, str
                         max_columns=4, bottom=0.2, top=0.88, title_size=10)
 
 
-def groups_by_prefix(variants: list[str], baseline_method: str = "none") -> dict[str, list[str]]:
+def groups_by_prefix(variants: list[str], baseline_method: str) -> dict[str, list[str]]:
     """{baseline variant: its group's variants} for variants named `<network>-<method>`
-    (mnist-norms' convention): each network's baseline is `<network>-none`."""
+    (mnist-norms' convention): each network's baseline is `<network>-<baseline_method>`."""
     out: dict[str, list[str]] = {}
     for variant in variants:
         network = variant.partition("-")[0]
