@@ -66,6 +66,15 @@ def _grid():
 SPEC_FOR_MODEL, NORMALIZATIONS = _grid()
 MODELS = list(SPEC_FOR_MODEL)
 METHOD_VARIANTS = [v.name for v in specs.load(METHODS_SPEC).variants]
+# The paper's architectures at their small configurations: the model and variants of each
+# bundled smoke spec (`smoke-<family>`), at its batch size; adding a smoke spec adds a row.
+ARCHITECTURE_SPECS = {specs.load(name).model: name for name in specs.bundled_specs() if name.startswith("smoke-")}
+ARCHITECTURES = list(ARCHITECTURE_SPECS)
+# Timed: batch norm and the standardization loss, the paper's comparison (the smoke specs'
+# other variants are trained by the tests, not timed nightly).
+ARCHITECTURE_VARIANTS = ["batch_norm", "standardization_loss"]
+# One ResNet-50 training step at batch 8 (224 x 224 x 3, synthetic images): peak host memory.
+PEAK_MEMORY_MODEL, PEAK_MEMORY_BATCH, PEAK_MEMORY_QUICK_MODEL = "resnet-50", 8, "resnet-small"
 SEED = 0
 
 # `track_steps_to_target` reads the paper's speed-up target (Section 4.3): the best test
@@ -170,16 +179,32 @@ def method_baseline(variant: str) -> str:
     raise NotImplementedError(f"{METHODS_SPEC} has no variant without normalization on {model}")
 
 
+def architecture_plan(model: str, variant: str):
+    """The resolved plan of one variant of `model`'s smoke spec (seed 0); NotImplementedError
+    (an asv skip) where that spec has no such variant."""
+    spec = specs.load(ARCHITECTURE_SPECS[model]).replace(seeds=[SEED])
+    if variant not in {v.name for v in spec.variants}:
+        raise NotImplementedError(f"{ARCHITECTURE_SPECS[model]} has no variant {variant!r}")
+    return resolve(spec, variant)
+
+
 @functools.cache
+def dataset(name: str = "mnist"):
+    """A data set as the runner loads it for a float32 spec (cached in ~/.cache/normbench;
+    fetched once), through the first bundled spec that trains on it."""
+    spec = next(s for s in map(specs.load, specs.bundled_specs()) if s.dataset == name)
+    return load_data(spec.replace(dtype="float32"))
+
+
 def mnist():
-    """Real MNIST as the runner loads it (cached in ~/.cache/normbench; fetched once)."""
-    return load_data(specs.load(BENCHMARK_SPECS[0]))
+    """Real MNIST as the runner loads it."""
+    return dataset("mnist")
 
 
 @functools.cache
-def _placed_training_set(backend: str, device: str):
+def _placed_training_set(backend: str, device: str, dataset_name: str = "mnist"):
     eng = engine(backend, device)
-    data = mnist()
+    data = dataset(dataset_name)
     return eng.put_images(data.train_images), eng.put_labels(data.train_labels)
 
 
@@ -195,10 +220,10 @@ class Stepper:
         self.engine = engine(backend, device)
         self.program = plan
         params, state = self.program.initial_parameters(SEED)
-        images, labels = _placed_training_set(backend, device)
+        images, labels = _placed_training_set(backend, device, plan.spec.dataset)
         self.trainer = self.engine.trainer(self.program, params, state, images, labels)
         _, data_seed = seed_streams(SEED)
-        self.order = BatchOrder(data_seed, mnist().train_labels.shape[0], plan.spec.batch_size)
+        self.order = BatchOrder(data_seed, dataset(plan.spec.dataset).train_labels.shape[0], plan.spec.batch_size)
         self.order.indices(0)  # draw the epoch's permutation now, not inside a timed step
         self.count = 0
 
@@ -229,6 +254,42 @@ def warm_stepper(backend: str, model: str, normalization: str, device: str) -> S
     if key not in _WARM:
         _WARM[key] = Stepper(backend, training_plan(model, normalization), device).warm_up(warmup_steps())
     return _WARM[key]
+
+
+def warm_architecture_stepper(backend: str, model: str, variant: str, device: str) -> Stepper:
+    """`warm_stepper` for a variant of an architecture's smoke spec."""
+    key = (backend, ARCHITECTURE_SPECS[model], variant, device)
+    if key not in _WARM:
+        _WARM[key] = Stepper(backend, architecture_plan(model, variant), device).warm_up(warmup_steps())
+    return _WARM[key]
+
+
+def peak_memory_of_one_step(backend: str, device: str) -> int:
+    """Host RSS growth (bytes) over one training step of PEAK_MEMORY_MODEL at
+    PEAK_MEMORY_BATCH on synthetic images (its reference input, 224 x 224 x 3, has no
+    bundled data set), batch norm in every slot, plain SGD; the trainer is built and its
+    first step (compilation, allocator growth) taken before the peak is reset. Under
+    NORMBENCH_BENCH_QUICK the small ResNet stands in (same code path, seconds)."""
+    import numpy as np
+
+    model, dataset_name = (PEAK_MEMORY_QUICK_MODEL, "mnist") if quick() else (PEAK_MEMORY_MODEL, "imagenet_folder")
+    # The data set only declares shapes and classes here: the images are synthetic.
+    spec = specs.load("smoke-resnet").replace(model=model, dataset=dataset_name, batch_size=PEAK_MEMORY_BATCH,
+                                              seeds=[SEED], test_examples=None)
+    plan = resolve(spec, "batch_norm")
+    eng = engine(backend, device)
+    rng = np.random.default_rng(SEED)
+    images = rng.random((2 * PEAK_MEMORY_BATCH, *plan.arch.input_shape), dtype=np.float32)
+    labels = rng.integers(0, plan.arch.num_classes, size=2 * PEAK_MEMORY_BATCH)
+    params, state = plan.initial_parameters(SEED)
+    trainer = eng.trainer(plan, params, state, eng.put_images(images), eng.put_labels(labels))
+    batches = [np.arange(PEAK_MEMORY_BATCH), np.arange(PEAK_MEMORY_BATCH, 2 * PEAK_MEMORY_BATCH)]
+    trainer.read_losses([trainer.step(batches[0], 0.01)])
+    before = _proc_status_bytes("VmRSS")
+    if not _reset_peak_rss():
+        raise NotImplementedError("the peak RSS cannot be reset here (/proc/self/clear_refs)")
+    trainer.read_losses([trainer.step(batches[1], 0.01)])
+    return max(_proc_status_bytes("VmHWM") - before, 0)
 
 
 def warm_method_stepper(backend: str, variant: str, device: str) -> Stepper:

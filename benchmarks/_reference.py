@@ -48,13 +48,18 @@ class _ChainRecorder(vocabulary._DeclaringNet):
         self.activations: list[str | None] = []
 
     def conv(self, name, x, channels, kernel_size, stride=1, padding="same", groups=1, normalize=True,
-             activation="relu"):
+             activation="relu", bias=True):
         if groups != 1:
             raise NotImplementedError(f"layer {name}: grouped convolution")
+        if not bias:
+            raise NotImplementedError(f"layer {name}: a convolution without bias")
         self.activations.append(activation)
         return super().conv(name, x, channels, kernel_size, stride, padding, groups, normalize, activation)
 
-    def dense(self, name, x, units, normalize=True, activation="relu"):
+    def dense(self, name, x, units, normalize=True, activation="relu", bias=True, kernel_init="glorot_uniform",
+              bias_init="zeros"):
+        if not bias or kernel_init != "glorot_uniform" or bias_init != "zeros":
+            raise NotImplementedError(f"layer {name}: a dense layer without bias or with its own initializer")
         self.activations.append(activation)
         return super().dense(name, x, units, normalize, activation)
 
@@ -79,6 +84,18 @@ class _ChainRecorder(vocabulary._DeclaringNet):
 
     def concat(self, *args, **kwargs):
         raise NotImplementedError("a concatenation")
+
+    def dropout(self, *args, **kwargs):
+        raise NotImplementedError("dropout")
+
+    def matrix(self, *args, **kwargs):
+        raise NotImplementedError("a predicted transform matrix")
+
+    def point_transform(self, *args, **kwargs):
+        raise NotImplementedError("a point transform")
+
+    def orthogonality_loss(self, *args, **kwargs):
+        raise NotImplementedError("an architecture-declared loss")
 
 
 def chain(plan) -> list:
