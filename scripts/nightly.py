@@ -283,6 +283,8 @@ EXPORTED = [
     ("bench_ratios.NormalizationOverhead.track_overhead_vs_none", "Step time / the same model without normalization", "ratio"),
     ("bench_ratios.MethodReferenceRatio.track_ratio_to_reference", "Every method: step time / the hand-written loop in the same framework", "ratio"),
     ("bench_ratios.MethodOverhead.track_overhead_vs_none", "Every method: step time / the same network without normalization", "ratio"),
+    ("bench_architectures.ArchitectureStep.time_step", "The paper's architectures at their small configurations: time per training step", "seconds"),
+    ("bench_architectures.ResNet50PeakMemory.track_peak_step_memory", "Host memory of one ResNet-50 training step at batch 8", "bytes"),
     ("track_steps_to_target", "Steps to the baseline's best test accuracy within 1000 steps (speed-up = the baseline's steps / a method's; n/a = not reached)", "steps"),
     ("track_final_test_error", "Test error after 1000 steps", "fraction"),
     ("track_host_rss_growth", "Host RSS growth during a 1000-step run", "bytes"),
@@ -308,6 +310,8 @@ def export(results: list, benchmarks: dict, machine: str, info: dict, commit: st
                 records.append({"benchmark": key, "unit": unit, **dict(zip(names, params)), "value": value})
     out.mkdir(parents=True, exist_ok=True)
     columns = ["benchmark", "unit", "backend", "model", "normalization", "variant", "device", "value"]
+    if any(r.get("architecture") for r in records):  # only where such benchmarks ran: older exports keep their columns
+        columns.insert(4, "architecture")
     with open(out / "benchmarks.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
@@ -333,14 +337,16 @@ def export(results: list, benchmarks: dict, machine: str, info: dict, commit: st
         mine = [r for r in records if r["benchmark"] == pattern or r["benchmark"].endswith("." + pattern)]
         for device in sorted({r.get("device", "") for r in mine}):
             rows = [r for r in mine if r.get("device", "") == device]
-            if any(r.get("variant") for r in rows):  # the methods grid: a row per variant, a column per backend
+            if any(r.get("variant") for r in rows):  # the methods grid: a row per (architecture,) variant, a column per backend
                 backends = list(dict.fromkeys(_backend_of(r) for r in rows))
-                lines += [f"## {heading} ({device})", "", "| variant | " + " | ".join(backends) + " |",
-                          "|---|" + "---|" * len(backends)]
-                for variant in dict.fromkeys(r["variant"] for r in rows):
-                    cells = [next((_format(r["value"], unit) for r in rows if r["variant"] == variant
+                label = "architecture | variant" if any(r.get("architecture") for r in rows) else "variant"
+                lines += [f"## {heading} ({device})", "", f"| {label} | " + " | ".join(backends) + " |",
+                          "|---|" + "---|" * (len(backends) + label.count("|"))]
+                for row_key in dict.fromkeys((r.get("architecture"), r["variant"]) for r in rows):
+                    cells = [next((_format(r["value"], unit) for r in rows if (r.get("architecture"), r["variant"]) == row_key
                                    and _backend_of(r) == b), "—") for b in backends]
-                    lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+                    name = " | ".join(k for k in row_key if k)
+                    lines.append(f"| {name} | " + " | ".join(cells) + " |")
                 lines.append("")
                 continue
             present = [n for n in normalizations if any(r.get("normalization") == n for r in rows)] or [None]

@@ -244,6 +244,20 @@ def test_nightly_export_writes_every_recorded_value_and_skips_the_absent(tmp_pat
     assert [p.name for p in written] == ["README.md", "benchmarks.csv", "provenance.json"]
 
 
+def test_nightly_export_gives_the_architectures_grid_a_row_per_architecture_and_variant(tmp_path):
+    nightly = _load_nightly()
+    key = "bench_architectures.ArchitectureStep.time_step"
+    result = _FakeGridResult({key: [0.5, 0.25, 0.75, 1.5]})
+    result.get_result_params = lambda k: [["'torch'"], ["'resnet-small'", "'pointnet-small'"], ["'batch_norm'", "'std'"]]
+    benchmarks = {key: {"unit": "seconds", "param_names": ["backend", "architecture", "variant"]}}
+    info = {"cpu": "Test CPU", "num_cpu": "2", "ram": str(8 * 2**30), "os": "Linux"}
+    nightly.export([result], benchmarks, "m", info, "c" * 40, tmp_path, "x")
+    text = (tmp_path / "README.md").read_text()
+    assert "| architecture | variant | torch |" in text
+    assert "| resnet-small | batch_norm | 500 ms |" in text and "| pointnet-small | std | 1.5 s |" in text
+    assert (tmp_path / "benchmarks.csv").read_text().splitlines()[0].split(",")[4] == "architecture"
+
+
 def test_nightly_keeps_a_timing_regression_only_when_a_second_measurement_confirms_it():
     nightly = _load_nightly()
     nan = float("nan")
