@@ -182,8 +182,9 @@ def definition_note(baseline: str, target: float | None) -> str:
     return (f"Speed-up = {baseline}'s steps to the target / the method's ({what}), read on mean-over-seeds test curves at "
             "the first evaluation at or above the target; (±n) is the gap to the evaluation before it, within which the "
             "true crossing lies. The per-seed spread divides the same baseline steps by each seed's own steps. Time is "
-            "training wall-clock at that step (evaluations excluded). \"Not reached\" means no evaluation within the "
-            "budget reached the target.")
+            "training wall-clock at that step (evaluations excluded), on the machine as loaded when each run ran (see "
+            "the runs' provenance): compare steps across runs, and time only between runs that had the machine alone. "
+            "\"Not reached\" means no evaluation within the budget reached the target.")
 
 
 def render(table: pd.DataFrame, title: str, baseline: str, target: float | None, paper: dict[str, float] | None = None,
