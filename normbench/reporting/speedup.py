@@ -242,8 +242,8 @@ def report(results, groups: dict[str, list[str]], *, paper: dict[str, float] | N
         figures += curve_figure(curve, [m for m in members if m != baseline], results.colors(members),
                                 results.out / stem, f"{results.title}: speed-up over {baseline}")
     table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
-    pd.concat(curves, ignore_index=True).to_csv(results.out / "speedup_curve.csv", index=False, float_format="%.6g") \
-        if curves else None
+    if curves:
+        pd.concat(curves, ignore_index=True).to_csv(results.out / "speedup_curve.csv", index=False, float_format="%.6g")
     said = list(verdicts(table)) if verdicts and not table.empty else []
     markdown, latex = render(table, results.title, "the baseline", None, paper, [*said, *notes])
     return {"table": table, "markdown": markdown, "latex": latex, "figures": figures}
