@@ -289,6 +289,17 @@ class Trainer(abc.ABC):
         """Current (params, running-statistics state), canonical NumPy."""
 
     @abc.abstractmethod
+    def export_optimizer_state(self) -> dict[str, np.ndarray]:
+        """The optimizer's slots (`program.optimizer.init`'s keys), canonical NumPy."""
+
+    @abc.abstractmethod
+    def load_state(self, params: dict[str, np.ndarray], state: dict[str, np.ndarray],
+                   optimizer_state: dict[str, np.ndarray]) -> None:
+        """Replace everything the run carries (parameters, running statistics, optimizer
+        slots) with canonical arrays, converted to this trainer's dtype and layout. For
+        parity's lockstep re-runs, which restart one side from the other's state."""
+
+    @abc.abstractmethod
     def gradients(self, images, labels, dropout_masks=None) -> tuple[dict, dict]:
         """(canonical gradients of the full objective, L2 included; canonical training-mode intermediates)
         on one batch (with these dropout masks, where the network has dropout), without

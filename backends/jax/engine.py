@@ -166,6 +166,13 @@ class Trainer(base.Trainer):
     def export(self):
         return self.engine.export_tree(self.params), self.engine.export_tree(self.state)
 
+    def export_optimizer_state(self):
+        return self.engine.export_tree(self.opt_state)
+
+    def load_state(self, params, state, optimizer_state):
+        e = self.engine
+        self.params, self.state, self.opt_state = e.import_tree(params), e.import_tree(state), e.import_tree(optimizer_state)
+
     def gradients(self, images, labels, dropout_masks=None):
         masks = None if dropout_masks is None else self.engine.import_tree(dropout_masks)
         grads, seen = self._gradients(self.params, self.state, images, labels, masks)

@@ -213,6 +213,18 @@ class Trainer(base.Trainer):
     def export(self):
         return self.engine.export_tree(self.params), self.engine.export_tree(self.state)
 
+    def export_optimizer_state(self):
+        return self.engine.export_tree(self.opt_state)
+
+    def load_state(self, params, state, optimizer_state):
+        # Assigned into the existing variables, so the traced step functions stay valid.
+        dtype = self.engine.tf_dtype.as_numpy_dtype
+        for variables, values in ((self.params, params), (self.state, state), (self.opt_state, optimizer_state)):
+            if set(values) != set(variables):
+                raise ValueError(f"load_state: expected {sorted(variables)}, got {sorted(values)}")
+            for k, tensor in self.engine.import_tree({k: np.asarray(v, dtype) for k, v in values.items()}).items():
+                variables[k].assign(tensor, read_value=False)
+
     def gradients(self, images, labels, dropout_masks=None):
         grads, seen = self._call("gradients", images, labels, self._masks(dropout_masks))
         return self.engine.export_tree(grads), self._canonical_intermediates(seen)

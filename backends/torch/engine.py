@@ -118,6 +118,14 @@ class Trainer(base.Trainer):
     def export(self):
         return self.engine.export_tree(self.params), self.engine.export_tree(self.state)
 
+    def export_optimizer_state(self):
+        return self.engine.export_tree(self.opt_state)
+
+    def load_state(self, params, state, optimizer_state):
+        e = self.engine
+        self.params = {k: v.requires_grad_() for k, v in e.import_tree(params).items()}
+        self.state, self.opt_state = e.import_tree(state), e.import_tree(optimizer_state)
+
     def gradients(self, images, labels, dropout_masks=None):
         masks = self._masks(dropout_masks)
         total, _ = self.program.loss(self.ops, self.params, self.state, images, labels, masks)
