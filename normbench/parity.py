@@ -250,14 +250,18 @@ def _compare_pair(names: tuple[str, str], outs_a: dict, outs_b: dict, variant: s
 
 
 def _compare_series(pair, variant, name, a, b, tol) -> Row:
-    """Per-step comparison of a loss series; every step must be within tolerance."""
+    """Per-step comparison of a loss series; every step must be within tolerance (`tol`:
+    one bound, or one per step). The row reports the step closest to (or furthest past)
+    its bound."""
     if a.shape != b.shape:
-        return Row(pair, variant, name, float("inf"), float("inf"), tol, False, f"lengths {a.shape} vs {b.shape}")
+        return Row(pair, variant, name, float("inf"), float("inf"), float(np.max(tol)), False,
+                   f"lengths {a.shape} vs {b.shape}")
     diff = np.abs(a - b)
     rel = diff / np.maximum(np.maximum(np.abs(a), np.abs(b)), TINY)
     rel = np.where(np.isfinite(rel), rel, np.inf)
-    worst = int(np.argmax(rel))
-    return Row(pair, variant, name, float(np.max(diff)), float(rel[worst]), tol, bool(np.all(rel <= tol)),
+    tol = np.broadcast_to(np.asarray(tol, np.float64), rel.shape)
+    worst = int(np.argmax(rel / tol))
+    return Row(pair, variant, name, float(np.max(diff)), float(rel[worst]), float(tol[worst]), bool(np.all(rel <= tol)),
                f"worst at step {worst + 1} of {len(a)}")
 
 
@@ -313,10 +317,27 @@ def _trajectory_inputs(spec: ExperimentSpec, steps: int, seed: int):
     return data, batches, np.unique(np.concatenate(batches))
 
 
-def _trainer(program, data: LoadedData, used: np.ndarray, backend: str, dtype: str, seed: int, device: str | None):
+def _one_rounding(array: np.ndarray, precision: str) -> np.ndarray:
+    """`array` moved by about one rounding error of `precision`: rounded to float32, or in
+    float64 each nonzero value stepped one ulp away from zero."""
+    array = np.asarray(array)
+    if precision == "float64":
+        return np.where(array != 0, np.nextafter(array, np.copysign(np.inf, array)), array)
+    return array.astype(precision)
+
+
+def _trainer(program, data: LoadedData, used: np.ndarray, backend: str, dtype: str, seed: int, device: str | None,
+             start_perturbed_at: str | None = None):
+    """A trainer at the run's initial state; with `start_perturbed_at` (a dtype), the
+    initial parameters and the images first move by one rounding of that dtype (see
+    "conditioning of a trajectory")."""
     engine = backend_registry.get_engine(backend, device=device, dtype=dtype)
     params, state = program.initial_parameters(seed)
-    return engine.trainer(program, params, state, engine.put_images(data.train_images[used].astype(dtype)),
+    images = data.train_images[used]
+    if start_perturbed_at is not None:
+        params = {k: _one_rounding(v, start_perturbed_at) for k, v in params.items()}
+        images = _one_rounding(images, start_perturbed_at)
+    return engine.trainer(program, params, state, engine.put_images(images.astype(dtype)),
                           engine.put_labels(data.train_labels[used]))
 
 
@@ -330,13 +351,13 @@ def _final_outputs(program, trainer, step_losses: list) -> dict[str, np.ndarray]
 
 
 def trajectory_outputs(spec: ExperimentSpec, variant_name: str, backend: str, steps: int, dtype: str, seed: int = 0,
-                       device: str | None = None) -> dict[str, np.ndarray]:
+                       device: str | None = None, start_perturbed_at: str | None = None) -> dict[str, np.ndarray]:
     """`steps` training steps of one backend as a real run of `seed` takes them.
     Returns 'trajectory/<loss>' (one value per step), 'final/<param>' and
     'final_state/<name>', canonical float64 NumPy."""
     program = resolve(spec, variant_name)
     data, batches, used = _trajectory_inputs(spec, steps, seed)
-    trainer = _trainer(program, data, used, backend, dtype, seed, device)
+    trainer = _trainer(program, data, used, backend, dtype, seed, device, start_perturbed_at)
     step_losses = [trainer.step(np.searchsorted(used, batch), program.learning_rate(t),
                                 program.dropout_masks(seed, t, len(batch))) for t, batch in enumerate(batches)]
     return _final_outputs(program, trainer, step_losses)
@@ -461,22 +482,25 @@ def compare_trajectory(spec: ExperimentSpec, variant_name: str, backends: list[s
     """`steps` identical training steps on every backend: losses at every step, final
     parameters and batch-norm state, compared for every pair of `backends`; with
     `reference_backend` (float32 only), each backend also against that backend's float64
-    run. A pair that fails is re-run in lockstep across ReLU ties (`retry_at_ties`)."""
+    run. Failing rows are re-checked across ReLU ties and against the trajectory's own
+    conditioning (`recheck_trajectories`)."""
     outputs = {b: trajectory_outputs(spec, variant_name, b, steps, dtype, seed, device) for b in backends}
     log_epsilon = resolve(spec, variant_name).std_metric.log_epsilon
     rows = compare_outputs(outputs, dtype, variant_name, log_epsilon)
     if reference_backend is not None and dtype != REFERENCE_DTYPE:
         reference = trajectory_outputs(spec, variant_name, reference_backend, steps, REFERENCE_DTYPE, seed, device)
         rows += compare_with_reference(outputs, reference, variant_name, log_epsilon)
-    return retry_at_ties(rows, spec, variant_name, backends, steps, dtype, seed, device, reference_backend)
+    return recheck_trajectories(rows, spec, variant_name, backends, steps, dtype, seed, device, reference_backend)
 
 
-def retry_at_ties(rows: list[Row], spec: ExperimentSpec, variant_name: str, backends: list[str], steps: int,
-                  dtype: str, seed: int = 0, device: str | None = None,
-                  reference_backend: str | None = None) -> list[Row]:
+def recheck_trajectories(rows: list[Row], spec: ExperimentSpec, variant_name: str, backends: list[str], steps: int,
+                         dtype: str, seed: int = 0, device: str | None = None,
+                         reference_backend: str | None = None) -> list[Row]:
     """`rows` of free-running trajectory comparisons, with every failing pair's rows
-    replaced by those of its lockstep re-run (`lockstep_outputs`), each row's detail
-    naming the ties that were re-anchored. Pairs that passed are kept as they are."""
+    replaced by those of its lockstep re-run across ReLU ties (`lockstep_outputs`); rows
+    still failing then are held to the trajectory's own conditioning
+    (`conditioning_outputs`, run once by the reference backend). Each replaced row's
+    detail says which was done. Pairs that passed are kept as they are."""
     log_epsilon = resolve(spec, variant_name).std_metric.log_epsilon
     # pair -> (first side, second side, row names, tolerances, whether the rows list the
     # second side first). A drift row compares a backend with float64: the float64 run is
@@ -487,16 +511,79 @@ def retry_at_ties(rows: list[Row], spec: ExperimentSpec, variant_name: str, back
         sides.update({reference_pair(b): ((reference_backend, REFERENCE_DTYPE), (b, dtype), (b, REFERENCE_DTYPE),
                                           drift_tolerance, True) for b in backends})
     failing = [pair for pair in dict.fromkeys(r.pair for r in rows if not r.ok) if pair in sides]
+    conditioning = None
     for pair in failing:
         first, second, names, tolerance_of, second_named_first = sides[pair]
         first_out, second_out, ties = lockstep_outputs(spec, variant_name, first, second, steps, seed, device)
         outs = (second_out, first_out) if second_named_first else (first_out, second_out)
         note = ("lockstep re-run, ReLU ties re-anchored at " + "; ".join(t.describe() for t in ties) if ties
                 else "lockstep re-run: no ReLU tie found")
-        redone = [dataclasses.replace(r, detail="; ".join(x for x in (r.detail, note) if x))
-                  for r in _compare_pair(names, *outs, variant_name, log_epsilon, tolerance_of)]
+        redone = _compare_pair(names, *outs, variant_name, log_epsilon, tolerance_of)
+        if not all(r.ok for r in redone):
+            if conditioning is None:
+                conditioning = conditioning_outputs(spec, variant_name, reference_backend or choose_reference_backend(backends),
+                                                    steps, dtype, seed, device)
+            conditioned = _conditioned(tolerance_of, *conditioning, log_epsilon)
+            redone = [dataclasses.replace(r, detail="; ".join(x for x in (r.detail, _raised_note(r, tolerance_of)) if x))
+                      for r in _compare_pair(names, *outs, variant_name, log_epsilon, conditioned)]
+        redone = [dataclasses.replace(r, detail="; ".join(x for x in (r.detail, note) if x)) for r in redone]
         rows = [r for r in rows if r.pair != pair] + redone
     return rows
+
+
+def _raised_note(row: Row, tolerance_of) -> str:
+    base = tolerance_of(row.quantity)
+    if row.tolerance <= base:
+        return ""
+    return (f"bound {row.tolerance:.1e} = {CONDITIONING_FACTOR}x the trajectory's own conditioning "
+            f"(float64 from a start one rounding away moves it by {row.tolerance / CONDITIONING_FACTOR:.1e})")
+
+
+# ----------------------------------------------------------------------------- conditioning of a trajectory
+#
+# Some trajectories amplify any perturbation, exact arithmetic or not: a run can then be
+# as far from another as it is from itself started one rounding error away, and no fixed
+# tolerance separates that from a formula difference. Found on mlp3 with the decorrelation
+# loss (batch 128, SGD at 1e-3; the gradient of the log det of a 100 x 100 covariance of
+# 128 examples is ill-conditioned): the float64 backends agree to 1e-15 at step 1 and the
+# gap doubles every 2-3 steps, to 7e-6 on the loss by step 50 (1e-3 on dense1's kernel);
+# in float32 every backend ends 1.7-2.0e-2 from float64 on that kernel, and so does
+# TensorFlow's float64 run started from the float32-rounded weights and images (1.9e-2).
+# So a trajectory quantity that still fails after the lockstep re-run is measured against
+# its conditioning: the reference backend runs float64 twice, from the exact start and
+# from a start moved by one rounding of the compared dtype (rounded to float32; in float64,
+# one ulp), and the quantity's bound becomes the larger of its calibrated tolerance and
+# `CONDITIONING_FACTOR` times that difference (per step for a loss series, against the
+# running maximum up to that step, so early steps stay tightly held). Single steps are
+# never relaxed: the formulas are held there, at 1e-9 in float64.
+
+CONDITIONING_FACTOR = 10  # the calibrated tolerances' own margin over what was measured
+
+
+def conditioning_outputs(spec: ExperimentSpec, variant_name: str, backend: str, steps: int, dtype: str, seed: int = 0,
+                         device: str | None = None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """`backend`'s float64 trajectory from the exact start and from the start moved by one
+    rounding of `dtype`: the two whose difference measures the trajectory's conditioning."""
+    return (trajectory_outputs(spec, variant_name, backend, steps, REFERENCE_DTYPE, seed, device),
+            trajectory_outputs(spec, variant_name, backend, steps, REFERENCE_DTYPE, seed, device, start_perturbed_at=dtype))
+
+
+def _conditioned(tolerance_of, exact: dict, rounded: dict, log_epsilon: float):
+    """`tolerance_of` with each trajectory quantity's bound raised to `CONDITIONING_FACTOR`
+    times the difference between the `exact` and `rounded`-start float64 runs (loss
+    series: per step, against the running maximum of that difference)."""
+    def bound(name):
+        base = tolerance_of(name)
+        if name not in exact or name not in rounded or not name.startswith(("trajectory/", "final/", "final_state/")):
+            return base
+        a, b = np.asarray(exact[name], np.float64), np.asarray(rounded[name], np.float64)
+        if a.shape != b.shape:
+            return base
+        if name.startswith("trajectory/"):
+            relative = np.abs(a - b) / np.maximum(np.maximum(np.abs(a), np.abs(b)), TINY)
+            return np.maximum(base, CONDITIONING_FACTOR * np.maximum.accumulate(relative))
+        return max(base, CONDITIONING_FACTOR * _compare_arrays(name, a, b, exact, rounded, log_epsilon)[1])
+    return bound
 
 
 # ----------------------------------------------------------------------------- drift from float64

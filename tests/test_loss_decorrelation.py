@@ -204,3 +204,21 @@ def test_parity_float32(spec_factory):
     rows = parity.compare_outputs(outputs, "float32", "dec", resolve(spec, "dec").std_metric.log_epsilon)
     rows += parity.compare_trajectory(spec, "dec", AVAILABLE, 3, "float32")
     assert all(r.ok for r in rows), [r for r in rows if not r.ok]
+
+
+@needs_two
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_parity_mlp3_fifty_steps(dtype):
+    """mlp3 with the decorrelation loss at the paper's MNIST settings: a chaotic trajectory
+    (the float64 backends' gap doubles every 2-3 steps, from 1e-15 to 7e-6 on the loss by
+    step 50). In float64 it passes `normbench parity`'s 50 steps only because failing
+    trajectory rows are held to the trajectory's own conditioning (asserted below); the
+    single step stays at 1e-9 / the calibrated float32 tolerances."""
+    spec = spec_module.load("mnist-norms")
+    rows = parity.compare_step(spec, "mlp3-decorrelation", AVAILABLE, dtype)
+    assert all(r.ok for r in rows), parity.format_table([r for r in rows if not r.ok])
+    reference = parity.choose_reference_backend(AVAILABLE) if dtype == "float32" else None
+    rows = parity.compare_trajectory(spec, "mlp3-decorrelation", AVAILABLE, 50, dtype, reference_backend=reference)
+    assert all(r.ok for r in rows), parity.format_table([r for r in rows if not r.ok])
+    if dtype == "float64":
+        assert any("own conditioning" in r.detail for r in rows)

@@ -126,7 +126,7 @@ def _assert_agree(outputs: dict, dtype: str, spec, variant: str, trajectory_step
     (`trajectory_steps`) as `normbench parity` compares them, across ReLU ties."""
     rows = parity.compare_outputs(outputs, dtype, variant, TrainingProgram(spec, variant).std_metric.log_epsilon)
     if trajectory_steps is not None:
-        rows = parity.retry_at_ties(rows, spec, variant, list(outputs), trajectory_steps, dtype, SEED)
+        rows = parity.recheck_trajectories(rows, spec, variant, list(outputs), trajectory_steps, dtype, SEED)
     assert rows, "nothing was compared"
     failed = [r for r in rows if not r.ok]
     assert not failed, f"{len(failed)} of {len(rows)} quantities exceed the {dtype} tolerance:\n" + parity.format_table(failed)
@@ -324,3 +324,34 @@ def test_lockstep_reanchors_the_second_side_at_every_tie(monkeypatch):
         if k.startswith(("final/", "final_state/")):  # exactly float64's values rounded to float32
             np.testing.assert_array_equal(second[k], first[k].astype(np.float32).astype(np.float64))
     assert free_gap > 0
+
+
+# ----------------------------------------------------------------------------- a trajectory's own conditioning
+
+
+def test_series_rows_take_a_bound_per_step():
+    a = np.array([1.0, 1.0, 1.0])
+    b = np.array([1.0 + 1e-6, 1.0 + 1e-4, 1.0 + 1e-3])
+    ok = parity._compare_series("x-y", "v", "trajectory/loss", a, b, np.array([1e-5, 2e-4, 1e-2]))
+    assert ok.ok and ok.detail == "worst at step 2 of 3"  # 1e-4 of 2e-4 is the closest to its bound
+    tight_early = parity._compare_series("x-y", "v", "trajectory/loss", a, b, np.array([1e-7, 1e-3, 1e-2]))
+    assert not tight_early.ok and tight_early.detail == "worst at step 1 of 3" and tight_early.tolerance == 1e-7
+
+
+def test_conditioned_bounds_follow_the_perturbed_run():
+    exact = {"trajectory/loss": np.array([2.0, 2.0, 2.0]), "final/l/kernel": np.array([1.0, -1.0]),
+             "logits": np.array([1.0])}
+    moved = {"trajectory/loss": np.array([2.0, 2.0 * (1 + 1e-3), 2.0]), "final/l/kernel": np.array([1.0, -1.1]),
+             "logits": np.array([2.0])}
+    bound = parity._conditioned(lambda q: 1e-6, exact, moved, 1e-8)
+    np.testing.assert_allclose(bound("trajectory/loss"), [1e-6, 1e-2 / (1 + 1e-3), 1e-2 / (1 + 1e-3)])  # running max
+    assert bound("final/l/kernel") == pytest.approx(10 * 0.1 / 1.1)
+    assert bound("logits") == 1e-6  # single-step quantities are never relaxed
+
+
+def test_one_rounding_moves_every_value_by_one_ulp_of_the_precision():
+    x = np.array([1.0, -3.0, 0.0, 1e-3])
+    moved = parity._one_rounding(x, "float64")
+    assert np.all(np.abs(moved[[0, 1, 3]]) > np.abs(x[[0, 1, 3]])) and moved[2] == 0.0
+    np.testing.assert_array_equal(np.abs(moved - x), np.spacing(np.abs(x)) * (x != 0))
+    assert parity._one_rounding(np.array([0.1]), "float32").dtype == np.float32

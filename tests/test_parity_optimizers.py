@@ -22,7 +22,7 @@ convolutions of cnn3 are slow on CPU), against one float64 run, by the backend
 
 Trajectories are compared as `normbench parity` compares them: a pair that fails
 free-running is re-run in lockstep, restarting one side from the other's state after
-every ReLU tie (`parity.retry_at_ties`). On an Intel Xeon with AVX-512 the cnn3 case
+every ReLU tie (`parity.recheck_trajectories`). On an Intel Xeon with AVX-512 the cnn3 case
 needs it: PyTorch's float32 puts one conv2 pre-activation that is 2.2e-7 from 0 in
 float64 on the other side at update 6, and its free-running trajectory is 7.5e-3 away
 by step 23; re-anchored there, every step agrees to 2.2e-7.
@@ -146,7 +146,7 @@ def _rows(case, outputs, dtype):
     spec = _spec(case)
     variant = spec.variants[0].name
     rows = parity.compare_outputs(outputs, dtype, variant, resolve(spec, variant).std_metric.log_epsilon)
-    return parity.retry_at_ties(rows, spec, variant, list(outputs), _steps(case), dtype, SEED)
+    return parity.recheck_trajectories(rows, spec, variant, list(outputs), _steps(case), dtype, SEED)
 
 
 def _drift_rows(case, backend, reference_backend, trajectories):
@@ -155,7 +155,7 @@ def _drift_rows(case, backend, reference_backend, trajectories):
     rows = parity.compare_with_reference({backend: trajectories(backend, case, "float32")},
                                          trajectories(reference_backend, case, "float64"), variant,
                                          resolve(spec, variant).std_metric.log_epsilon)
-    return parity.retry_at_ties(rows, spec, variant, [backend], _steps(case), "float32", SEED, None, reference_backend)
+    return parity.recheck_trajectories(rows, spec, variant, [backend], _steps(case), "float32", SEED, None, reference_backend)
 
 
 @pytest.mark.parametrize("case", list(CASES))
