@@ -19,7 +19,7 @@ class NormalizationOverhead:
     """Median step time of a normalization variant / median step time of the same model
     without normalization (same backend, device and batches)."""
 
-    params = [h.BACKENDS, h.MODELS, ["batch_norm_shift", "standardization_loss"], h.DEVICES]
+    params = [h.BACKENDS, h.MODELS, [n for n in h.NORMALIZATIONS if n != "none"], h.DEVICES]
     param_names = ["backend", "model", "normalization", "device"]
     unit = "ratio"
     timeout = 300

@@ -38,6 +38,10 @@ class AuxiliaryLoss:
     legacy_table_fields: tuple[str, ...] = ()
     always_reported = False  # evaluated for every run (metrics.csv), trained with or not
     literature: str = ""
+    # normbench.parity compares the loss's value ('<name>_loss') relative to
+    # `parity_magnitude`, within this float32 tolerance (None: parity's shared bound for
+    # auxiliary losses).
+    parity_float32_tolerance: float | None = None
 
     def __init__(self, **options: Any):
         for option in self.options:
@@ -69,6 +73,13 @@ class AuxiliaryLoss:
     def value_from_statistics(self, statistics: dict[str, tuple]) -> float:
         """The loss in float64 NumPy from every layer's combined statistics."""
         raise NotImplementedError
+
+    @classmethod
+    def parity_magnitude(cls, moments: dict[str, tuple[np.ndarray, np.ndarray]], log_epsilon: float) -> float | None:
+        """The size of the numbers rounded to compute the value, from every slot's
+        per-channel (mean, var), for parity's relative error; None: the value's own size.
+        A loss whose terms cancel (to ~0 at its optimum) needs it."""
+        return None
 
 
 def _collect(module):
