@@ -28,6 +28,10 @@ PAPER_SPEEDUP = {"batch-norm": 4.4, "standardization": 2.2}  # Figure 5's table 
 PAPER_STEPS = {"none": "26.6K", "batch-norm": "6.1K", "standardization": "12.1K"}
 
 
+def _speedup_text(value: float) -> str:
+    return "not reached" if math.isnan(value) else f"{value:.2f}×"
+
+
 def _verdicts(table):
     counts = table.groupby("backend").seeds.max()
     backend = max(plots.backend_order(counts.index), key=lambda b: counts[b])
@@ -38,7 +42,7 @@ def _verdicts(table):
             continue
         r = mine.loc[method]
         value = r.speedup
-        seen = "not reached" if math.isnan(value) else f"{value:.2f}×"
+        seen = _speedup_text(value)
         out.append(f"Paper: {method} speeds PointNet up over no normalization ({paper}×, {PAPER_STEPS[method]} vs "
                    f"{PAPER_STEPS['none']} steps on ModelNet40). Here ({backend}): {seen}: "
                    f"**{'holds' if not math.isnan(value) and value > 1 else 'does not hold'}**.")
@@ -46,7 +50,7 @@ def _verdicts(table):
         bn, std = mine.loc["batch-norm"].speedup, mine.loc["standardization"].speedup
         holds = not math.isnan(bn) and (math.isnan(std) or bn > std)
         out.append(f"Paper: batch norm is faster than the standardization loss (4.4× vs 2.2×). Here ({backend}): "
-                   f"{bn:.2f}× vs {std:.2f}×: **{'holds' if holds else 'does not hold'}**.")
+                   f"{_speedup_text(bn)} vs {_speedup_text(std)}: **{'holds' if holds else 'does not hold'}**.")
     return out
 
 
