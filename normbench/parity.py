@@ -56,7 +56,8 @@ TINY = np.finfo(np.float64).tiny
 # float64: every backend computes the same formulas in double precision, so differences
 # are reduction order only: measured <= 7e-14 (torch-jax and jax-tensorflow over cnn3 and
 # mlp3, all four normalizations; the worst is the ill-conditioned bias gradient described
-# under "gradient" below; 1.3e-13 with PyTorch's fused batch norm). A real formula
+# under "gradient" below; PyTorch computes batch norm in float64 with the composed formula,
+# see backends/torch/ops.py, as its fused kernel alone reached 8e-13). A real formula
 # difference (an epsilon, a biased vs unbiased variance, a padding offset) shows up at
 # >= 1e-6, far above 1e-9.
 FLOAT64_TOLERANCE = 1e-9
