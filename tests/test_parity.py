@@ -123,7 +123,8 @@ def _trajectory(cache, backend, spec, variant, steps, dtype="float32"):
 
 def _assert_agree(outputs: dict, dtype: str, spec, variant: str, trajectory_steps: int | None = None) -> None:
     """Every quantity of `outputs` within the dtype's tolerance; trajectories
-    (`trajectory_steps`) as `normbench parity` compares them, across ReLU ties."""
+    (`trajectory_steps`) as `normbench parity` compares them: across ReLU ties, and held
+    to the trajectory's own conditioning where it is chaotic."""
     rows = parity.compare_outputs(outputs, dtype, variant, TrainingProgram(spec, variant).std_metric.log_epsilon)
     if trajectory_steps is not None:
         rows = parity.recheck_trajectories(rows, spec, variant, list(outputs), trajectory_steps, dtype, SEED)
