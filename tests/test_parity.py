@@ -314,8 +314,7 @@ def test_lockstep_reanchors_the_second_side_at_every_tie(monkeypatch):
     spec = _tiny_spec("adam")
     variant = spec.variants[0].name
     steps = 4
-    first, second, ties = parity.lockstep_outputs(spec, variant, (backend, "float64"), (backend, "float32"), steps, SEED)
-    assert ties == []  # a real lockstep of this case meets no tie
+    first, second, _ = parity.lockstep_outputs(spec, variant, (backend, "float64"), (backend, "float32"), steps, SEED)
     free_gap = max(np.max(np.abs(first[k] - second[k])) for k in first if k.startswith("final/"))
     monkeypatch.setattr(parity, "relu_ties", lambda a, b, tol: {"forced": 1})
     monkeypatch.setattr(parity, "_largest_flipped", lambda a, b, layers: 0.0)
