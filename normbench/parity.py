@@ -216,11 +216,19 @@ def _compare_arrays(name, a, b, outs_a, outs_b, log_epsilon) -> tuple[float, flo
     return max_abs, max_abs / max(_magnitude(name, a, b, outs_a, outs_b, log_epsilon), TINY)
 
 
+def _flipped_layers(outs_a: dict, outs_b: dict):
+    """(layer, a, b, mask of pre-activations on opposite sides of 0) for every layer whose
+    pre-activations both sides report with the same shape."""
+    for key in outs_a:
+        if key.startswith("preactivation/") and key in outs_b and outs_a[key].shape == outs_b[key].shape:
+            a, b = outs_a[key], outs_b[key]
+            yield key[len("preactivation/"):], a, b, (a > 0) != (b > 0)
+
+
 def _relu_flips(outs_a: dict, outs_b: dict) -> int:
     """Pre-activations on opposite sides of 0 in the two backends: each flips one ReLU
     derivative, a discrete change float32 rounding can cause for values within ~1e-7 of 0."""
-    return sum(int(np.sum((outs_a[k] > 0) != (outs_b[k] > 0))) for k in outs_a
-               if k.startswith("preactivation/") and k in outs_b and outs_a[k].shape == outs_b[k].shape)
+    return sum(int(np.sum(flipped)) for _, _, _, flipped in _flipped_layers(outs_a, outs_b))
 
 
 def compare_outputs(outputs: dict[str, dict[str, np.ndarray]], dtype: str, variant: str, log_epsilon: float) -> list[Row]:
@@ -416,28 +424,22 @@ def relu_ties(outs_a: dict, outs_b: dict, preactivation_tolerance: float) -> dic
     |z|): then each flip is a tie. None when a flipped layer disagrees beyond it (the flip
     is a real difference). {} when nothing flips."""
     flips = {}
-    for key in outs_a:
-        if not key.startswith("preactivation/") or key not in outs_b or outs_a[key].shape != outs_b[key].shape:
-            continue
-        a, b = outs_a[key], outs_b[key]
-        count = int(np.sum((a > 0) != (b > 0)))
-        if not count:
-            continue
-        magnitude = max(float(np.max(np.abs(a))), float(np.max(np.abs(b))), TINY)
-        if float(np.max(np.abs(a - b))) / magnitude > preactivation_tolerance:
-            return None
-        flips[key[len("preactivation/"):]] = count
+    for layer, a, b, flipped in _flipped_layers(outs_a, outs_b):
+        if flipped.any():
+            if float(np.max(np.abs(a - b))) / _largest_magnitude(a, b) > preactivation_tolerance:
+                return None
+            flips[layer] = int(np.sum(flipped))
     return flips
 
 
+def _largest_magnitude(a: np.ndarray, b: np.ndarray) -> float:
+    return max(float(np.max(np.abs(a))), float(np.max(np.abs(b))), TINY)
+
+
 def _largest_flipped(outs_a: dict, outs_b: dict, layers) -> float:
-    largest = 0.0
-    for layer in layers:
-        a, b = outs_a[f"preactivation/{layer}"], outs_b[f"preactivation/{layer}"]
-        flipped = (a > 0) != (b > 0)
-        magnitude = max(float(np.max(np.abs(a))), float(np.max(np.abs(b))), TINY)
-        largest = max(largest, float(np.max(np.maximum(np.abs(a[flipped]), np.abs(b[flipped])))) / magnitude)
-    return largest
+    """The largest |z| among the flipped pre-activations of `layers`, relative to its layer's largest |z|."""
+    return max((float(np.max(np.maximum(np.abs(a[flipped]), np.abs(b[flipped])))) / _largest_magnitude(a, b)
+                for layer, a, b, flipped in _flipped_layers(outs_a, outs_b) if layer in layers), default=0.0)
 
 
 def lockstep_outputs(spec: ExperimentSpec, variant_name: str, first: tuple[str, str], second: tuple[str, str],
@@ -447,27 +449,25 @@ def lockstep_outputs(spec: ExperimentSpec, variant_name: str, first: tuple[str, 
     ReLU ties re-anchored (see above): (first's outputs, second's outputs, the ties)."""
     program = resolve(spec, variant_name)
     data, batches, used = _trajectory_inputs(spec, steps, seed)
-    sides = [(_trainer(program, data, used, backend, dtype, seed, device),
-              backend_registry.get_engine(backend, device=device, dtype=dtype), dtype) for backend, dtype in (first, second)]
+    sides = [(_trainer(program, data, used, backend, dtype, seed, device), dtype) for backend, dtype in (first, second)]
     tolerance_of_preactivation = max(tolerance("preactivation", first[1]), tolerance("preactivation", second[1]))
     losses: list[list] = [[], []]
     ties = []
     for t, batch in enumerate(batches):
         indices, masks = np.searchsorted(used, batch), program.dropout_masks(seed, t, len(batch))
         seen = []
-        for trainer, engine, dtype in sides:
-            images, labels = data.train_images[batch].astype(dtype), data.train_labels[batch]
-            seen.append(trainer.gradients(engine.put_images(images), engine.put_labels(labels), masks)[1])
-        flips = relu_ties(*(({k: np.asarray(v, np.float64) for k, v in s.items()}) for s in seen),
-                          tolerance_of_preactivation)
-        for k, (trainer, _, _) in enumerate(sides):
+        for trainer, dtype in sides:
+            engine = trainer.engine
+            images, labels = engine.put_images(data.train_images[batch].astype(dtype)), engine.put_labels(data.train_labels[batch])
+            seen.append(trainer.gradients(images, labels, masks)[1])
+        flips = relu_ties(*seen, tolerance_of_preactivation)
+        for k, (trainer, _) in enumerate(sides):
             losses[k].append(trainer.step(indices, program.learning_rate(t), masks))
         if flips:
             ties.append(Tie(t + 1, flips, _largest_flipped(*seen, flips)))
             anchor = sides[0][0]
             sides[1][0].load_state(*anchor.export(), anchor.export_optimizer_state())
-    first_out, second_out = (_final_outputs(program, trainer, steps_losses)
-                             for (trainer, _, _), steps_losses in zip(sides, losses))
+    first_out, second_out = (_final_outputs(program, trainer, steps_losses) for (trainer, _), steps_losses in zip(sides, losses))
     return first_out, second_out, ties
 
 
@@ -501,17 +501,21 @@ def compare_trajectory(spec: ExperimentSpec, variant_name: str, backends: list[s
     if reference_backend is not None and dtype != REFERENCE_DTYPE:
         reference = trajectory_outputs(spec, variant_name, reference_backend, steps, REFERENCE_DTYPE, seed, device)
         rows += compare_with_reference(outputs, reference, variant_name, log_epsilon)
+        return recheck_trajectories(rows, spec, variant_name, backends, steps, dtype, seed, device, reference_backend,
+                                    reference_outputs=reference)
     return recheck_trajectories(rows, spec, variant_name, backends, steps, dtype, seed, device, reference_backend)
 
 
 def recheck_trajectories(rows: list[Row], spec: ExperimentSpec, variant_name: str, backends: list[str], steps: int,
                          dtype: str, seed: int = 0, device: str | None = None,
-                         reference_backend: str | None = None) -> list[Row]:
+                         reference_backend: str | None = None,
+                         reference_outputs: dict[str, np.ndarray] | None = None) -> list[Row]:
     """`rows` of free-running trajectory comparisons, with every failing pair's rows
     replaced by those of its lockstep re-run across ReLU ties (`lockstep_outputs`); rows
     still failing then are held to the trajectory's own conditioning
-    (`conditioning_outputs`, run once by the reference backend). Each replaced row's
-    detail says which was done. Pairs that passed are kept as they are."""
+    (`conditioning_outputs`, run once by the reference backend; `reference_outputs`, that
+    backend's exact float64 trajectory when the caller already has it, is reused). Each
+    replaced row's detail says which was done. Pairs that passed are kept as they are."""
     log_epsilon = resolve(spec, variant_name).std_metric.log_epsilon
     # pair -> (first side, second side, row names, tolerances, whether the rows list the
     # second side first). A drift row compares a backend with float64: the float64 run is
@@ -533,7 +537,7 @@ def recheck_trajectories(rows: list[Row], spec: ExperimentSpec, variant_name: st
         if not all(r.ok for r in redone):
             if conditioning is None:
                 conditioning = conditioning_outputs(spec, variant_name, reference_backend or choose_reference_backend(backends),
-                                                    steps, dtype, seed, device)
+                                                    steps, dtype, seed, device, exact=reference_outputs)
             conditioned = _conditioned(tolerance_of, *conditioning, log_epsilon)
             redone = [dataclasses.replace(r, detail="; ".join(x for x in (r.detail, _raised_note(r, tolerance_of)) if x))
                       for r in _compare_pair(names, *outs, variant_name, log_epsilon, conditioned)]
@@ -572,11 +576,15 @@ CONDITIONING_FACTOR = 10  # the calibrated tolerances' own margin over what was 
 
 
 def conditioning_outputs(spec: ExperimentSpec, variant_name: str, backend: str, steps: int, dtype: str, seed: int = 0,
-                         device: str | None = None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """`backend`'s float64 trajectory from the exact start and from the start moved by one
-    rounding of `dtype`: the two whose difference measures the trajectory's conditioning."""
-    return (trajectory_outputs(spec, variant_name, backend, steps, REFERENCE_DTYPE, seed, device),
-            trajectory_outputs(spec, variant_name, backend, steps, REFERENCE_DTYPE, seed, device, start_perturbed_at=dtype))
+                         device: str | None = None, exact: dict[str, np.ndarray] | None = None
+                         ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """`backend`'s float64 trajectory from the exact start (`exact`, if already run) and
+    from the start moved by one rounding of `dtype`: the two whose difference measures the
+    trajectory's conditioning."""
+    if exact is None:
+        exact = trajectory_outputs(spec, variant_name, backend, steps, REFERENCE_DTYPE, seed, device)
+    return exact, trajectory_outputs(spec, variant_name, backend, steps, REFERENCE_DTYPE, seed, device,
+                                     start_perturbed_at=dtype)
 
 
 def _conditioned(tolerance_of, exact: dict, rounded: dict, log_epsilon: float):
