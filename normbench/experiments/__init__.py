@@ -72,8 +72,8 @@ def _paper_order(experiment: Experiment) -> tuple:
     match = re.match(r"\s*(\D*?)\s*(\d+)", experiment.figure)
     what, number = (match.group(1), int(match.group(2))) if match else (experiment.figure, 0)
     panel = next((i for i, p in enumerate(_PANELS) if p in experiment.figure), -1)
-    # The paper's figures first, in its order; comparisons beyond the paper after them.
-    return not experiment.figure.startswith("Figure"), what, number, panel, experiment.name
+    # The paper's figures, then its tables, each in its order; comparisons beyond the paper after them.
+    return not experiment.figure.startswith(("Figure", "Table")), what, number, panel, experiment.name
 
 
 def by_name() -> dict[str, Experiment]:

@@ -21,36 +21,23 @@ from __future__ import annotations
 import math
 
 from normbench.experiments import Experiment
-from normbench.reporting import plots, speedup
+from normbench.reporting import speedup
 from normbench.reporting.tables import seeds_note
 
 PAPER_SPEEDUP = {"batch-norm": 4.4, "standardization": 2.2}  # Figure 5's table (ModelNet40)
 PAPER_STEPS = {"none": "26.6K", "batch-norm": "6.1K", "standardization": "12.1K"}
 
 
-def _speedup_text(value: float) -> str:
-    return "not reached" if math.isnan(value) else f"{value:.2f}×"
-
-
 def _verdicts(table):
-    counts = table.groupby("backend").seeds.max()
-    backend = max(plots.backend_order(counts.index), key=lambda b: counts[b])
+    out = speedup.method_verdicts(table, network="PointNet", where="ModelNet40", paper=PAPER_SPEEDUP,
+                                  paper_steps=PAPER_STEPS, baseline="none")
+    backend = speedup.claims_backend(table)
     mine = table[table.backend == backend].set_index("variant")
-    out = []
-    for method, paper in PAPER_SPEEDUP.items():
-        if method not in mine.index:
-            continue
-        r = mine.loc[method]
-        value = r.speedup
-        seen = _speedup_text(value)
-        out.append(f"Paper: {method} speeds PointNet up over no normalization ({paper}×, {PAPER_STEPS[method]} vs "
-                   f"{PAPER_STEPS['none']} steps on ModelNet40). Here ({backend}): {seen}: "
-                   f"**{'holds' if not math.isnan(value) and value > 1 else 'does not hold'}**.")
     if {"batch-norm", "standardization"} <= set(mine.index):
         bn, std = mine.loc["batch-norm"].speedup, mine.loc["standardization"].speedup
         holds = not math.isnan(bn) and (math.isnan(std) or bn > std)
         out.append(f"Paper: batch norm is faster than the standardization loss (4.4× vs 2.2×). Here ({backend}): "
-                   f"{_speedup_text(bn)} vs {_speedup_text(std)}: **{'holds' if holds else 'does not hold'}**.")
+                   f"{speedup.speedup_text(bn)} vs {speedup.speedup_text(std)}: **{'holds' if holds else 'does not hold'}**.")
     return out
 
 

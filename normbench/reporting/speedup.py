@@ -225,6 +225,54 @@ def groups_by_prefix(variants: list[str], baseline_method: str) -> dict[str, lis
     return {base: members for base, members in out.items() if base in members}
 
 
+def claims_backend(table: pd.DataFrame) -> str:
+    """The backend an experiment's claims are checked on: the one with the most seeds
+    (ties: the usual backend order). Fixed before the runs, so no backend is picked for
+    its result."""
+    counts = table.groupby("backend").seeds.max()
+    return max(plots.backend_order(counts.index), key=lambda b: counts[b])
+
+
+def speedup_text(value: float) -> str:
+    return "not reached" if math.isnan(value) else f"{value:.2f}×"
+
+
+def method_verdicts(table: pd.DataFrame, *, network: str, where: str, paper: dict[str, float],
+                    paper_steps: dict[str, str], baseline: str) -> list[str]:
+    """One sentence per method with a published speed-up: the paper's claim that it speeds
+    `network` up over `baseline` (its speed-up and steps, on `where`) against this table,
+    on `claims_backend`. Holds when the method reaches the target faster (speed-up > 1)."""
+    backend = claims_backend(table)
+    mine = table[table.backend == backend].set_index("variant")
+    out = []
+    for method, value in paper.items():
+        if method not in mine.index:
+            continue
+        seen = mine.loc[method].speedup
+        holds = not math.isnan(seen) and seen > 1
+        out.append(f"Paper: {method} speeds {network} up over no normalization ({value}×, {paper_steps[method]} vs "
+                   f"{paper_steps[baseline]} steps on {where}). Here ({backend}): {speedup_text(seen)}: "
+                   f"**{'holds' if holds else 'does not hold'}**.")
+    return out
+
+
+def comparable_verdict(table: pd.DataFrame, method: str, reference: str, paper: dict[str, float],
+                       least_fraction: float) -> list[str]:
+    """The paper's claim that `method` speeds training up comparably to `reference` (Table
+    1: "comparable to BN"), read as: its speed-up is at least `least_fraction` of the
+    reference's (the rule is fixed before the runs; a method not reaching the target
+    fails it)."""
+    backend = claims_backend(table)
+    mine = table[table.backend == backend].set_index("variant")
+    if not {method, reference} <= set(mine.index):
+        return []
+    ours, theirs = mine.loc[method].speedup, mine.loc[reference].speedup
+    holds = not math.isnan(ours) and not math.isnan(theirs) and ours >= least_fraction * theirs
+    return [f"Paper: {method} speeds training up comparably to {reference} ({paper[method]}× vs {paper[reference]}×); "
+            f"read here as at least {least_fraction:.0%} of its speed-up. Here ({backend}): {speedup_text(ours)} vs "
+            f"{speedup_text(theirs)}: **{'holds' if holds else 'does not hold'}**."]
+
+
 def report(results, groups: dict[str, list[str]], *, paper: dict[str, float] | None = None, notes: list[str] = (),
            verdicts=None) -> dict:
     """The speed-up report of an experiment: for each group (a baseline variant and the
