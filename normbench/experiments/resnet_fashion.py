@@ -4,8 +4,9 @@ batch norm and the standardization loss, and the speed-up of each over the basel
 
 The paper trains ResNet-50 on ImageNet on 8 TPU cores; this machine cannot. Here: the
 CIFAR-style small ResNet (three stages of one basic block) on Fashion-MNIST, with the
-paper's optimizer family (Nesterov momentum, linear warm-up to 0.1, three tenfold cuts)
-on a schedule scaled down by the same factor throughout, batch norm with a shift only,
+paper's optimizer family (Nesterov momentum, linear warm-up to the paper's peak rate
+scaled to the batch, three tenfold cuts) on a schedule scaled down by one factor
+throughout, batch norm with a shift only,
 and the standardization loss at the paper's weight scaled by the networks' channel counts
 (the spec says how); the paper's own weight runs beside it. The full-scale configuration
 is `resnet50-imagenet` (a bundled spec for a GPU machine with the user's ImageNet folder).
