@@ -22,6 +22,9 @@ except where that is itself a rounding residue:
 - ``mean/<layer>``: the root mean square of the layer's values, ``max_c sqrt(mean_c^2 +
   var_c)``. After batch norm the per-channel means are zero up to rounding, so their
   own size says nothing; the error of a mean scales with the values averaged.
+- ``gradient/<layer>/<parameter>``: the largest gradient of the layer. An offset's
+  gradient can be zero in real arithmetic (a batch norm downstream cancels any shift
+  common to the batch), and its rounding then scales with the layer's other gradients.
 - ``<loss>_loss``, an auxiliary loss's value: the magnitude its plugin declares
   (`AuxiliaryLoss.parity_magnitude`), where its terms cancel; the standardization loss
   declares the summed magnitudes of equation (2)'s terms, whose own value is ~0 for any
@@ -193,6 +196,17 @@ def _magnitude(name: str, a: np.ndarray, b: np.ndarray, outs_a: dict, outs_b: di
         var_name = name[: -len("running_mean")] + "running_var"
         rms = [np.sqrt(o[name] ** 2 + np.abs(o[var_name])) for o in (outs_a, outs_b) if var_name in o and name in o]
         return float(max(np.max(np.abs(a)), np.max(np.abs(b)), *(np.max(r) for r in rms)))
+    if name.startswith("gradient/"):
+        # A gradient is measured against the largest gradient of its layer. An offset's
+        # gradient sums one term per example and position, and where a normalization
+        # downstream removes any shift common to the batch the sum is zero in real
+        # arithmetic (PointNet: conv5's max-pooled features feed fc1's batch norm, so
+        # conv5's shift gradient is 4e-14 in float64 from any start), leaving a rounding
+        # residue of the layer's gradient terms, not of its own size.
+        layer = name.rpartition("/")[0] + "/"
+        return float(max(np.max(np.abs(a)), np.max(np.abs(b)),
+                         *(np.max(np.abs(o[k])) for o in (outs_a, outs_b) for k in o
+                           if k.startswith(layer) and np.size(o[k]))))
     if name.startswith("mean/"):
         layer = name[len("mean/"):]
         rms = [np.sqrt(o[f"mean/{layer}"] ** 2 + o[f"var/{layer}"]) for o in (outs_a, outs_b) if f"var/{layer}" in o]

@@ -216,6 +216,21 @@ def test_relative_error_definitions():
     assert not rows["logits"].ok and rows["mean/l"].ok
 
 
+def test_a_gradient_is_measured_against_its_layers_largest():
+    # PointNet's conv5 shift gradient: zero in real arithmetic, 4e-14 of rounding either way
+    a = {"gradient/conv5/shift": np.array([3e-14, -1e-14]), "gradient/conv5/kernel": np.array([[0.5, -2.0]]),
+         "gradient/fc1/kernel": np.array([100.0])}
+    b = {"gradient/conv5/shift": np.array([-1e-14, 1e-14]), "gradient/conv5/kernel": np.array([[0.5, -2.0]]),
+         "gradient/fc1/kernel": np.array([100.0])}
+    rows = {r.quantity: r for r in parity.compare_outputs({"x": a, "y": b}, "float64", "v", log_epsilon=1e-8)}
+    assert rows["gradient/conv5/shift"].max_rel == pytest.approx(4e-14 / 2.0)  # not fc1's 100, not its own 3e-14
+    assert rows["gradient/conv5/shift"].ok
+    # a real difference in an offset's gradient still fails against its layer's scale
+    b["gradient/conv5/shift"] = np.array([1e-6, 0.0])
+    rows = {r.quantity: r for r in parity.compare_outputs({"x": a, "y": b}, "float64", "v", log_epsilon=1e-8)}
+    assert not rows["gradient/conv5/shift"].ok
+
+
 def test_missing_or_non_finite_quantities_fail():
     rows = parity.compare_outputs({"x": {"logits": np.ones(3), "var/l": np.ones(2)},
                                    "y": {"logits": np.array([1.0, np.nan, 1.0])}}, "float64", "v", 1e-8)
