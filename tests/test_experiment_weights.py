@@ -13,6 +13,7 @@ from normbench.architectures import declare, get
 # spec, its variant, the full network the paper trained, the paper's weight (Appendix A)
 SCALED = [
     ("resnet-fashion", "standardization", "resnet-50", 1e-6),  # A.5
+    ("inception-fashion", "standardization", "inception-v2", 1e-5),  # A.4
 ]
 
 
@@ -30,11 +31,12 @@ def test_scaled_weight_follows_the_channel_rule(spec_name, variant, full, paper_
     v = next(v for v in spec.variants if v.name == variant)
     weight = v.auxiliary_loss("standardization").option("weight")
     assert weight == _two_digits(paper_weight * _channels(full) / _channels(spec.model)), (spec_name, weight)
-    # and the paper's own weight runs beside it, unscaled
-    paper = next(v for v in spec.variants if v.name == f"{variant}-paper-weight")
-    assert paper.auxiliary_loss("standardization").option("weight") == paper_weight
+    # where the paper's own weight runs beside it, it runs unscaled
+    for paper in (v for v in spec.variants if v.name == f"{variant}-paper-weight"):
+        assert paper.auxiliary_loss("standardization").option("weight") == paper_weight
 
 
 def test_channel_counts_of_the_rule():
     # the numbers the specs' comments quote
     assert _channels("resnet-50") == 26560 and _channels("resnet-small") == 168
+    assert _channels("inception-v2") == 9952 and _channels("inception-v2-small") == 1248
