@@ -239,7 +239,7 @@ class Stepper:
         images, labels = _placed_training_set(backend, device, plan.spec.dataset)
         self.trainer = self.engine.trainer(self.program, params, state, images, labels)
         _, data_seed = seed_streams(SEED)
-        self.order = BatchOrder(data_seed, dataset(plan.spec.dataset).train_labels.shape[0], plan.spec.batch_size)
+        self.order = BatchOrder(data_seed, dataset(plan.spec.dataset).train_labels.shape[0], plan.batch_size)
         self.order.indices(0)  # draw the epoch's permutation now, not inside a timed step
         self.count = 0
 
@@ -248,7 +248,7 @@ class Stepper:
         i = self.count % self.order.batches_per_epoch
         self.count += 1
         self.trainer.step(self.order.indices(i), self.program.learning_rate(i),
-                          self.program.dropout_masks(SEED, i, self.program.spec.batch_size))
+                          self.program.dropout_masks(SEED, i, self.program.batch_size))
         self.engine.synchronize()
         sleep = injected_sleep_s()
         if sleep:

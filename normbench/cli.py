@@ -390,6 +390,8 @@ top level
   track_percentiles    list of layer names      record the 1/20/80/99th percentiles of these pre-activations
 
 [optimizer]            name = sgd | rmsprop | adam; learning_rate > 0; weight_decay >= 0 (0.5*wd*sum(kernel^2))
+  reference_batch_size integer >= 1 (optional)  learning_rate is the rate at this batch size; a run at batch b
+                                                uses learning_rate * b / reference_batch_size (linear scaling)
   sgd:      momentum in [0, 1) (default 0), nesterov (bool, needs momentum > 0)
   rmsprop:  decay in [0, 1) (0.9), momentum in [0, 1) (0), epsilon > 0 (1e-10, inside the sqrt)
   adam:     beta1 (0.9), beta2 (0.999) in [0, 1), epsilon > 0 (1e-8)
@@ -402,6 +404,8 @@ top level
   affine               true: a learned per-channel scale and shift after every slot (default false)
   auxiliary_losses     list of inline tables [{ name = "standardization", weight = 1.0 }, ...]
   steps                optional per-variant budget (e.g. a longer baseline)
+  batch_size           optional per-variant batch size (a batch-size sweep; see reference_batch_size)
+  model                optional per-variant architecture
   Legacy shorthands still load: normalization = "batch_norm_shift" | "batch_norm_scale_shift" |
   "standardization_loss" (with standardization_loss_weight).
 [<method or loss>]     a top-level table named after a method or auxiliary loss sets option defaults for

@@ -31,6 +31,7 @@ def _shared(spec: ExperimentSpec, variant: VariantSpec) -> dict:
         shared.pop(field)
     shared["steps"] = spec.steps_for(variant)
     shared["model"] = spec.model_for(variant)
+    shared["batch_size"] = spec.batch_size_for(variant)
     return shared
 
 
@@ -62,7 +63,7 @@ def _matches(plugin: PluginSpec, cls, given: dict) -> bool:
 def legacy_columns(variant: VariantSpec) -> tuple[str, float] | None:
     """(the `normalization` string, the standardization-loss weight) older specs wrote for
     this variant, or None when they could not express it."""
-    if variant.affine or len(variant.auxiliary_losses) > 1 or variant.model is not None:
+    if variant.affine or len(variant.auxiliary_losses) > 1 or variant.model is not None or variant.batch_size is not None:
         return None
     if variant.auxiliary_losses:
         loss = variant.auxiliary_losses[0]

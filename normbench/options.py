@@ -29,6 +29,9 @@ class Option:
     high_open: bool = False
     choices: tuple[str, ...] = ()  # strings
     optional: bool = False  # None (absent) is a valid value; `default` is then None
+    # An option added after results with this plugin were published: at its default it is
+    # left out of the resolved spec, so those runs keep their run keys and spec hashes.
+    keyed_only_when_set: bool = False
 
     def describe(self) -> str:
         """`groups` integer >= 1 (default 32): channels per group ..."""

@@ -42,13 +42,13 @@ def check_variant(spec: ExperimentSpec, variant: VariantSpec, slots) -> tuple[st
     architecture and batch size; None when they can."""
     method = build_method(variant.normalization)
     for slot in slots:
-        problem = method.check_slot(slot) or method.check_batch(spec.batch_size, slot)
+        problem = method.check_slot(slot) or method.check_batch(spec.batch_size_for(variant), slot)
         if problem:
             return "normalization", f"{method.describe()} cannot normalize layer {slot.layer} of {spec.model_for(variant)}: {problem}"
     for k, plugin in enumerate(variant.auxiliary_losses):
         loss = build_loss(plugin)
         for slot in slots:
-            problem = loss.check_batch(spec.batch_size, slot)
+            problem = loss.check_batch(spec.batch_size_for(variant), slot)
             if problem:
                 return f"auxiliary_losses[{k}]", f"{loss.name} at layer {slot.layer} of {spec.model_for(variant)}: {problem}"
     return None
@@ -77,6 +77,7 @@ class Plan:
         self.affine = variant.affine
         self.optimizer = optimizers.build(spec.optimizer)
         self.steps = spec.steps_for(variant)
+        self.batch_size = spec.batch_size_for(variant)
         # What `Trainer.step` returns per step, in this order.
         self.architecture_losses = self.arch.auxiliary_losses()  # (name, weight): terms the network itself adds
         self.dropouts = self.arch.dropouts()
@@ -151,7 +152,7 @@ class Plan:
         return {d.name: (rng.random((batch_size, *d.shape)) >= d.rate).astype(np.float64) for d in self.dropouts}
 
     def learning_rate(self, step: int) -> float:
-        base = self.spec.optimizer.learning_rate * optimizers.schedule_multiplier(self.spec.schedule, step)
+        base = self.spec.learning_rate_for(self.variant) * optimizers.schedule_multiplier(self.spec.schedule, step)
         return self.optimizer.effective_learning_rate(base, step)
 
     # ---- the network

@@ -81,7 +81,8 @@ def estimate(spec: ExperimentSpec, backends: int = 1) -> MemoryEstimate:
     slots = OPTIMIZER_SLOTS.get(spec.optimizer.name, 2)
     parameters = backends * parameter_count(arch) * size * (3 + slots)
     chunk = min(EVALUATION_CHUNK, max(spec.train_eval_examples, info.test_examples))
-    return MemoryEstimate(parameters=parameters, activations=spec.batch_size * per_example,
+    batch = max(spec.batch_size_for(v) for v in spec.variants)  # the largest, where variants set their own
+    return MemoryEstimate(parameters=parameters, activations=batch * per_example,
                           evaluation=chunk * (inputs + EVALUATION_COPIES * hidden) * size, data=data,
                           per_example=per_example)
 
@@ -154,7 +155,8 @@ def check_fits(spec: ExperimentSpec, engines: list) -> MemoryEstimate:
         if spec.dtype == "float64":
             advice += ' or dtype = "float32"'
         raise ResourceError(
-            f"{spec.source}: batch_size: {spec.batch_size} examples of {spec.model} in {spec.dtype} need about "
+            f"{spec.source}: batch_size: {max(spec.batch_size_for(v) for v in spec.variants)} examples of {spec.model} "
+            f"in {spec.dtype} need about "
             f"{_gib(need.total)} (activations {_gib(need.activations)}, data {_gib(need.data)}, parameters "
             f"{_gib(need.parameters)}) but only {_gib(available)} is available on the {where}; {advice}")
     return result

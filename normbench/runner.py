@@ -238,7 +238,7 @@ def execute_run(engine, program: Plan, seed: int, train_images, train_labels, ev
     params, state = program.initial_parameters(seed)
     trainer = engine.trainer(program, params, state, train_images, train_labels, spec.track_percentiles)
     _, data_seed = seed_streams(seed)
-    order = BatchOrder(data_seed, int(train_labels.shape[0]), spec.batch_size)
+    order = BatchOrder(data_seed, int(train_labels.shape[0]), program.batch_size)
     # Variants older specs could write keep the names those recorded (the published tables group by them).
     normalization, _ = legacy_columns(variant) or (variant.label, 0.0)
     base = {"backend": engine.name, "model": program.arch.name, "variant": variant.name, "normalization": normalization,
@@ -287,7 +287,7 @@ def execute_run(engine, program: Plan, seed: int, train_images, train_labels, ev
     start = time.perf_counter()
     for step in range(steps if status == "ok" else 0):
         pending.append(trainer.step(order.indices(step), program.learning_rate(step),
-                                    program.dropout_masks(seed, step, spec.batch_size)))
+                                    program.dropout_masks(seed, step, program.batch_size)))
         if on_step is not None:
             on_step(step)
         at_evaluation = step + 1 in evaluations

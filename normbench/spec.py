@@ -51,16 +51,17 @@ TOP_LEVEL_KEYS = ("name", "description", "model", "dataset", "dtype", "batch_siz
 # ([batch_norm], [standardization]) or one of their legacy shorthands' tables
 # ([standardization_loss]) gives option defaults for every variant that uses the plugin.
 OPTIMIZER_KEYS = {
-    "sgd": ("name", "learning_rate", "weight_decay", "momentum", "nesterov"),
-    "rmsprop": ("name", "learning_rate", "weight_decay", "decay", "momentum", "epsilon"),
-    "adam": ("name", "learning_rate", "weight_decay", "beta1", "beta2", "epsilon"),
+    "sgd": ("name", "learning_rate", "reference_batch_size", "weight_decay", "momentum", "nesterov"),
+    "rmsprop": ("name", "learning_rate", "reference_batch_size", "weight_decay", "decay", "momentum", "epsilon"),
+    "adam": ("name", "learning_rate", "reference_batch_size", "weight_decay", "beta1", "beta2", "epsilon"),
 }
 SCHEDULE_KEYS = {
     "constant": ("name", "warmup_steps"),
     "step_decay": ("name", "warmup_steps", "decay_rate", "decay_every"),
     "piecewise": ("name", "warmup_steps", "boundaries", "multipliers"),
 }
-VARIANT_KEYS = ("name", "model", "normalization", "affine", "auxiliary_losses", "standardization_loss_weight", "steps")
+VARIANT_KEYS = ("name", "model", "normalization", "affine", "auxiliary_losses", "standardization_loss_weight", "steps",
+                "batch_size")
 
 
 class SpecError(ValueError):
@@ -78,6 +79,10 @@ class SpecError(ValueError):
 class OptimizerSpec:
     name: str = "sgd"
     learning_rate: float = 1e-3
+    # The linear scaling rule (Goyal et al. 2017, which the paper follows for MobileNet):
+    # with this set, learning_rate is the rate at this batch size and a run at batch b
+    # uses learning_rate * b / reference_batch_size. None: learning_rate at every batch.
+    reference_batch_size: int | None = None
     # L2 penalty 0.5 * weight_decay * sum(kernel**2), added to the loss. Kernels only
     # (not biases or batch-norm shifts), as the paper's TensorFlow regularizers did.
     weight_decay: float = 0.0
@@ -128,6 +133,7 @@ class VariantSpec:
     auxiliary_losses: tuple[PluginSpec, ...] = ()
     steps: int | None = None  # overrides the experiment's steps for this variant
     model: str | None = None  # overrides the experiment's model (one spec comparing methods on several networks)
+    batch_size: int | None = None  # overrides the experiment's batch size (one spec sweeping batch sizes)
 
     def auxiliary_loss(self, name: str) -> PluginSpec | None:
         return next((loss for loss in self.auxiliary_losses if loss.name == name), None)
@@ -182,6 +188,15 @@ class ExperimentSpec:
     def model_for(self, variant: VariantSpec) -> str:
         return variant.model if variant.model is not None else self.model
 
+    def batch_size_for(self, variant: VariantSpec) -> int:
+        return variant.batch_size if variant.batch_size is not None else self.batch_size
+
+    def learning_rate_for(self, variant: VariantSpec) -> float:
+        """The optimizer's peak learning rate at the variant's batch size (linear rule)."""
+        reference = self.optimizer.reference_batch_size
+        rate = self.optimizer.learning_rate
+        return rate if reference is None else rate * self.batch_size_for(variant) / reference
+
     def variant(self, name: str) -> VariantSpec:
         for v in self.variants:
             if v.name == name:
@@ -210,6 +225,11 @@ class ExperimentSpec:
             if out[optional] is None:
                 # Unset, it is left out: the hashes of specs written before it existed stay as they were.
                 out.pop(optional)
+        if out["optimizer"]["reference_batch_size"] is None:
+            out["optimizer"].pop("reference_batch_size")  # likewise
+        for variant in out["variants"]:
+            if variant["batch_size"] is None:
+                variant.pop("batch_size")  # likewise
         return out
 
     def hash(self) -> str:
@@ -356,6 +376,7 @@ def _optimizer(source: str, table: Any) -> OptimizerSpec:
     fields = dict(
         name=name,
         learning_rate=c.number("learning_rate", low=0.0, low_open=True),
+        reference_batch_size=c.integer("reference_batch_size", None, minimum=1) if "reference_batch_size" in c.table else None,
         weight_decay=c.number("weight_decay", 0.0, low=0.0),
     )
     # Only the fields an optimizer uses are accepted, so a typo'd or misplaced
@@ -449,6 +470,8 @@ def _plugin(c: "_Checker", field: str, raw: Any, registry, what: str, defaults: 
                 raise SpecError(f"{c.source}: {c.prefix}{origin}: {problem}" if not origin.startswith("[") else f"{c.source}: {origin}: {problem}")
             if option.kind == "number" and value is not None:
                 value = float(value)
+        if option.keyed_only_when_set and value == option.default:
+            continue  # the plugin falls back to the default itself
         resolved.append((option.name, value))
     return PluginSpec(name, tuple(resolved))
 
@@ -530,6 +553,7 @@ def _variant(source: str, index: int, table: Any, defaults: dict[str, dict]) -> 
     if len(set(names)) != len(names):
         c.fail("auxiliary_losses", f"each auxiliary loss at most once, got {names}")
     steps = c.integer("steps", None, minimum=1) if "steps" in c.table else None
+    batch_size = c.integer("batch_size", None, minimum=1) if "batch_size" in c.table else None
     model = c.string("model") if "model" in c.table else None
     if model is not None:
         from normbench import architectures
@@ -538,7 +562,7 @@ def _variant(source: str, index: int, table: Any, defaults: dict[str, dict]) -> 
             c.fail("model", f"{_unknown(architectures, model, 'architecture')} (see `normbench list`)")
     c.done()
     return VariantSpec(name=name, normalization=normalization, affine=affine, auxiliary_losses=tuple(losses), steps=steps,
-                       model=model)
+                       model=model, batch_size=batch_size)
 
 
 def from_dict(data: Any, source: str = "<memory>") -> ExperimentSpec:
@@ -635,6 +659,10 @@ def _check_consistency(spec: ExperimentSpec) -> None:
     info = datasets.info(spec.dataset)
     if spec.batch_size > info.train_examples:
         raise SpecError(f"{spec.source}: batch_size: {spec.batch_size} exceeds the {info.train_examples} training examples of {spec.dataset}")
+    for index, variant in enumerate(spec.variants):
+        if variant.batch_size is not None and variant.batch_size > info.train_examples:
+            raise SpecError(f"{spec.source}: variant[{index}].batch_size: {variant.batch_size} exceeds the "
+                            f"{info.train_examples} training examples of {spec.dataset}")
     if spec.test_examples is not None and spec.test_examples > info.test_examples:
         raise SpecError(f"{spec.source}: test_examples: {spec.test_examples} exceeds the {info.test_examples} test examples of {spec.dataset}")
     if spec.train_eval_examples > info.train_examples:
@@ -670,7 +698,9 @@ def _to_toml_shape(data: dict[str, Any]) -> dict[str, Any]:
     out["track_percentiles"] = list(out["track_percentiles"])
     opt = dict(out["optimizer"])
     keep = {"sgd": ("momentum", "nesterov"), "rmsprop": ("decay", "momentum", "epsilon"), "adam": ("beta1", "beta2", "epsilon")}[opt["name"]]
-    out["optimizer"] = {k: v for k, v in opt.items() if k in ("name", "learning_rate", "weight_decay") + keep}
+    out["optimizer"] = {k: v for k, v in opt.items()
+                        if k in ("name", "learning_rate", "weight_decay") + keep
+                        or (k == "reference_batch_size" and v is not None)}
     sched = dict(out["schedule"])
     keep = {"constant": (), "step_decay": ("decay_rate", "decay_every"), "piecewise": ("boundaries", "multipliers")}[sched["name"]]
     out["schedule"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in sched.items() if k in ("name", "warmup_steps") + keep}
@@ -713,6 +743,8 @@ def _variant_toml(var: dict | VariantSpec) -> dict[str, Any]:
         out["steps"] = var["steps"]
     if var.get("model") is not None:
         out["model"] = var["model"]
+    if var.get("batch_size") is not None:
+        out["batch_size"] = var["batch_size"]
     return out
 
 

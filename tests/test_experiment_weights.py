@@ -14,6 +14,7 @@ from normbench.architectures import declare, get
 SCALED = [
     ("resnet-fashion", "standardization", "resnet-50", 1e-6),  # A.5
     ("inception-fashion", "standardization", "inception-v2", 1e-5),  # A.4
+    ("mobilenet-batch-size", "standardization-b2", "mobilenet-v1", 1e-4),  # A.6
 ]
 
 
@@ -40,3 +41,4 @@ def test_channel_counts_of_the_rule():
     # the numbers the specs' comments quote
     assert _channels("resnet-50") == 26560 and _channels("resnet-small") == 168
     assert _channels("inception-v2") == 9952 and _channels("inception-v2-small") == 1248
+    assert _channels("mobilenet-v1") == 10944 and _channels("mobilenet-v1-small") == 2816

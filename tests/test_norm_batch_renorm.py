@@ -15,7 +15,8 @@ from normbench.normalizations import Slot
 from normbench.plan import resolve
 from normbench.spec import SpecError
 
-DEFAULTS = dict(r_max=3.0, d_max=5.0, warmup_start=0, warmup_steps=500, running_decay=0.99, epsilon=1e-3)
+DEFAULTS = dict(r_max=3.0, d_max=5.0, warmup_start=0, warmup_steps=500, running_decay=0.99, epsilon=1e-3,
+                replica_batch_size=None)
 # Per channel, cycled: running var = batch var x factor (r ~ 1 / sqrt(factor)) and running
 # mean = batch mean - delta x sigma (d = delta). With the final limits r_max 3, d_max 5:
 # r 4 -> 3 and 0.2 -> 1/3 clipped, 1 and 1.41 not; d 8 -> 5 and -7 -> -5 clipped, 0.5 and -0.2 not.

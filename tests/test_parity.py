@@ -306,7 +306,7 @@ def test_load_state_restarts_a_run_exactly(backend):
     _require(backend)
     spec = _tiny_spec("rmsprop")
     program = TrainingProgram(spec, spec.variants[0].name)
-    data, batches, used = parity._trajectory_inputs(spec, 3, SEED)
+    data, batches, used = parity._trajectory_inputs(spec, spec.variants[0].name, 3, SEED)
     running = parity._trainer(program, data, used, backend, "float32", SEED, None)
     for t in range(2):
         running.step(np.searchsorted(used, batches[t]), program.learning_rate(t))
@@ -329,16 +329,45 @@ def test_lockstep_reanchors_the_second_side_at_every_tie(monkeypatch):
     spec = _tiny_spec("adam")
     variant = spec.variants[0].name
     steps = 4
-    first, second, _ = parity.lockstep_outputs(spec, variant, (backend, "float64"), (backend, "float32"), steps, SEED)
+    first, second, _, updates = parity.lockstep_outputs(spec, variant, (backend, "float64"), (backend, "float32"), steps,
+                                                        SEED)
+    assert updates == []  # listed only when shadowing
     free_gap = max(np.max(np.abs(first[k] - second[k])) for k in first if k.startswith("final/"))
     monkeypatch.setattr(parity, "relu_ties", lambda a, b, tol: {"forced": 1})
     monkeypatch.setattr(parity, "_largest_flipped", lambda a, b, layers: 0.0)
-    first, second, ties = parity.lockstep_outputs(spec, variant, (backend, "float64"), (backend, "float32"), steps, SEED)
+    first, second, ties, _ = parity.lockstep_outputs(spec, variant, (backend, "float64"), (backend, "float32"), steps,
+                                                     SEED)
     assert [t.step for t in ties] == list(range(1, steps + 1))
     for k in first:
         if k.startswith(("final/", "final_state/")):  # exactly float64's values rounded to float32
             np.testing.assert_array_equal(second[k], first[k].astype(np.float32).astype(np.float64))
     assert free_gap > 0
+
+
+def test_shadowing_compares_every_update_from_a_common_state():
+    """Shadowed, the float32 side restarts from float64's state after every update, and
+    each update's two resulting states are listed: one float32 step from a common state,
+    far closer than the free-running drift; the rows report the worst update."""
+    backend = next((b for b in ("jax", "tensorflow", "torch") if backends.is_available(b)), None)
+    if backend is None:
+        pytest.skip("no backend available")
+    spec = _tiny_spec("adam")
+    variant = spec.variants[0].name
+    steps = 4
+    first, second, _, updates = parity.lockstep_outputs(spec, variant, (backend, "float64"), (backend, "float32"), steps,
+                                                        SEED, every_step=True)
+    assert len(updates) == steps and set(updates[0][0]) == {k for k in first if k.startswith(("final/", "final_state/"))}
+    rows = parity._shadowed_rows((backend, "float64"), (second, first), [(b, a) for a, b in updates], variant, 1e-8,
+                                 parity.drift_tolerance)
+    assert {r.quantity for r in rows} == set(first) and all(r.ok for r in rows)
+    assert any(r.detail.startswith("worst at update ") for r in rows)
+    # a real difference in one update still fails, and is found at that update
+    a, b = updates[2]
+    broken = dict(b, **{k: b[k] * 1.01 for k in b if k.startswith("final/")})
+    rows = parity._shadowed_rows(("x", "y"), (first, second), [*updates[:2], (a, broken), *updates[3:]], variant, 1e-8,
+                                 lambda q: 1e-3)
+    failing = [r for r in rows if not r.ok]
+    assert failing and all(r.detail == f"worst at update 3 of {steps}" for r in failing)
 
 
 # ----------------------------------------------------------------------------- a trajectory's own conditioning

@@ -1,5 +1,5 @@
-"""Per-replica statistics (`replica_batch_size` of batch norm and of the standardization
-loss: moments per sub-batch, as the paper's TPU cores computed them, Appendix A.6) against
+"""Per-replica statistics (`replica_batch_size` of batch norm, batch renorm and the
+standardization loss: moments per sub-batch, as the paper's TPU cores computed them, Appendix A.6) against
 an independent float64 NumPy reference that loops over the sub-batches: batch norm's
 training output and running-statistics update, the loss's value, and the gradients of a
 whole network through each against central finite differences."""
@@ -83,6 +83,63 @@ def test_batch_norm_per_replica_output_and_running_statistics(engine, rng, ref, 
     np.testing.assert_allclose(got["running_var"], DECAY * running["running_var"] + (1 - DECAY) * var, rtol=rtol, atol=atol)
     # Whole-batch statistics would not pass: the sub-batches differ on purpose.
     assert not np.allclose(expected, np_replica_batch_norm(z, scale, shift, shape[0])[0], rtol=1e-2)
+
+
+def np_replica_batch_renorm(z, scale, shift, running_mean, running_var, size, r_max, d_max, epsilon=EPSILON):
+    """Batch renorm of each sub-batch with its own moments, r and d against the shared
+    running statistics; also the mean over sub-batches of their means and biased variances."""
+    outputs, means, variances = [], [], []
+    sigma = np.sqrt(running_var + epsilon)
+    for block in _sub_batches(z, size):
+        mean, var = _moments(block)
+        sigma_b = np.sqrt(var + epsilon)
+        r = np.clip(sigma_b / sigma, 1 / r_max, r_max)
+        d = np.clip((mean - running_mean) / sigma, -d_max, d_max)
+        outputs.append(((block - mean) / sigma_b * r + d) * scale + shift)
+        means.append(mean)
+        variances.append(var)
+    return np.concatenate(outputs), np.mean(means, axis=0), np.mean(variances, axis=0)
+
+
+@pytest.mark.parametrize("shape", [(12, 3, 5, 6), (12, 7)], ids=["nhwc", "dense"])
+def test_batch_renorm_per_replica_output_and_running_statistics(engine, rng, ref, shape):
+    e = engine
+    # full limits from the first step (warmup_steps 0), tight enough that some r and d clip
+    method = normalizations.get("batch_renorm")(replica_batch_size=4, running_decay=DECAY, epsilon=EPSILON,
+                                                warmup_steps=0, r_max=1.5, d_max=0.5)
+    slot = Slot("layer", "conv" if len(shape) == 4 else "dense", shape[1:], ())
+    z = _activation(rng, shape, e.dtype)
+    scale, shift = rng.uniform(0.5, 2.0, size=shape[-1]), rng.normal(size=shape[-1])
+    running = {"running_mean": rng.normal(size=shape[-1]), "running_var": rng.uniform(0.5, 2.0, size=shape[-1]),
+               "step": np.zeros(1)}
+    y, state = method.train(e.ops, ref.put_activation(e, z), e.import_tree({"scale": scale, "shift": shift}),
+                            e.import_tree(running), slot)
+    expected, mean, var = np_replica_batch_renorm(z, scale, shift, running["running_mean"], running["running_var"], 4,
+                                                  1.5, 0.5)
+    rtol, atol = _tolerances(e.dtype)
+    np.testing.assert_allclose(e.activation_to_numpy(y), expected, rtol=rtol, atol=atol)
+    got = e.export_tree(state)
+    np.testing.assert_allclose(got["running_mean"], DECAY * running["running_mean"] + (1 - DECAY) * mean, rtol=rtol, atol=atol)
+    np.testing.assert_allclose(got["running_var"], DECAY * running["running_var"] + (1 - DECAY) * var, rtol=rtol, atol=atol)
+    np.testing.assert_array_equal(got["step"], [1.0])
+    whole = np_replica_batch_renorm(z, scale, shift, running["running_mean"], running["running_var"], shape[0], 1.5, 0.5)
+    assert not np.allclose(expected, whole[0], rtol=1e-2)
+    # one replica of the whole batch is plain batch renorm
+    plain = normalizations.get("batch_renorm")(running_decay=DECAY, epsilon=EPSILON, warmup_steps=0, r_max=1.5, d_max=0.5)
+    y_plain, _ = plain.train(e.ops, ref.put_activation(e, z), e.import_tree({"scale": scale, "shift": shift}),
+                             e.import_tree(running), slot)
+    np.testing.assert_allclose(e.activation_to_numpy(y_plain), whole[0], rtol=rtol, atol=atol)
+
+
+def test_an_option_added_later_leaves_earlier_run_keys_alone(spec_factory):
+    """batch renorm's replica_batch_size came after mnist-norms was published: unset, it is
+    not part of the resolved variant, so those runs keep their keys; set, it is."""
+    plain = spec_factory(model="cnn3", batch_size=8, variants=[{"name": "r", "normalization": "batch_renorm"}])
+    assert "replica_batch_size" not in dict(plain.variants[0].normalization.options)
+    split = spec_factory(model="cnn3", batch_size=8, variants=[
+        {"name": "r", "normalization": {"name": "batch_renorm", "replica_batch_size": 4}}])
+    assert dict(split.variants[0].normalization.options)["replica_batch_size"] == 4
+    assert resolve(plain, "r").method.replica_batch_size is None
 
 
 @pytest.mark.parametrize("shape", [(12, 3, 5, 6), (12, 7)], ids=["nhwc", "dense"])

@@ -102,6 +102,12 @@ BAD_SPECS = [
     ("negative-seed", changed(seeds=[-1, 0]), "seeds", ">= 0"),
     ("duplicate-seeds", changed(seeds=[1, 1]), "seeds", "distinct"),
     ("zero-variant-steps", variant_changed(0, steps=0), "variant[0].steps", ">= 1"),
+    ("zero-variant-batch", variant_changed(0, batch_size=0), "variant[0].batch_size", ">= 1"),
+    ("variant-batch-larger-than-data", variant_changed(0, batch_size=60001), "variant[0].batch_size",
+     "60000 training examples"),
+    ("variant-batch-of-one-with-dense-batch-norm", variant_changed(1, batch_size=1), "variant[1].normalization",
+     "need at least 2 values per channel"),
+    ("zero-reference-batch", changed(optimizer={"reference_batch_size": 0}), "optimizer.reference_batch_size", ">= 1"),
     # unknown choices
     ("unknown-model", changed(model="resnet50"), "model", "cnn3, cnn-tiny, mlp3, mlp-tiny"),
     ("unknown-dataset", changed(dataset="cifar11"), "dataset", "unknown value 'cifar11'; allowed: "),
@@ -344,3 +350,32 @@ def test_test_examples_is_optional_bounded_and_leaves_old_hashes_alone():
     for bad in (0, 10001, 2.5):
         with pytest.raises(SpecError, match="test_examples"):
             base.replace(test_examples=bad)
+
+
+def test_variant_batch_size_and_the_linear_rule_round_trip_and_leave_old_hashes_alone():
+    from normbench.identity import run_key
+    from normbench.plan import resolve
+
+    base = spec_module.loads(changed())
+    doc = changed(optimizer={"reference_batch_size": 4})
+    scaled = spec_module.loads(doc)
+    assert scaled.hash() != base.hash() and spec_module.loads(spec_module.to_toml(scaled)) == scaled
+    assert "reference_batch_size" not in base.to_dict()["optimizer"]
+    assert all("batch_size" not in v for v in base.to_dict()["variants"])
+    sweep_doc = copy.deepcopy(VALID)
+    sweep_doc["optimizer"]["reference_batch_size"] = 4
+    sweep_doc["variant"] = [{"name": "b2", "normalization": "none", "batch_size": 2},
+                            {"name": "b16", "normalization": "none", "batch_size": 16},
+                            {"name": "default", "normalization": "none"}]
+    sweep = spec_module.loads(tomli_w.dumps(sweep_doc))
+    assert spec_module.loads(spec_module.to_toml(sweep)) == sweep
+    b2, b16, default = sweep.variants
+    assert [sweep.batch_size_for(v) for v in sweep.variants] == [2, 16, 8]
+    # the linear rule: learning_rate 0.1 is the rate at batch 4
+    assert [sweep.learning_rate_for(v) for v in sweep.variants] == pytest.approx([0.05, 0.4, 0.2])
+    assert resolve(sweep, "b16").batch_size == 16 and resolve(sweep, "b16").learning_rate(0) == pytest.approx(0.4)
+    assert base.learning_rate_for(base.variants[0]) == 0.1  # no reference: the rate as written
+    # a variant's batch size is part of its run's identity
+    assert len({run_key(sweep, v, 0, "torch") for v in sweep.variants}) == 3
+    same_batch = sweep.replace(batch_size=16)
+    assert run_key(same_batch, same_batch.variant("default"), 0, "torch") != run_key(sweep, default, 0, "torch")

@@ -27,6 +27,10 @@ settle within a few hundred steps, during the ramp.)
 
 The paper keeps moving averages of mu and sigma; like batch norm here this keeps the
 running mean and the running *biased variance*, so inference is exactly batch norm's.
+
+`replica_batch_size = n`, as for batch norm: each sub-batch of n examples (a simulated
+core) is renormalized with its own mu_B, sigma_B, r and d against the shared running
+statistics, which follow the mean of the sub-batches' statistics.
 """
 
 from __future__ import annotations
@@ -58,6 +62,9 @@ class BatchRenorm(Normalization):
                "(as batch norm's)", low=0.0, high=1.0, high_open=True),
         Option("epsilon", "number", 1e-3, "added to the variances before the square root (the project's "
                "batch-norm default)", low=0.0, low_open=True),
+        Option("replica_batch_size", "integer", None, "renormalize independent sub-batches of this many examples "
+               "(per-core statistics, as batch norm's); none: the whole batch", low=1, optional=True,
+               keyed_only_when_set=True),
     )
 
     @property
@@ -65,8 +72,11 @@ class BatchRenorm(Normalization):
         return True  # the mean subtraction cancels any bias before it
 
     def check_batch(self, batch_size, slot):
-        if batch_size * (int(np.prod(slot.shape[:-1])) if slot.spatial else 1) < 2:
-            return f"batch statistics of {slot.layer} need at least 2 values per channel, a batch of {batch_size} gives 1"
+        n = self.replica_batch_size or batch_size
+        if batch_size % n:
+            return f"batch_size {batch_size} is not a multiple of replica_batch_size {n}"
+        if n * (int(np.prod(slot.shape[:-1])) if slot.spatial else 1) < 2:
+            return f"batch statistics of {slot.layer} need at least 2 values per channel, a batch of {n} gives 1"
         return None
 
     def parameters(self, slot):
@@ -86,6 +96,8 @@ class BatchRenorm(Normalization):
         return 1.0 + (self.r_max - 1.0) * progress, self.d_max * progress
 
     def train(self, ops, z, params, state, slot):
+        if self.replica_batch_size is not None:
+            return self._train_per_replica(ops, z, params, state)
         axes = tuple(range(ops.ndim(z) - 1))
         mean, var = ops.moments(z, axes)  # per channel, gradients through both
         batch_std = ops.sqrt(var + self.epsilon)
@@ -100,6 +112,24 @@ class BatchRenorm(Normalization):
         decay = self.running_decay
         return y, {"running_mean": ops.moving_average(state["running_mean"], ops.stop_gradient(mean), decay),
                    "running_var": ops.moving_average(state["running_var"], ops.stop_gradient(var), decay),
+                   "step": state["step"] + 1.0}
+
+    def _train_per_replica(self, ops, z, params, state):
+        """`train` with every sub-batch of `replica_batch_size` examples on its own moments."""
+        shape = ops.shape(z)  # canonical (N, ..., C)
+        replicas = shape[0] // self.replica_batch_size
+        grouped = ops.reshape(z, (replicas, self.replica_batch_size, *shape[1:]))
+        mean, var = ops.moments(grouped, tuple(range(1, len(shape))), keepdims=True)  # (replicas, 1, ..., C)
+        inverse_std = ops.rsqrt(state["running_var"] + self.epsilon)
+        r_max, d_max = self.limits(ops, state["step"])
+        r = ops.stop_gradient(ops.clip(ops.sqrt(var + self.epsilon) * inverse_std, 1.0 / r_max, r_max))
+        d = ops.stop_gradient(ops.clip((mean - state["running_mean"]) * inverse_std, -d_max, d_max))
+        y = ops.reshape((grouped - mean) * ops.rsqrt(var + self.epsilon) * r + d, shape)
+        y = ops.add_channel_bias(ops.scale_channels(y, params["scale"]), params["shift"])
+        per_channel = lambda v: ops.stop_gradient(ops.mean(ops.reshape(v, (replicas, shape[-1])), (0,)))
+        decay = self.running_decay
+        return y, {"running_mean": ops.moving_average(state["running_mean"], per_channel(mean), decay),
+                   "running_var": ops.moving_average(state["running_var"], per_channel(var), decay),
                    "step": state["step"] + 1.0}
 
     def infer(self, ops, z, params, state, slot):

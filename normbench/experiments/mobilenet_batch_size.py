@@ -1,0 +1,184 @@
+"""Figure 7's analogue: MobileNet-v1 (small) on Fashion-MNIST at per-replica batch sizes
+2 to 128, with batch norm, group norm and the standardization loss (the paper's three),
+batch renormalization and layer norm (beyond the paper) and no normalization; each
+variant's final test accuracy against its per-replica batch size (Section 4.5, Appendix
+A.6).
+
+Variants are named `<method>-b<per-replica batch>`; each trains on batches of REPLICAS
+times that, and the batch-dependent methods take their moments per replica
+(`replica_batch_size`), as the paper's 8 TPU cores did. Every run sees the same number of
+examples (2 epochs), at the linearly scaled learning rate (the spec says how).
+
+The paper's claims, checked on the backend with the most seeds (rules fixed before the
+runs):
+- no normalization does not train above chance: below CHANCE_MARGIN points above chance
+  (10%) at every batch size;
+- the standardization loss largely restores accuracy: at batch 32 (the paper's 66.6% vs
+  batch norm's 70.6%) it reaches at least RESTORED of batch norm's accuracy there;
+- batch norm varies with batch size and suffers at small ones, the standardization loss is
+  roughly constant (66.5-66.9%): the loss's range of accuracies across batch sizes is
+  smaller than batch norm's;
+- at batch sizes 2 and 4 the standardization loss beats batch norm;
+- group norm is robust to batch size (its range smaller than batch norm's) and beats the
+  standardization loss (higher mean accuracy over the batch sizes).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pandas as pd
+
+from normbench.experiments import Experiment
+from normbench.reporting import plots
+from normbench.reporting.runs import final_accuracy
+from normbench.reporting.tables import fmt, render_latex, render_markdown, seeds_note
+
+REPLICAS = 8  # the paper's TPU cores, simulated as sub-batches of one batch (see the spec)
+CHANCE = 10.0  # percent: ten classes
+CHANCE_MARGIN = 5.0  # points above chance that still count as "not above chance"
+RESTORED = 0.9  # the paper's 66.6 / 70.6 = 0.94 at batch 32
+PAPER_BATCH = 32  # where the paper compares the standardization loss with batch norm
+FIGURE_STEM = "accuracy_vs_batch_size"
+_NAME = re.compile(r"^(?P<method>.+)-b(?P<batch>\d+)$")
+
+
+def method_and_batch(variant: str) -> tuple[str, int] | None:
+    """('batch-norm', 2) for 'batch-norm-b2'; None for a name outside the convention."""
+    match = _NAME.match(variant)
+    return (match["method"], int(match["batch"])) if match else None
+
+
+def accuracy_table(metrics: pd.DataFrame, status: pd.DataFrame) -> pd.DataFrame:
+    """One row per backend, method and per-replica batch: final test accuracy (mean and sd
+    over the seeds that finished), seeds, and how many runs diverged."""
+    finals = final_accuracy(metrics, status)
+    rows = []
+    for (backend, variant), runs in status.groupby(["backend", "variant"], sort=False):
+        parsed = method_and_batch(variant)
+        if parsed is None:
+            continue
+        accuracy = finals[(finals.backend == backend) & (finals.variant == variant)].accuracy_pct
+        rows.append({"backend": backend, "method": parsed[0], "batch": parsed[1], "variant": variant,
+                     "accuracy": accuracy.mean() if len(accuracy) else math.nan,
+                     "sd": accuracy.std(ddof=1) if len(accuracy) > 1 else math.nan,
+                     "seeds": len(accuracy), "diverged": int((runs.status == "diverged").sum())})
+    return pd.DataFrame(rows, columns=["backend", "method", "batch", "variant", "accuracy", "sd", "seeds", "diverged"])
+
+
+def _spread(points: pd.Series) -> float:
+    finite = points.dropna()
+    return float(finite.max() - finite.min()) if len(finite) else math.nan
+
+
+def _verdict(holds: bool) -> str:
+    return f"**{'holds' if holds else 'does not hold'}**"
+
+
+def verdicts(table: pd.DataFrame) -> list[str]:
+    if table.empty:
+        return []
+    counts = table.groupby("backend").seeds.max()
+    backend = max(plots.backend_order(counts.index), key=lambda b: counts[b])
+    mine = table[table.backend == backend]
+    by = {m: d.set_index("batch").accuracy for m, d in mine.groupby("method")}
+    out = []
+    if "none" in by:
+        top = by["none"].max()
+        out.append(f"Paper: MobileNet without normalization does not train above chance. Here ({backend}): best "
+                   f"{fmt(top)}% over the batch sizes (chance {CHANCE:g}%, read as at most {CHANCE + CHANCE_MARGIN:g}%): "
+                   f"{_verdict(not math.isnan(top) and top <= CHANCE + CHANCE_MARGIN)}.")
+    if {"batch-norm", "standardization"} <= set(by) and PAPER_BATCH in by["batch-norm"].index:
+        bn, std = by["batch-norm"].get(PAPER_BATCH, math.nan), by["standardization"].get(PAPER_BATCH, math.nan)
+        out.append(f"Paper: the standardization loss largely restores accuracy (66.6% vs batch norm's 70.6% at batch "
+                   f"{PAPER_BATCH}; read as at least {RESTORED:.0%} of batch norm's). Here: {fmt(std)}% vs {fmt(bn)}%: "
+                   f"{_verdict(not math.isnan(std) and not math.isnan(bn) and std >= RESTORED * bn)}.")
+        bn_range, std_range = _spread(by["batch-norm"]), _spread(by["standardization"])
+        out.append(f"Paper: batch norm's accuracy varies with the batch size, the standardization loss's is roughly "
+                   f"constant (66.5-66.9%). Here, the range across batch sizes: standardization loss {fmt(std_range)} "
+                   f"points, batch norm {fmt(bn_range)}: {_verdict(std_range < bn_range)}.")
+        small = [b for b in (2, 4) if b in by["batch-norm"].index and b in by["standardization"].index]
+        if small:
+            beats = all(by["standardization"][b] > by["batch-norm"][b] for b in small)
+            cells = ", ".join(f"batch {b}: {fmt(by['standardization'][b])}% vs {fmt(by['batch-norm'][b])}%" for b in small)
+            out.append(f"Paper: at batch sizes 2 and 4 the standardization loss beats batch norm. Here ({cells}): "
+                       f"{_verdict(beats)}.")
+    if {"group-norm", "standardization", "batch-norm"} <= set(by):
+        gn_range, bn_range = _spread(by["group-norm"]), _spread(by["batch-norm"])
+        gn_mean, std_mean = by["group-norm"].mean(), by["standardization"].mean()
+        out.append(f"Paper: group norm is robust to the batch size and beats the standardization loss. Here: its range "
+                   f"{fmt(gn_range)} points (batch norm {fmt(bn_range)}), its mean over batch sizes {fmt(gn_mean)}% vs "
+                   f"{fmt(std_mean)}%: {_verdict(gn_range < bn_range and gn_mean > std_mean)}.")
+    return out
+
+
+def figure(table: pd.DataFrame, colors: dict[str, str], path_stem, title: str) -> list:
+    """Final test accuracy against per-replica batch size (log scale), one line per method,
+    one panel per backend."""
+    plt = plots.pyplot()
+    backends = plots.backend_order(table.backend.unique())
+    fig, axes = plt.subplots(1, max(len(backends), 1), figsize=(4.8 * max(len(backends), 1), 3.8), squeeze=False,
+                             sharey=True)
+    for ax, backend in zip(axes[0], backends):
+        mine = table[table.backend == backend]
+        for method, d in mine.groupby("method", sort=False):
+            d = d.sort_values("batch")
+            ax.errorbar(d.batch, d.accuracy, yerr=d.sd.fillna(0.0), marker="o", markersize=3.5, linewidth=1.3,
+                        capsize=2, color=colors.get(method), label=method)
+        ax.axhline(CHANCE, color="grey", linewidth=0.8, linestyle=":")
+        ax.set_xscale("log", base=2)
+        ticks = sorted(mine.batch.unique())
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.set_title(backend)
+        ax.set_xlabel(f"batch size per replica ({REPLICAS} replicas)")
+    axes[0][0].set_ylabel("final test accuracy (%)")
+    handles, labels = plots.legend_entries(axes.flat)
+    return plots.finish(fig, path_stem, title, title_width=4.8 * max(len(backends), 1), handles=handles, labels=labels,
+                        max_columns=3, bottom=0.22, top=0.88, title_size=10)
+
+
+def report(results) -> dict:
+    table = accuracy_table(results.metrics, results.status)
+    order = list(dict.fromkeys(m for m, _ in filter(None, map(method_and_batch, results.variant_order))))
+    batches = sorted(table.batch.unique()) if len(table) else []
+    head = ["method", "backend", *[f"b = {b}" for b in batches], "range (points)"]
+    rows = []
+    for backend in plots.backend_order(table.backend.unique()):
+        for method in order:
+            d = table[(table.backend == backend) & (table.method == method)].set_index("batch")
+            if d.empty:
+                continue
+            cells = []
+            for b in batches:
+                if b not in d.index:
+                    cells.append("—")
+                    continue
+                r = d.loc[b]
+                cell = fmt(r.accuracy, r.sd if r.seeds > 1 else None) if r.seeds else "diverged"
+                cells.append(cell + (f" ({int(r.diverged)} diverged)" if r.diverged and r.seeds else ""))
+            rows.append([method, backend, *cells, fmt(_spread(d.accuracy))])
+    # One colour per method: its first variant's, from the method's plugin.
+    first = {m: next(v for v in results.variant_order if (method_and_batch(v) or ("",))[0] == m) for m in order}
+    variant_colors = results.colors(list(first.values()))
+    colors = {m: variant_colors[v] for m, v in first.items()}
+    notes = [
+        *verdicts(table),
+        f"Final test accuracy (%) on all 10,000 test images after 2 epochs at every batch size, mean ± sd over seeds; "
+        f"b is the batch per replica, {REPLICAS} replicas (batch {REPLICAS}·b). The paper's numbers are ImageNet top-1 "
+        "for the full MobileNet-v1 (Figure 7); only the shape of each curve compares.",
+        seeds_note(results.status, "the paper states one run per batch size"),
+        *(results.experiment.notes if results.experiment else ()),
+    ]
+    figures = figure(table, colors, results.out / FIGURE_STEM, results.title) if len(table) else []
+    return {"table": table, "markdown": render_markdown(results.title, head, rows, notes),
+            "latex": render_latex(results.title, head, rows, notes), "figures": figures}
+
+
+EXPERIMENT = Experiment(
+    name="mobilenet-batch-size", spec="mobilenet-batch-size", figure="Figure 7",
+    title="MobileNet-v1 (small) on Fashion-MNIST: final test accuracy against the batch size per replica",
+    default_backends=("torch",), report=report,
+    notes=("The standardization loss's weight is the paper's 1e-4 scaled by MobileNet-v1's normalized channels over "
+           "mobilenet-v1-small's (10944 / 2816): 3.9e-4.",),
+)

@@ -1,0 +1,51 @@
+"""mobilenet-batch-size: its spec follows the naming and replica rules its report reads,
+and the report reads per-replica batch sizes and states the paper's claims from a table."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from normbench import spec as spec_module
+from normbench.experiments import mobilenet_batch_size as experiment
+
+PER_REPLICA = {"batch_norm", "batch_renorm"}  # methods whose moments are taken per replica
+
+
+def test_every_variant_trains_eight_replicas_of_its_batch_for_two_epochs():
+    spec = spec_module.load("mobilenet-batch-size")
+    seen = {}
+    for v in spec.variants:
+        method, batch = experiment.method_and_batch(v.name)
+        seen.setdefault(method, []).append(batch)
+        assert spec.batch_size_for(v) == experiment.REPLICAS * batch
+        assert spec.steps_for(v) == 2 * 60000 // (experiment.REPLICAS * batch)  # the same examples at every size
+        replica = [v.normalization.option("replica_batch_size")] if v.normalization.name in PER_REPLICA else []
+        replica += [loss.option("replica_batch_size") for loss in v.auxiliary_losses]
+        assert all(r == batch for r in replica)
+        assert spec.learning_rate_for(v) == 0.165 * experiment.REPLICAS * batch / 1024  # the linear rule
+    assert set(seen) == {"none", "batch-norm", "batch-renorm", "group-norm", "layer-norm", "standardization"}
+    assert all(sizes == [2, 4, 8, 16, 32, 64, 128] for sizes in seen.values())
+
+
+def _table(rows):
+    return pd.DataFrame([{"backend": "torch", "method": m, "batch": b, "variant": f"{m}-b{b}", "accuracy": a,
+                          "sd": float("nan"), "seeds": 1, "diverged": 0} for m, b, a in rows])
+
+
+def test_verdicts_state_each_claim_against_the_table():
+    sizes = [2, 4, 32]
+    rows = [("none", b, 10.0) for b in sizes]
+    rows += [("batch-norm", 2, 60.0), ("batch-norm", 4, 70.0), ("batch-norm", 32, 85.0)]
+    rows += [("standardization", 2, 80.0), ("standardization", 4, 80.5), ("standardization", 32, 80.0)]
+    rows += [("group-norm", b, 84.0) for b in sizes]
+    said = experiment.verdicts(_table(rows))
+    assert len(said) == 5 and all("**holds**" in s for s in said), said
+    # batch norm robust and ahead everywhere: the small-batch claim and the range claim fail
+    rows = [r for r in rows if r[0] != "batch-norm"] + [("batch-norm", b, 86.0) for b in sizes]
+    said = {s.split(".")[0]: s for s in experiment.verdicts(_table(rows))}
+    assert sum("does not hold" in s for s in said.values()) == 3  # range, batches 2 and 4, group norm beats the loss
+
+
+def test_a_name_outside_the_convention_is_left_out():
+    assert experiment.method_and_batch("batch-norm-b16") == ("batch-norm", 16)
+    assert experiment.method_and_batch("batch-norm") is None
