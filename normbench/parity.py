@@ -468,8 +468,9 @@ def lockstep_outputs(spec: ExperimentSpec, variant_name: str, first: tuple[str, 
     """`trajectory_outputs` of two sides, each a (backend, dtype), run side by side with
     ReLU ties re-anchored (see above): (first's outputs, second's outputs, the ties, []).
     With `every_step`, the second side restarts from the first's state after every update
-    (see "shadowing a chaotic trajectory"), and the last item lists each update's two
-    resulting states ('final/<param>', 'final_state/<name>'), taken before the restart."""
+    (see "shadowing a chaotic trajectory"; no ties are looked for), and the last item lists
+    each update's two resulting states ('final/<param>', 'final_state/<name>'), taken
+    before the restart."""
     program = resolve(spec, variant_name)
     data, batches, used = _trajectory_inputs(spec, variant_name, steps, seed)
     sides = [(_trainer(program, data, used, backend, dtype, seed, device), dtype) for backend, dtype in (first, second)]
@@ -479,11 +480,11 @@ def lockstep_outputs(spec: ExperimentSpec, variant_name: str, first: tuple[str, 
     for t, batch in enumerate(batches):
         indices, masks = np.searchsorted(used, batch), program.dropout_masks(seed, t, len(batch))
         seen = []
-        for trainer, dtype in sides:
+        for trainer, dtype in sides if not every_step else ():  # shadowing restarts after every update anyway
             engine = trainer.engine
             images, labels = engine.put_images(data.train_images[batch].astype(dtype)), engine.put_labels(data.train_labels[batch])
             seen.append(trainer.gradients(images, labels, masks)[1])
-        flips = relu_ties(*seen, tolerance_of_preactivation)
+        flips = relu_ties(*seen, tolerance_of_preactivation) if seen else {}
         for k, (trainer, _) in enumerate(sides):
             losses[k].append(trainer.step(indices, program.learning_rate(t), masks))
         if flips:
