@@ -151,6 +151,16 @@ class Plan:
         rng = np.random.Generator(np.random.PCG64(dropout_stream(seed, step)))
         return {d.name: (rng.random((batch_size, *d.shape)) >= d.rate).astype(np.float64) for d in self.dropouts}
 
+    def check_batch(self, batch_size: int) -> str | None:
+        """Why this variant's method or losses cannot take a batch of `batch_size`, or None."""
+        for layer in self.layers:
+            if layer.normalized:
+                problem = self.method.check_batch(batch_size, layer.slot) or next(
+                    (p for p in (loss.check_batch(batch_size, layer.slot) for loss in self.losses) if p), None)
+                if problem:
+                    return problem
+        return None
+
     def learning_rate(self, step: int) -> float:
         base = self.spec.learning_rate_for(self.variant) * optimizers.schedule_multiplier(self.spec.schedule, step)
         return self.optimizer.effective_learning_rate(base, step)

@@ -245,3 +245,13 @@ def test_forward_logits_against_numpy(engine, rng, ref, program_factory, nets, m
     for name, z in preacts.items():
         np.testing.assert_allclose(e.activation_to_numpy(out.preactivations[name]), z, rtol=rtol, atol=rtol)
         np.testing.assert_allclose(e.to_numpy(out.moments[name][1]), ref.moments(z)[1], rtol=rtol * 10, atol=rtol)
+
+
+def test_depth_counts_the_longest_path_of_weight_layers():
+    """The depth parity scales its single-step float32 bounds by (`normbench.parity`)."""
+    from normbench.architectures import get
+
+    depths = {name: get(name).depth for name in ("cnn3", "mlp3", "resnet-18", "resnet-50", "mobilenet-v1", "inception-v2")}
+    # cnn3 / mlp3: 3 hidden layers and the head; ResNet-n: n (projection shortcuts are not longer paths);
+    # MobileNet-v1: the stem, 13 depthwise and 13 pointwise convolutions and the head
+    assert depths == {"cnn3": 4, "mlp3": 4, "resnet-18": 18, "resnet-50": 50, "mobilenet-v1": 28, "inception-v2": 35}

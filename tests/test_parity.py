@@ -294,6 +294,48 @@ def test_relu_ties_tell_a_tie_from_a_real_difference():
     assert parity.relu_ties(a, real, 2e-5) is None
 
 
+def test_single_step_ties_are_recompared_without_the_tied_examples(monkeypatch):
+    """A pair whose gradients fail at a ReLU tie in example 1 of a 3-example batch is
+    compared again on examples 0 and 2; a pair whose flip is a real difference is not."""
+    spec = _tiny_spec("adam")
+    variant = spec.variants[0].name
+    z = np.array([[3.0, 1.0], [1e-7, 2.0], [-2.0, 0.5]])
+    a = {"preactivation/l": z, "gradient/l/kernel": np.array([1.0, 2.0])}
+    flipped = z.copy()
+    flipped[1, 0] = -1e-7  # within rounding of 0, on the other side
+    tie = {"preactivation/l": flipped, "gradient/l/kernel": np.array([1.0, 2.5])}
+    seen = []
+
+    def reduced_step(spec_, variant_, backend, dtype, seed, batch_indices, device):
+        seen.append((backend, list(batch_indices)))
+        return {"preactivation/l": z[[0, 2]], "gradient/l/kernel": np.array([1.0, 2.0])}
+
+    monkeypatch.setattr(parity, "step_outputs", reduced_step)
+    outputs = {"x": a, "y": tie}
+    rows = parity.compare_outputs(outputs, "float32", variant, 1e-8)
+    assert not all(r.ok for r in rows)
+    batch = np.array([10, 11, 12])
+    rows = parity.recheck_step_ties(rows, outputs, None, spec, variant, "float32", 0, None, None, batch)
+    assert all(r.ok for r in rows) and seen == [("x", [10, 12]), ("y", [10, 12])]
+    assert all("without example(s) [11]" in r.detail for r in rows)
+    # a flip between pre-activations 1e-3 apart is a real difference: nothing is re-run
+    far = z.copy()
+    far[1, 0] = -1e-3
+    real = dict(tie, **{"preactivation/l": far})
+    seen.clear()
+    rows = parity.compare_outputs({"x": a, "y": real}, "float32", variant, 1e-8)
+    rows = parity.recheck_step_ties(rows, {"x": a, "y": real}, None, spec, variant, "float32", 0, None, None, batch)
+    assert seen == [] and not all(r.ok for r in rows)
+
+
+def test_single_step_bounds_grow_with_depth_and_trajectory_bounds_do_not():
+    assert parity.tolerance("logits", "float32", 35) == pytest.approx(parity.tolerance("logits", "float32") * 35 / 4)
+    assert parity.tolerance("logits", "float32", 3) == parity.tolerance("logits", "float32")  # never below the bound
+    assert parity.tolerance("final/l/kernel", "float32", 35) == parity.tolerance("final/l/kernel", "float32")
+    assert parity.tolerance("logits", "float64", 35) == parity.FLOAT64_TOLERANCE
+    assert parity.drift_tolerance("gradient/l/kernel", 8) == 2 * parity.drift_tolerance("gradient/l/kernel")
+
+
 def test_tie_description_names_step_layer_and_size():
     text = parity.Tie(6, {"conv2": 1}, 4.2e-8).describe()
     assert text == "step 6: conv2 x1, |z| <= 4.2e-08 of the layer's max"

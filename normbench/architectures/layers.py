@@ -115,6 +115,12 @@ class Architecture:
         return _declared(self).losses
 
     @property
+    def depth(self) -> int:
+        """The most convolution, dense and point-transform layers on any path from the
+        input to the logits (cnn3 and mlp3: 4, the head included)."""
+        return _declared(self).depth
+
+    @property
     def slots(self) -> tuple[Slot, ...]:
         return tuple(layer.slot for layer in self.layers() if layer.normalized)
 
@@ -138,10 +144,12 @@ def conv_padding(size: int, kernel: int, stride: int, mode: str) -> tuple[tuple[
 
 
 class _Shape:
-    """An activation during `declare`: one example's canonical shape."""
+    """An activation during `declare`: one example's canonical shape, and its depth: the
+    most convolution and dense layers on any path from the input to it."""
 
-    def __init__(self, shape):
+    def __init__(self, shape, depth: int = 0):
         self.shape = tuple(shape)
+        self.depth = depth
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,6 +157,7 @@ class _Declaration:
     layers: tuple[Layer, ...]
     dropouts: tuple[Dropout, ...]
     losses: tuple[tuple[str, float], ...]
+    depth: int  # of the logits
 
 
 _DECLARED: dict[str, _Declaration] = {}
@@ -162,7 +171,7 @@ def _declared(arch: Architecture) -> _Declaration:
         out = arch.build(net, _Shape(arch.input_shape))
         if out.shape != (arch.num_classes,):
             raise ValueError(f"architecture {arch.name!r} returns {out.shape}, expected ({arch.num_classes},)")
-        _DECLARED[key] = _Declaration(tuple(net.layers), tuple(net.dropouts), tuple(net.losses))
+        _DECLARED[key] = _Declaration(tuple(net.layers), tuple(net.dropouts), tuple(net.losses), out.depth)
     return _DECLARED[key]
 
 
@@ -223,7 +232,7 @@ class _DeclaringNet:
         (kh, kw), pads, (out_h, out_w) = window_geometry(x.shape, kernel_size, stride, padding)
         self._add(Layer(name, "conv", (kh, kw, c // groups, channels), (out_h, out_w, channels), normalize,
                         stride, pads, groups, bias))
-        return _Shape((out_h, out_w, channels))
+        return _Shape((out_h, out_w, channels), x.depth + 1)
 
     def depthwise_conv(self, name, x, kernel_size, stride=1, multiplier=1, padding="same", normalize=True,
                        activation="relu", bias=True):
@@ -235,7 +244,7 @@ class _DeclaringNet:
         self.activation(x, activation)
         self._add(Layer(name, "dense", (math.prod(x.shape), units), (units,), normalize, bias=bias,
                         kernel_init=kernel_init, bias_init=bias_init))
-        return _Shape((units,))
+        return _Shape((units,), x.depth + 1)
 
     def dropout(self, name, x, rate):
         if len(x.shape) != 1:
@@ -249,12 +258,12 @@ class _DeclaringNet:
     def matrix(self, x, size):
         if x.shape != (size * size,):
             raise ValueError(f"matrix: needs {size * size} units for a {size} x {size} matrix, got {x.shape}")
-        return _Shape((size, size))
+        return _Shape((size, size), x.depth)
 
     def point_transform(self, x, matrix):
         if len(x.shape) != 3 or x.shape[1] != 1 or matrix.shape[0] != x.shape[-1]:
             raise ValueError(f"point_transform: needs points (P, 1, K) and a K x K' matrix, got {x.shape} and {matrix.shape}")
-        return _Shape((x.shape[0], 1, matrix.shape[1]))
+        return _Shape((x.shape[0], 1, matrix.shape[1]), max(x.depth, matrix.depth) + 1)
 
     def orthogonality_loss(self, name, matrix, weight):
         if len(matrix.shape) != 2 or matrix.shape[0] != matrix.shape[1]:
@@ -266,7 +275,7 @@ class _DeclaringNet:
         if len(x.shape) != 3:
             raise ValueError(f"pooling needs an (H, W, C) input, got {x.shape}")
         _, _, (out_h, out_w) = window_geometry(x.shape, window, stride, padding)
-        return _Shape((out_h, out_w, x.shape[-1]))
+        return _Shape((out_h, out_w, x.shape[-1]), x.depth)
 
     def max_pool(self, x, window, stride, padding="same"):
         return self._pool(x, window, stride, padding)
@@ -275,23 +284,23 @@ class _DeclaringNet:
         return self._pool(x, window, stride, padding)
 
     def global_avg_pool(self, x):
-        return _Shape(x.shape[-1:])
+        return _Shape(x.shape[-1:], x.depth)
 
     def global_max_pool(self, x):
-        return _Shape(x.shape[-1:])
+        return _Shape(x.shape[-1:], x.depth)
 
     def add(self, a, b):
         if a.shape != b.shape:
             raise ValueError(f"add: shapes {a.shape} and {b.shape} differ")
-        return a
+        return _Shape(a.shape, max(a.depth, b.depth))
 
     def concat(self, xs):
         if len({x.shape[:-1] for x in xs}) != 1:
             raise ValueError(f"concat: spatial shapes differ: {[x.shape for x in xs]}")
-        return _Shape((*xs[0].shape[:-1], sum(x.shape[-1] for x in xs)))
+        return _Shape((*xs[0].shape[:-1], sum(x.shape[-1] for x in xs)), max(x.depth for x in xs))
 
     def flatten(self, x):
-        return _Shape((math.prod(x.shape),))
+        return _Shape((math.prod(x.shape),), x.depth)
 
     def activation(self, x, kind="relu"):
         if kind is not None and kind not in ACTIVATIONS:
