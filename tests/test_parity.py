@@ -412,6 +412,31 @@ def test_shadowing_compares_every_update_from_a_common_state():
     assert failing and all(r.detail == f"worst at update 3 of {steps}" for r in failing)
 
 
+def test_a_bound_raised_past_the_conditioning_limit_is_replaced_by_shadowing(monkeypatch):
+    """A chaotic pair passes its conditioned bound only because the probe itself moved by
+    O(1): that holds nothing, so the pair is shadowed, and the shadowed rows decide."""
+    spec = _tiny_spec("adam")
+    variant = spec.variants[0].name
+    x = {"trajectory/loss": np.array([1.0, 1.0]), "final/l/kernel": np.array([1.0, 2.0])}
+    y = {"trajectory/loss": np.array([1.0, 1.5]), "final/l/kernel": np.array([1.0, 3.0])}
+    shadow_calls = []
+
+    def lockstep(spec_, variant_, first, second, steps, seed, device, every_step=False):
+        if every_step:
+            shadow_calls.append(first)
+            return x, dict(x), [], [({"final/l/kernel": np.array([1.0, 2.0])}, {"final/l/kernel": np.array([1.0, 2.0])})]
+        return x, y, [], []
+
+    monkeypatch.setattr(parity, "lockstep_outputs", lockstep)
+    monkeypatch.setattr(parity, "conditioning_outputs", lambda *a, **k: (x, y))  # the probe moved as far as the pair
+    rows = parity.compare_outputs({"jax": x, "tensorflow": y}, "float64", variant, 1e-8)
+    assert not all(r.ok for r in rows)
+    rows = parity.recheck_trajectories(rows, spec, variant, ["jax", "tensorflow"], 2, "float64")
+    assert shadow_calls == [("jax", "float64")]
+    assert all(r.ok for r in rows) and all(parity.SHADOWED_NOTE in r.detail for r in rows)
+    assert all(r.tolerance == parity.FLOAT64_TOLERANCE for r in rows)  # held at the calibrated bound
+
+
 # ----------------------------------------------------------------------------- a trajectory's own conditioning
 
 
