@@ -9,8 +9,7 @@ rate scaled to the batch by the linear rule, decayed by 0.98 on a schedule scale
 resnet-fashion's), batch norm with a shift only, and the standardization loss at the
 paper's weight scaled by the networks' channel counts (the spec says how). Run on JAX,
 whose compiled step is 3-4x PyTorch's eager one for this 69-layer network on this CPU.
-The full-scale configuration is `inception-v2-imagenet` (a bundled spec for a GPU machine
-with the user's ImageNet folder).
+No full-scale (ImageNet) spec is bundled yet (see resnet-fashion).
 
 The paper's claims, checked on the backend with the most seeds on the mean curves (rules
 fixed before the runs): batch norm and the standardization loss each reach the baseline's

@@ -8,8 +8,9 @@ paper's optimizer family (Nesterov momentum, linear warm-up to the paper's peak 
 scaled to the batch, three tenfold cuts) on a schedule scaled down by one factor
 throughout, batch norm with a shift only,
 and the standardization loss at the paper's weight scaled by the networks' channel counts
-(the spec says how); the paper's own weight runs beside it. The full-scale configuration
-is `resnet50-imagenet` (a bundled spec for a GPU machine with the user's ImageNet folder).
+(the spec says how); the paper's own weight runs beside it. No full-scale (ImageNet)
+spec is bundled yet: the `imagenet_folder` data set holds its images in memory, and the
+1.28M training images do not fit any machine that way; a streaming loader comes first.
 
 The paper's claims, checked on the backend with the most seeds on the mean curves (rules
 fixed before the runs): batch norm and the standardization loss each reach the baseline's
