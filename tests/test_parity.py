@@ -84,6 +84,14 @@ def _require(*names: str) -> None:
             pytest.skip(f"backend {name!r} is not available here (adapter not implemented or framework not installed)")
 
 
+def _any_backend() -> str:
+    """The fastest installed backend for a test that needs one, any one (skips without)."""
+    backend = next((b for b in ("jax", "tensorflow", "torch") if backends.is_available(b)), None)
+    if backend is None:
+        pytest.skip("no backend available")
+    return backend
+
+
 class _Cache:
     """Each backend's outputs, computed once per key; exceptions are remembered and re-raised."""
 
@@ -365,9 +373,7 @@ def test_lockstep_reanchors_the_second_side_at_every_tie(monkeypatch):
     """With every step declared a tie, the float32 side restarts from the float64 side's
     state after each update: it ends on float64's parameters rounded once to float32,
     closer than its free-running drift, and every step is listed."""
-    backend = next((b for b in ("jax", "tensorflow", "torch") if backends.is_available(b)), None)
-    if backend is None:
-        pytest.skip("no backend available")
+    backend = _any_backend()
     spec = _tiny_spec("adam")
     variant = spec.variants[0].name
     steps = 4
@@ -390,9 +396,7 @@ def test_shadowing_compares_every_update_from_a_common_state():
     """Shadowed, the float32 side restarts from float64's state after every update, and
     each update's two resulting states are listed: one float32 step from a common state,
     far closer than the free-running drift; the rows report the worst update."""
-    backend = next((b for b in ("jax", "tensorflow", "torch") if backends.is_available(b)), None)
-    if backend is None:
-        pytest.skip("no backend available")
+    backend = _any_backend()
     spec = _tiny_spec("adam")
     variant = spec.variants[0].name
     steps = 4

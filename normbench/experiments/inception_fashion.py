@@ -23,7 +23,6 @@ from __future__ import annotations
 from normbench.experiments import Experiment
 from normbench.experiments.resnet_fashion import COMPARABLE
 from normbench.reporting import speedup
-from normbench.reporting.tables import seeds_note
 
 PAPER_SPEEDUP = {"batch-norm": 3.7, "standardization": 2.8}  # Table 1 (top), Inception-v2 on ImageNet
 PAPER_STEPS = {"none": "1972K", "batch-norm": "534K", "standardization": "700K"}
@@ -36,19 +35,11 @@ def _verdicts(table):
 
 
 def report(results) -> dict:
-    spec = results.spec
-    notes = [
-        "The paper's numbers are for Inception-v2 on ImageNet (Table 1, top, and Figure 6: the target is the "
-        "baseline's best, 69.5% top-1); these runs are a scaled-down analogue (Inception-v2 at depth multiplier 0.125 "
-        "on Fashion-MNIST), so only the direction and rough size of each speed-up compare.",
-        *(["Budget: " + ", ".join(f"{v.name} {spec.steps_for(v)} steps" for v in spec.variants) +
-           f" at batch {spec.batch_size}; test accuracy on all {spec.test_examples or 10000} test images."]
-          if spec else []),
-        seeds_note(results.status, "the paper states one run per method"),
-        *(results.experiment.notes if results.experiment else ()),
-    ]
-    return speedup.report(results, {"none": list(results.variant_order)}, paper=PAPER_SPEEDUP, notes=notes,
-                          verdicts=_verdicts)
+    return speedup.against_one_baseline(
+        results, "none", paper=PAPER_SPEEDUP, examples="images", verdicts=_verdicts,
+        scale_note=("The paper's numbers are for Inception-v2 on ImageNet (Table 1, top, and Figure 6: the target is the "
+                    "baseline's best, 69.5% top-1); these runs are a scaled-down analogue (Inception-v2 at depth multiplier 0.125 "
+                    "on Fashion-MNIST), so only the direction and rough size of each speed-up compare."))
 
 
 EXPERIMENT = Experiment(

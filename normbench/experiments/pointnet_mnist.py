@@ -22,7 +22,6 @@ import math
 
 from normbench.experiments import Experiment
 from normbench.reporting import speedup
-from normbench.reporting.tables import seeds_note
 
 PAPER_SPEEDUP = {"batch-norm": 4.4, "standardization": 2.2}  # Figure 5's table (ModelNet40)
 PAPER_STEPS = {"none": "26.6K", "batch-norm": "6.1K", "standardization": "12.1K"}
@@ -42,18 +41,10 @@ def _verdicts(table):
 
 
 def report(results) -> dict:
-    spec = results.spec
-    notes = [
-        "The paper's numbers are for the full PointNet on ModelNet40 (Figure 5); these runs are a scaled-down analogue "
-        "(the small PointNet on MNIST point clouds), so only the direction and rough size of each speed-up compare.",
-        *(["Budget: " + ", ".join(f"{v.name} {spec.steps_for(v)} steps" for v in spec.variants) +
-           f" at batch {spec.batch_size}; test accuracy on the first {spec.test_examples or 'all'} test clouds."]
-          if spec else []),
-        seeds_note(results.status, "the paper states one run per method"),
-        *(results.experiment.notes if results.experiment else ()),
-    ]
-    groups = {"none": list(results.variant_order)}
-    return speedup.report(results, groups, paper=PAPER_SPEEDUP, notes=notes, verdicts=_verdicts)
+    return speedup.against_one_baseline(
+        results, "none", paper=PAPER_SPEEDUP, examples="clouds", verdicts=_verdicts,
+        scale_note=("The paper's numbers are for the full PointNet on ModelNet40 (Figure 5); these runs are a scaled-down analogue "
+                    "(the small PointNet on MNIST point clouds), so only the direction and rough size of each speed-up compare."))
 
 
 EXPERIMENT = Experiment(

@@ -28,9 +28,10 @@ import math
 import numpy as np
 import pandas as pd
 
+from normbench import datasets
 from normbench.reporting import plots
 from normbench.reporting.runs import ok_only
-from normbench.reporting.tables import fmt, is_missing, render_latex, render_markdown
+from normbench.reporting.tables import fmt, is_missing, render_latex, render_markdown, seeds_note
 
 FIGURE_STEM = "speedup_curve"
 CURVE_LEVELS = 25  # accuracy levels of the speed-up curve
@@ -271,6 +272,24 @@ def comparable_verdict(table: pd.DataFrame, method: str, reference: str, paper: 
     return [f"Paper: {method} speeds training up comparably to {reference} ({paper[method]}× vs {paper[reference]}×); "
             f"read here as at least {least_fraction:.0%} of its speed-up. Here ({backend}): {speedup_text(ours)} vs "
             f"{speedup_text(theirs)}: **{'holds' if holds else 'does not hold'}**."]
+
+
+def against_one_baseline(results, baseline: str, *, paper: dict[str, float], scale_note: str, examples: str,
+                         verdicts) -> dict:
+    """`report` of an experiment measuring every variant against one `baseline`, with the
+    notes the paper-analogue experiments share: `scale_note` (what the paper ran and what
+    was scaled down), the budget and test set (`examples`: "images", "clouds"), the seeds
+    and the experiment's own notes."""
+    spec = results.spec
+    budget = []
+    if spec:
+        tested = (f"the first {spec.test_examples}" if spec.test_examples else
+                  f"all {datasets.info(spec.dataset).test_examples}")
+        budget = ["Budget: " + ", ".join(f"{v.name} {spec.steps_for(v)} steps" for v in spec.variants) +
+                  f" at batch {spec.batch_size}; test accuracy on {tested} test {examples}."]
+    notes = [scale_note, *budget, seeds_note(results.status, "the paper states one run per method"),
+             *(results.experiment.notes if results.experiment else ())]
+    return report(results, {baseline: list(results.variant_order)}, paper=paper, notes=notes, verdicts=verdicts)
 
 
 def report(results, groups: dict[str, list[str]], *, paper: dict[str, float] | None = None, notes: list[str] = (),
