@@ -10,6 +10,7 @@ fails every test that needs that backend.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 
@@ -402,18 +403,54 @@ def test_shadowing_compares_every_update_from_a_common_state():
     steps = 4
     first, second, _, updates = parity.lockstep_outputs(spec, variant, (backend, "float64"), (backend, "float32"), steps,
                                                         SEED, every_step=True)
-    assert len(updates) == steps and set(updates[0][0]) == {k for k in first if k.startswith(("final/", "final_state/"))}
-    rows = parity._shadowed_rows((backend, "float64"), (second, first), [(b, a) for a, b in updates], variant, 1e-8,
+    assert len(updates) == steps and set(updates[0].first) == {k for k in first if k.startswith(("final/", "final_state/"))}
+    assert {f"final/{k}" for k in updates[0].first_gradients} == {k for k in first if k.startswith("final/")}
+    assert set(updates[0].second_gradients) == set(updates[0].first_gradients)
+    rows = parity._shadowed_rows((backend, "float64"), (second, first), [u.swapped() for u in updates], variant, 1e-8,
                                  parity.drift_tolerance)
     assert {r.quantity for r in rows} == set(first) and all(r.ok for r in rows)
     assert any(r.detail.startswith("worst at update ") for r in rows)
     # a real difference in one update still fails, and is found at that update
-    a, b = updates[2]
-    broken = dict(b, **{k: b[k] * 1.01 for k in b if k.startswith("final/")})
-    rows = parity._shadowed_rows(("x", "y"), (first, second), [*updates[:2], (a, broken), *updates[3:]], variant, 1e-8,
+    b = updates[2].second
+    broken = dataclasses.replace(updates[2], second=dict(b, **{k: b[k] * 1.01 for k in b if k.startswith("final/")}))
+    rows = parity._shadowed_rows(("x", "y"), (first, second), [*updates[:2], broken, *updates[3:]], variant, 1e-8,
                                  lambda q: 1e-3)
     failing = [r for r in rows if not r.ok]
     assert failing and all(r.detail == f"worst at update 3 of {steps}" for r in failing)
+
+
+def _undetermined_update(first_gradient: float, second_gradient: float) -> "parity.Update":
+    """A zero-initialized kernel after one Adam-like step of 1e-3 (the layer's largest
+    gradient is 1): element 0's gradient is `first_gradient` on one side and
+    `second_gradient` on the other, and its two steps point opposite ways."""
+    gradient = np.array([first_gradient, 1.0, -0.5, 0.25])
+    first = np.array([1e-3, 1e-3, -1e-3, 1e-3])
+    second = np.array([-1e-3, 1e-3, -1e-3, 1e-3])
+    return parity.Update(first={"final/l/kernel": first}, second={"final/l/kernel": second},
+                         start={"final/l/kernel": np.zeros(4)},
+                         first_gradients={"l/kernel": gradient, "l/bias": np.array([0.1])},
+                         second_gradients={"l/kernel": np.array([second_gradient, 1.0, -0.5, 0.25]), "l/bias": np.array([0.1])})
+
+
+def _kernel_row(update, gradient_tolerance=5e-3):
+    outs = ({"trajectory/loss": np.ones(1)}, {"trajectory/loss": np.ones(1)})
+    rows = parity._shadowed_rows(("x", "y"), outs, [update], "v", 1e-8, lambda q: 1e-3, gradient_tolerance)
+    return next(r for r in rows if r.quantity == "final/l/kernel")
+
+
+def test_an_undetermined_gradient_is_left_out_of_a_shadowed_update_and_counted():
+    """An element whose gradient is within the gradient bound of 0 and differs between
+    the sides beyond the parameter's bound takes a step of rounding: left out, and the row
+    says so. Every other way the same opposite steps can arise fails (relative error 2 on
+    a parameter one step in size): a gradient the sides agree on, a gradient too large to
+    be rounding, or no gradient bound at all."""
+    row = _kernel_row(_undetermined_update(1e-4, -1e-4))
+    assert row.ok and row.max_abs == 0.0 and "undetermined gradients left out: 1 of 4 at update 1" in row.detail
+    for update, bound in [(_undetermined_update(1e-4, 1e-4), 5e-3),   # determined: both sides agree
+                          (_undetermined_update(0.2, -0.2), 5e-3),    # far outside the gradient bound
+                          (_undetermined_update(1e-4, -1e-4), 0.0)]:  # no bound given
+        row = _kernel_row(update, bound)
+        assert not row.ok and row.max_rel == pytest.approx(2.0) and "undetermined" not in row.detail
 
 
 def test_a_bound_raised_past_the_conditioning_limit_is_replaced_by_shadowing(monkeypatch):
@@ -428,7 +465,9 @@ def test_a_bound_raised_past_the_conditioning_limit_is_replaced_by_shadowing(mon
     def lockstep(spec_, variant_, first, second, steps, seed, device, every_step=False):
         if every_step:
             shadow_calls.append(first)
-            return x, dict(x), [], [({"final/l/kernel": np.array([1.0, 2.0])}, {"final/l/kernel": np.array([1.0, 2.0])})]
+            state = {"final/l/kernel": np.array([1.0, 2.0])}
+            gradients = {"l/kernel": np.ones(2)}
+            return x, dict(x), [], [parity.Update(state, dict(state), dict(state), gradients, dict(gradients))]
         return x, y, [], []
 
     monkeypatch.setattr(parity, "lockstep_outputs", lockstep)
