@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from normbench import backends as registry
+from normbench import folding
 from normbench import spec as specs
 from normbench.data_order import BatchOrder, seed_streams
 from normbench.identity import legacy_columns
@@ -89,6 +90,8 @@ def _architecture_variants() -> list[str]:
 
 
 ARCHITECTURE_VARIANTS = _architecture_variants()
+
+
 # One ResNet-50 training step at batch 8 (224 x 224 x 3, synthetic images): peak host memory.
 PEAK_MEMORY_MODEL, PEAK_MEMORY_BATCH, PEAK_MEMORY_QUICK_MODEL = "resnet-50", 8, "resnet-small"
 SEED = 0
@@ -109,6 +112,9 @@ WARMUP_STEPS = 5  # steps before any steady-state timing (allocator, kernel sele
 # rounds of it wandered by +-8%.
 RATIO_ROUNDS, RATIO_SECONDS = 40, 3.0
 QUICK_STEPS, QUICK_EVAL_EVERY, QUICK_TEST_EXAMPLES, QUICK_RATIO_ROUNDS = 10, 5, 500, 3
+# Inference: latency of one image; time per image of a batch (the quick batch keeps CI's
+# every-combination run short).
+LATENCY_BATCH, THROUGHPUT_BATCH, QUICK_THROUGHPUT_BATCH = 1, 256, 8
 TRAIN_TIMEOUT_S = 3600  # one training run in its worker process
 SETUP_CACHE_TIMEOUT_S = 4 * 3600  # all runs of one backend
 
@@ -133,6 +139,12 @@ def warmup_steps() -> int:
 def ratio_rounds() -> tuple[int, float]:
     """(minimum rounds, minimum measured seconds) for `side_by_side_medians`."""
     return (QUICK_RATIO_ROUNDS, 0.0) if quick() else (RATIO_ROUNDS, RATIO_SECONDS)
+
+
+def throughput_batch() -> int:
+    return QUICK_THROUGHPUT_BATCH if quick() else THROUGHPUT_BATCH
+
+
 
 
 # ----------------------------------------------------------------------------- engines and data
@@ -334,6 +346,100 @@ def side_by_side_medians(steps, rounds: int, min_seconds: float = 0.0) -> list[f
     return [statistics.median(s) for s in samples]
 
 
+class Predictor:
+    """Inference-mode logits of `plan` for one fixed batch of `batch_size` synthetic inputs,
+    through the backend trainer's `predict` (jax.jit, tf.function; torch eager under
+    inference_mode). `folded`: the plain network with batch norm and `affine` folded into
+    the layers (normbench.folding); NotImplementedError (a skip) where the method cannot
+    fold or the network is the plain one already. `predict()` is the unit the inference
+    benchmarks time: one forward pass, its logits read back to the host (which waits for
+    the device)."""
+
+    def __init__(self, backend: str, plan, device: str, batch_size: int, folded: bool):
+        import numpy as np
+
+        params, state = plan.initial_parameters(SEED)
+        if folded:
+            if not folding.folds_anything(plan):
+                raise NotImplementedError(f"{plan.variant.name} on {plan.arch.name} is the plain network already")
+            try:
+                plan, params = folding.fold(plan, params, state)
+            except ValueError as exc:
+                raise NotImplementedError(str(exc)) from None
+            state = {}
+        eng = engine(backend, device)
+        # A forward pass costs the same whatever the input values: no data set is needed.
+        self.images = eng.put_images(np.random.default_rng(SEED).standard_normal((batch_size, *plan.arch.input_shape)))
+        self.trainer = eng.trainer(plan, params, state, self.images, eng.put_labels(np.zeros(batch_size, np.int64)))
+        self.batch_size = batch_size
+        for _ in range(warmup_steps()):
+            self.predict()
+
+    def predict(self) -> None:
+        self.trainer.predict(self.images)
+
+
+def inference_plan(architecture: str, variant: str):
+    """`variant` of METHODS_SPEC on its own network, or of `architecture`'s smoke spec;
+    NotImplementedError (an asv skip) for a pair that no spec has."""
+    if architecture in ARCHITECTURE_SPECS:
+        return architecture_plan(architecture, variant)
+    spec = specs.load(METHODS_SPEC)
+    if not any(v.name == variant and spec.model_for(v) == architecture for v in spec.variants):
+        raise NotImplementedError(f"{METHODS_SPEC} has no variant {variant!r} on {architecture}")
+    return method_plan(variant)
+
+
+def _folds(plan) -> bool:
+    """Whether `plan`'s method folds (`folding.fold` accepts it) and folding changes its network."""
+    try:
+        folding.fold(plan, *plan.initial_parameters(SEED))
+    except ValueError:
+        return False
+    return folding.folds_anything(plan)
+
+
+def inference_cases() -> list[str]:
+    """The inference grid, '<architecture>:<variant>:<form>': every variant of METHODS_SPEC
+    on its own network and of the smoke specs on their architectures, 'unfolded' (as
+    trained, batch norm with its running statistics) and, where its method folds, 'folded'
+    (the plain network, batch norm and `affine` folded in). One axis of valid cases: a
+    product of architectures, variants and forms would spawn a process per invalid
+    combination too (about 1,800 of them). Under NORMBENCH_BENCH_QUICK (CI runs every case
+    once, each a process with a framework import: the full grid took 18 minutes there),
+    METHODS_SPEC's first variant that folds, both forms, and its first whose normalization
+    is computed at every prediction."""
+    methods = specs.load(METHODS_SPEC)
+    pairs = [(methods.model, v.name) for v in methods.variants if methods.model_for(v) == methods.model]
+    if not quick():
+        pairs += [(arch, v.name) for arch, name in ARCHITECTURE_SPECS.items() for v in specs.load(name).variants]
+    folds = {pair: _folds(inference_plan(*pair)) for pair in pairs}
+    if quick():
+        computed = [p for p in pairs if not folds[p] and folding.folds_anything(inference_plan(*p))]  # e.g. layer norm
+        pairs = [next(p for p in pairs if folds[p]), computed[0]]
+    return [f"{arch}:{variant}:{form}" for arch, variant in pairs
+            for form in (("unfolded", "folded") if folds[(arch, variant)] else ("unfolded",))]
+
+
+_WARM_PREDICTORS: dict[tuple, Predictor] = {}
+
+
+def warm_predictor(backend: str, case: str, batch_size: int, device: str) -> Predictor:
+    """A warmed-up Predictor of an `inference_cases` case, created once per process (asv
+    re-runs setup before every sample)."""
+    key = (backend, case, batch_size, device)
+    if key not in _WARM_PREDICTORS:
+        architecture, variant, form = case.split(":")
+        _WARM_PREDICTORS[key] = Predictor(backend, inference_plan(architecture, variant), device, batch_size,
+                                          folded=form == "folded")
+    return _WARM_PREDICTORS[key]
+
+
+def seconds_per_image(predictor: Predictor) -> float:
+    """Median seconds of `predictor.predict()` (at least the ratios' rounds and seconds) over its batch size."""
+    return side_by_side_medians([predictor.predict], *ratio_rounds())[0] / predictor.batch_size
+
+
 def reference_module(backend: str):
     """benchmarks/reference_<backend>/, or NotImplementedError when it does not exist."""
     name = f"{__package__}.reference_{backend}"
@@ -355,13 +461,15 @@ def reference_device(backend: str, device: str):
 class ReferenceStepper:
     """The hand-written loop of `backend` for `plan` (benchmarks/reference_<backend>/), with
     the same unit as `Stepper.step`: one update, then synchronize, inside the caller's timer.
-    NotImplementedError (asv's skip) where the loop does not cover the plan."""
+    NotImplementedError (asv's skip) where the loop does not cover the plan. `options` go
+    to the loop (reference_torch's `same_alignment`)."""
 
-    def __init__(self, backend: str, plan, device: str):
+    def __init__(self, backend: str, plan, device: str, **options):
         engine(backend, device)  # the same skips as the backend's side
         data = mnist()
         self._step, self._synchronize = reference_module(backend).make_reference_step(
-            plan, device=reference_device(backend, device), seed=SEED, data=(data.train_images, data.train_labels))
+            plan, device=reference_device(backend, device), seed=SEED, data=(data.train_images, data.train_labels),
+            **options)
         self.count = 0
         for _ in range(warmup_steps()):
             self.step()

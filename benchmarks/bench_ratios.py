@@ -49,6 +49,27 @@ class ReferenceRatio:
         return _ratio(f"{backend}/{model}/{normalization}/{device}: backend", self.stepper, self.reference, "reference")
 
 
+class AlignmentCost:
+    """PyTorch only: median step time of the hand-written loop padded as TensorFlow's SAME
+    rule does (what normbench computes: F.pad for the odd pixel of an asymmetric pad) over
+    the same loop padded as PyTorch users do (symmetric `padding`, the ReferenceRatio
+    yardstick). What exact alignment costs a PyTorch user who writes it by hand."""
+
+    params = [["torch"], h.MODELS, h.NORMALIZATIONS, h.DEVICES]
+    param_names = ["backend", "model", "normalization", "device"]
+    unit = "ratio"
+    timeout = 300
+
+    def setup(self, backend, model, normalization, device):
+        plan = h.warm_stepper(backend, model, normalization, device).program
+        self.aligned = h.ReferenceStepper(backend, plan, device, same_alignment=True)
+        self.idiom = h.ReferenceStepper(backend, plan, device)
+
+    def track_alignment_cost(self, backend, model, normalization, device):
+        return _ratio(f"{backend}/{model}/{normalization}/{device}: SAME-aligned loop", self.aligned, self.idiom,
+                      "symmetric-padding loop")
+
+
 class MethodOverhead:
     """`NormalizationOverhead` for every variant of the methods grid: its median step time
     over that of the variant without normalization on the same network."""

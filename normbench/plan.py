@@ -174,9 +174,10 @@ class Plan:
             kernel = params[f"{layer.name}/kernel"]
             if layer.normalized:
                 kernel = method.kernel(ops, kernel, self._slot_params(params, layer.name))
-            z = ops.conv2d(x, kernel, layer.stride, layer.pads, layer.groups) if layer.kind == "conv" else ops.dense(x, kernel)
             bias = params.get(f"{layer.name}/bias")
-            return z if bias is None else ops.add_channel_bias(z, bias)
+            if layer.kind == "conv":
+                return ops.conv2d_bias(x, kernel, bias, layer.stride, layer.pads, layer.groups)
+            return ops.dense_bias(x, kernel, bias)
 
         def slot(layer, z):
             p = self._slot_params(params, layer.name)

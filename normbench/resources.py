@@ -28,7 +28,7 @@ from normbench.spec import ExperimentSpec, SpecError
 BYTES_PER_VALUE = {"float32": 4, "float64": 8}
 TRAINING_COPIES = 6  # values kept per activation in a training step (see the module docstring)
 EVALUATION_COPIES = 3  # inference: pre-activation, normalized value, ReLU output
-EVALUATION_CHUNK = 500  # Trainer.evaluate's chunk_size (a test holds them equal)
+EVALUATION_CHUNK = 500  # the largest of the trainers' evaluation_chunk_size (a test holds it)
 OPTIMIZER_SLOTS = {"sgd": 1, "rmsprop": 2, "adam": 2}  # state tensors per parameter (sgd: momentum)
 
 

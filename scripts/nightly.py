@@ -279,12 +279,15 @@ def markdown(rows: list[dict], base_commit: str, current_commit: str, machine: s
 EXPORTED = [
     ("bench_step_time.TimeStep.time_step", "Steady-state time per training step", "seconds"),
     ("bench_step_time.TimeFirstStep.time_first_step", "First step of a fresh trainer (tracing, compilation, kernel set-up)", "seconds"),
-    ("bench_ratios.ReferenceRatio.track_ratio_to_reference", "Step time / a minimal hand-written loop in the same framework", "ratio"),
+    ("bench_ratios.ReferenceRatio.track_ratio_to_reference", "Step time / a minimal hand-written loop in the same framework (PyTorch: symmetric padding, bias in the convolution)", "ratio"),
+    ("bench_ratios.AlignmentCost.track_alignment_cost", "PyTorch: the hand-written loop with TensorFlow's SAME alignment / with symmetric padding", "ratio"),
     ("bench_ratios.NormalizationOverhead.track_overhead_vs_none", "Step time / the same model without normalization", "ratio"),
     ("bench_ratios.MethodReferenceRatio.track_ratio_to_reference", "Every method: step time / the hand-written loop in the same framework", "ratio"),
     ("bench_ratios.MethodOverhead.track_overhead_vs_none", "Every method: step time / the same network without normalization", "ratio"),
     ("bench_architectures.ArchitectureStep.time_step", "The paper's architectures at their small configurations: time per training step", "seconds"),
     ("bench_architectures.ResNet50PeakMemory.track_peak_step_memory", "Host memory of one ResNet-50 training step at batch 8", "bytes"),
+    ("bench_inference.InferenceLatency.time_predict", "Inference: time to predict one image (batch norm unfolded and folded into the layers)", "seconds"),
+    ("bench_inference.InferenceThroughput.track_seconds_per_image", "Inference: time per image of a large batch (batch norm unfolded and folded into the layers)", "seconds"),
     ("track_steps_to_target", "Steps to the baseline's best test accuracy within 1000 steps (speed-up = the baseline's steps / a method's; n/a = not reached)", "steps"),
     ("track_final_test_error", "Test error after 1000 steps", "fraction"),
     ("track_host_rss_growth", "Host RSS growth during a 1000-step run", "bytes"),
@@ -312,6 +315,7 @@ def export(results: list, benchmarks: dict, machine: str, info: dict, commit: st
     columns = ["benchmark", "unit", "backend", "model", "normalization", "variant", "device", "value"]
     if any(r.get("architecture") for r in records):  # only where such benchmarks ran: older exports keep their columns
         columns.insert(4, "architecture")
+    columns[-2:-2] = [k for k in dict.fromkeys(k for r in records for k in r) if k not in columns]  # e.g. inference's case
     with open(out / "benchmarks.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
@@ -337,16 +341,16 @@ def export(results: list, benchmarks: dict, machine: str, info: dict, commit: st
         mine = [r for r in records if r["benchmark"] == pattern or r["benchmark"].endswith("." + pattern)]
         for device in sorted({r.get("device", "") for r in mine}):
             rows = [r for r in mine if r.get("device", "") == device]
-            if any(r.get("variant") for r in rows):  # the methods grid: a row per (architecture,) variant, a column per backend
+            if any(r.get("variant") or r.get("case") for r in rows):  # the variant grids (inference: cases): a row per variant (and its other parameters), a column per backend
                 backends = list(dict.fromkeys(_backend_of(r) for r in rows))
-                label = "architecture | variant" if any(r.get("architecture") for r in rows) else "variant"
-                lines += [f"## {heading} ({device})", "", f"| {label} | " + " | ".join(backends) + " |",
-                          "|---|" + "---|" * (len(backends) + label.count("|"))]
-                for row_key in dict.fromkeys((r.get("architecture"), r["variant"]) for r in rows):
-                    cells = [next((_format(r["value"], unit) for r in rows if (r.get("architecture"), r["variant"]) == row_key
-                                   and _backend_of(r) == b), "—") for b in backends]
-                    name = " | ".join(k for k in row_key if k)
-                    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+                names = [k for k in dict.fromkeys(k for r in rows for k in r) if k not in ("benchmark", "unit", "backend", "device", "value")]
+                row_of = lambda r: tuple(r.get(k, "") for k in names)
+                lines += [f"## {heading} ({device})", "", f"| {' | '.join(names)} | " + " | ".join(backends) + " |",
+                          "|---|" + "---|" * (len(backends) + len(names) - 1)]
+                for row_key in dict.fromkeys(map(row_of, rows)):
+                    cells = [next((_format(r["value"], unit) for r in rows if row_of(r) == row_key and _backend_of(r) == b), "—")
+                             for b in backends]
+                    lines.append(f"| {' | '.join(row_key)} | " + " | ".join(cells) + " |")
                 lines.append("")
                 continue
             present = [n for n in normalizations if any(r.get("normalization") == n for r in rows)] or [None]

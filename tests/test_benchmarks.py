@@ -67,6 +67,7 @@ def test_discovery_finds_the_suite():
     expected = {
         "bench_step_time.TimeStep.time_step", "bench_step_time.TimeFirstStep.time_first_step",
         "bench_ratios.NormalizationOverhead.track_overhead_vs_none", "bench_ratios.ReferenceRatio.track_ratio_to_reference",
+        "bench_inference.InferenceLatency.time_predict", "bench_inference.InferenceThroughput.track_seconds_per_image",
         *(f"bench_training.{b}Training.{m}" for b in ("Torch", "Jax", "Tensorflow")
           for m in ("track_steps_to_target", "track_final_test_error", "track_host_rss_growth")),
         *(f"bench_training.{b}DeviceMemory.track_device_peak_memory" for b in ("Torch", "Jax", "Tensorflow")),
@@ -256,6 +257,36 @@ def test_nightly_export_gives_the_architectures_grid_a_row_per_architecture_and_
     assert "| architecture | variant | torch |" in text
     assert "| resnet-small | batch_norm | 500 ms |" in text and "| pointnet-small | std | 1.5 s |" in text
     assert (tmp_path / "benchmarks.csv").read_text().splitlines()[0].split(",")[4] == "architecture"
+
+
+def test_nightly_export_gives_the_inference_grid_a_row_per_case(tmp_path):
+    nightly = _load_nightly()
+    nan = float("nan")
+    key = "bench_inference.InferenceLatency.time_predict"
+    result = _FakeGridResult({key: [0.002, 0.001, nan]})
+    result.get_result_params = lambda k: [["'jax'"], ["'resnet-small:batch_norm:unfolded'",
+                                                      "'resnet-small:batch_norm:folded'", "'resnet-small:group_norm:unfolded'"]]
+    benchmarks = {key: {"unit": "seconds", "param_names": ["backend", "case"]}}
+    info = {"cpu": "Test CPU", "num_cpu": "2", "ram": str(8 * 2**30), "os": "Linux"}
+    nightly.export([result], benchmarks, "m", info, "c" * 40, tmp_path, "x")
+    text = (tmp_path / "README.md").read_text()
+    assert "| case | jax |\n|---|---|" in text
+    assert "| resnet-small:batch_norm:unfolded | 2 ms |" in text and "| resnet-small:batch_norm:folded | 1 ms |" in text
+    assert "group_norm" not in text  # not measured: left out
+    rows = (tmp_path / "benchmarks.csv").read_text().splitlines()
+    assert rows[0] == "benchmark,unit,backend,model,normalization,variant,case,device,value"
+    assert rows[2] == f"{key},seconds,jax,,,,resnet-small:batch_norm:folded,,0.001"
+
+
+def test_the_inference_grid_is_every_valid_case_once():
+    """Cases exist only where they run: 'folded' only for a method that folds; the CI sample
+    keeps one that folds (both forms) and one computed at every prediction."""
+    harness = importlib.import_module("benchmarks._harness")
+    cases = harness.inference_cases()
+    assert len(cases) == len(set(cases)) and all(c.count(":") == 2 for c in cases)
+    folded = {c.rsplit(":", 1)[0] for c in cases if c.endswith(":folded")}
+    assert folded and folded <= {c.rsplit(":", 1)[0] for c in cases if c.endswith(":unfolded")}
+    assert not any("group" in c or "layer-norm" in c for c in folded)
 
 
 def test_nightly_keeps_a_timing_regression_only_when_a_second_measurement_confirms_it():

@@ -76,6 +76,11 @@ def _normbench_losses(backend, plan, data):
     return [trainer.step_and_read(order.indices(i), plan.learning_rate(i))["loss"] for i in range(STEPS)]
 
 
+# PyTorch's loop pads as PyTorch users do (symmetric `padding`) unless asked for
+# TensorFlow's SAME alignment, which normbench computes; JAX and TensorFlow have SAME.
+_EXACT = {"torch": {"same_alignment": True}}
+
+
 @pytest.mark.parametrize("spec_name,variant", _cases())
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_reference_loop_computes_what_normbench_computes(backend, spec_name, variant, data):
@@ -87,7 +92,7 @@ def test_reference_loop_computes_what_normbench_computes(backend, spec_name, var
         spec = spec.replace(variants=[variant], **changes)
         variant = variant["name"]
     plan = resolve(spec, variant)
-    step, synchronize = _reference(backend).make_reference_step(plan, seed=SEED, data=data)
+    step, synchronize = _reference(backend).make_reference_step(plan, seed=SEED, data=data, **_EXACT.get(backend, {}))
     reference = [float(step(i)) for i in range(STEPS)]
     synchronize()
     rtol = DECORRELATION_RTOL if any(p.name == "decorrelation" for p in plan.variant.auxiliary_losses) else RTOL
@@ -107,3 +112,21 @@ def test_reference_loop_refuses_what_it_does_not_cover(backend, data):
     rmsprop = specs.load("mnist-cnn").replace(batch_size=BATCH, optimizer=specs.OptimizerSpec(name="rmsprop"))
     with pytest.raises(NotImplementedError, match="plain SGD"):
         module.make_reference_step(resolve(rmsprop, rmsprop.variants[0]), data=data)
+
+
+def test_the_pytorch_idiom_pads_symmetrically_where_same_would_not(data):
+    """The timed PyTorch loop is the idiom (symmetric `padding`): on mnist-mlp, without
+    convolutions, it is the exact loop; on mnist-cnn, whose stride-2 convolutions of even
+    sizes TensorFlow's SAME pads asymmetrically, the windows shift and the losses part."""
+    if not backends.is_available("torch"):
+        pytest.skip("torch is not installed")
+    module = _reference("torch")
+
+    def first_losses(spec_name, **options):
+        spec = specs.load(spec_name).replace(batch_size=BATCH)
+        step, _ = module.make_reference_step(resolve(spec, spec.variants[0].name), seed=SEED, data=data, **options)
+        return [float(step(i)) for i in range(2)]
+
+    assert first_losses("mnist-mlp") == first_losses("mnist-mlp", same_alignment=True)
+    idiom, exact = first_losses("mnist-cnn"), first_losses("mnist-cnn", same_alignment=True)
+    assert idiom != exact and np.allclose(idiom, exact, rtol=0.2)  # the same network, windows one pixel apart

@@ -522,10 +522,15 @@ def test_an_absent_device_fails_before_data_loads(tmp_path, monkeypatch, capsys,
     assert not (tmp_path / "out").exists()
 
 
-def test_the_estimates_evaluation_chunk_is_the_one_trainers_use():
-    import inspect
+def test_the_estimates_evaluation_chunk_bounds_every_backends():
+    """The memory estimate sizes an evaluation chunk at the largest any trainer uses."""
+    import importlib
 
+    from normbench import backends
     from normbench.backends import base
 
-    chunk = inspect.signature(base.Trainer.evaluate).parameters["chunk_size"].default
-    assert resources.EVALUATION_CHUNK == chunk
+    chunks = [base.Trainer.evaluation_chunk_size]
+    for name in backends.names():
+        if backends.is_available(name):
+            chunks.append(importlib.import_module(f"normbench.backends.{name}.engine").Trainer.evaluation_chunk_size)
+    assert resources.EVALUATION_CHUNK == max(chunks)

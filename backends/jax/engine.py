@@ -100,6 +100,10 @@ class Engine(base.Engine):
 
 
 class Trainer(base.Trainer):
+    # cnn3, 10,000 test images (see base.Trainer): 0.31 / 0.30 / 0.35 / 0.61 s at chunks of
+    # 100 / 250 / 500 / 1000 (mean over none, standardization loss and batch norm).
+    evaluation_chunk_size = 250
+
     def __init__(self, engine, program, params, state, train_images, train_labels, track):
         super().__init__(engine, program, track)
         ops = self.ops = engine.ops
@@ -130,12 +134,16 @@ class Trainer(base.Trainer):
         def evaluation(params, state, images, labels):
             return program.evaluation(ops, params, state, images, labels, track)
 
+        def logits(params, state, images):
+            return program.forward(ops, params, state, images, training=False).logits
+
         # Donating the old params / optimizer state / BN state lets XLA update them in
         # place (no second copy of every buffer per step).
         self._train_step = jax.jit(train_step, donate_argnums=(0, 1, 2))
         self._compiled: dict[int, object] = {}
         self._gradients = jax.jit(gradients)
         self._evaluation = jax.jit(evaluation)
+        self._logits = jax.jit(logits)
 
     def _arguments(self, indices, learning_rate, dropout_masks):
         e = self.engine
@@ -177,6 +185,9 @@ class Trainer(base.Trainer):
         masks = None if dropout_masks is None else self.engine.import_tree(dropout_masks)
         grads, seen = self._gradients(self.params, self.state, images, labels, masks)
         return self.engine.export_tree(grads), self._canonical_intermediates(seen)
+
+    def predict(self, images):
+        return self.engine.activation_to_numpy(self._logits(self.params, self.state, images))
 
     def _evaluate_chunk(self, images, labels):
         # One transfer for the whole tree.

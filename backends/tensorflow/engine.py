@@ -128,7 +128,7 @@ class Trainer(base.Trainer):
         self._functions = {
             name: tf.function(body, jit_compile=engine.jit_compile, autograph=False)
             for name, body in (("step", self._train_step_fn), ("gradients", self._gradients_fn),
-                               ("evaluation", self._evaluation_fn))
+                               ("evaluation", self._evaluation_fn), ("logits", self._logits_fn))
         }
         self._traced = {}
         self._steps, self._learning_rates = {}, {}  # batch size -> traced step; lr value -> tensor
@@ -186,6 +186,9 @@ class Trainer(base.Trainer):
     def _evaluation_fn(self, images, labels):
         return self.program.evaluation(self.ops, self._values(self.params), self._values(self.state), images, labels, self.track)
 
+    def _logits_fn(self, images):
+        return self.program.forward(self.ops, self._values(self.params), self._values(self.state), images, training=False).logits
+
     # ---- the Trainer contract
     def _masks(self, dropout_masks) -> dict:
         # A dict of tensors (empty without dropout): a traced function's arguments are tensors.
@@ -228,6 +231,9 @@ class Trainer(base.Trainer):
     def gradients(self, images, labels, dropout_masks=None):
         grads, seen = self._call("gradients", images, labels, self._masks(dropout_masks))
         return self.engine.export_tree(grads), self._canonical_intermediates(seen)
+
+    def predict(self, images):
+        return self.engine.activation_to_numpy(self._call("logits", images))
 
     def _evaluate_chunk(self, images, labels):
         return self._chunk_to_numpy(self._call("evaluation", images, labels))

@@ -9,9 +9,15 @@ batch gathered on the device from the resident training set. Only the initial we
 (so that both sides compute the same thing, which tests/test_reference_loops.py checks)
 and the batch order come from normbench; no normbench code runs inside a step.
 
-Convolution padding is the plan's explicit SAME padding: symmetric pads go to F.conv2d's
-`padding`, the odd pixel of an asymmetric SAME pad through F.pad, as normbench's torch
-backend does (what that alignment costs is the subject of the throughput issue).
+Convolution padding is what a PyTorch user writes: F.conv2d's symmetric `padding` of
+kernel // 2. Where TensorFlow's SAME rule pads asymmetrically (a stride-2 convolution of an
+even-sized input: cnn3's three layers) that shifts every window by one pixel against
+normbench's canonical alignment: the same shapes and FLOPs, not the same numbers. So the
+timings compare normbench with the idiom, and `same_alignment=True` builds the loop that
+computes exactly what normbench computes (symmetric pads through `padding`, the odd pixel
+of an asymmetric pad through F.pad, as a PyTorch user reproducing a TensorFlow model
+would): tests/test_reference_loops.py holds that one to normbench's losses, and
+`bench_ratios.AlignmentCost` times it against the idiom.
 """
 
 from __future__ import annotations
@@ -38,11 +44,16 @@ def _torch_kernel(layer, kernel: np.ndarray, input_shape: tuple[int, ...]) -> np
 class _Layer:
     """One hidden layer, looked up once: its tensors and its method's functions."""
 
-    def __init__(self, layer, params, state, method_params, method_state, normalize, reparameterize):
+    def __init__(self, layer, params, state, method_params, method_state, normalize, reparameterize, same_alignment):
         self.kind, self.stride = layer.kind, layer.stride
         (top, bottom), (left, right) = layer.pads or ((0, 0), (0, 0))
-        self.padding = (top, left) if (top, left) == (bottom, right) else 0
-        self.extra_pad = None if self.padding != 0 or not (top or bottom or left or right) else (left, right, top, bottom)
+        self.extra_pad = None
+        if not same_alignment and (top or bottom or left or right):
+            self.padding = tuple(size // 2 for size in layer.kernel_shape[:2])  # the idiom: "same" for odd kernels at stride 1
+        else:
+            self.padding = (top, left) if (top, left) == (bottom, right) else 0
+            if self.padding == 0 and (top or bottom or left or right):
+                self.extra_pad = (left, right, top, bottom)
         self.kernel = params[f"{layer.name}/kernel"]
         self.bias = params.get(f"{layer.name}/bias")
         self.method_params = {s: params[f"{layer.name}/{s}"] for s in method_params}
@@ -59,7 +70,7 @@ class _Layer:
         return F.conv2d(x, kernel, self.bias, stride=self.stride, padding=self.padding)
 
 
-def make_reference_step(plan, device=None, seed: int = 0, data=None):
+def make_reference_step(plan, device=None, seed: int = 0, data=None, *, same_alignment: bool = False):
     from normbench.data_order import BatchOrder, seed_streams
 
     *hidden, head = _reference.chain(plan)
@@ -91,7 +102,7 @@ def make_reference_step(plan, device=None, seed: int = 0, data=None):
                                  {"params": others, "weight_decay": 0.0}], lr=learning_rate)
 
     layers = [_Layer(layer, params, state, *_reference.slot_names(plan, layer), hand_written.normalize,
-                     getattr(hand_written, "kernel", None)) for layer in hidden]
+                     getattr(hand_written, "kernel", None), same_alignment) for layer in hidden]
     head_kernel, head_bias = params[f"{head.name}/kernel"], params[f"{head.name}/bias"]
     order = BatchOrder(seed_streams(seed)[1], int(labels.shape[0]), plan.spec.batch_size)
 

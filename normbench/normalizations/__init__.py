@@ -139,6 +139,14 @@ class Normalization:
         """Inference-mode output."""
         return z
 
+    def inference_affine(self, params: dict, state: dict, slot: Slot) -> tuple[np.ndarray, np.ndarray] | None:
+        """`infer` as a per-channel map of the stored kernel's layer output, `infer(z) = z *
+        multiplier + offset`: (multiplier, offset), float64 NumPy of shape (channels,), from
+        this slot's NumPy parameters and state. It lets `normbench.folding` fold the method
+        into the layer's kernel and bias. None (the default) when inference is no such map:
+        statistics of each example's own values, or a reparameterized kernel."""
+        return None
+
 
 class PerExampleNormalization(Normalization):
     """Shared by the methods whose statistics are each example's own (layer, group and

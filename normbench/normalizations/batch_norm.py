@@ -90,6 +90,17 @@ class BatchNorm(Normalization):
             y = ops.add_channel_bias(y, params["shift"])
         return y
 
+    def inference_affine(self, params, state, slot):
+        return running_affine(params, state, self.epsilon)
+
+
+def running_affine(params, state, epsilon):
+    """Inference with the running statistics, (z - running_mean) / sqrt(running_var +
+    epsilon) * scale + shift, as (multiplier, offset) per channel (no scale: 1; no shift: 0)."""
+    as_float64 = lambda value: np.asarray(value, np.float64)
+    multiplier = as_float64(params.get("scale", 1.0)) / np.sqrt(as_float64(state["running_var"]) + epsilon)
+    return multiplier, as_float64(params.get("shift", 0.0)) - as_float64(state["running_mean"]) * multiplier
+
 
 def _per_replica(ops, z, scale, shift, epsilon, replica_batch_size):
     """Batch norm of each sub-batch of `replica_batch_size` examples with its own moments.

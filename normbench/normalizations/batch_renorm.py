@@ -38,6 +38,7 @@ from __future__ import annotations
 import numpy as np
 
 from normbench.normalizations import Normalization
+from normbench.normalizations.batch_norm import running_affine
 from normbench.options import Option
 
 
@@ -135,6 +136,9 @@ class BatchRenorm(Normalization):
     def infer(self, ops, z, params, state, slot):
         y = ops.normalize(z, state["running_mean"], state["running_var"], self.epsilon)
         return ops.add_channel_bias(ops.scale_channels(y, params["scale"]), params["shift"])
+
+    def inference_affine(self, params, state, slot):
+        return running_affine(params, state, self.epsilon)  # inference is batch norm's
 
 
 METHOD = BatchRenorm

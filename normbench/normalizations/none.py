@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from normbench.normalizations import Normalization
 
 
@@ -15,6 +17,9 @@ class NoNormalization(Normalization):
     shorthands = {"none": {}}
     literature = ("Without normalization, deep networks train more slowly at the same learning rate "
                   "(Ioffe & Szegedy 2015; the paper's Section 4.1 baseline).")
+
+    def inference_affine(self, params, state, slot):
+        return np.ones(slot.channels), np.zeros(slot.channels)
 
 
 METHOD = NoNormalization
