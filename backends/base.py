@@ -134,6 +134,29 @@ class Ops(abc.ABC):
         flat = lambda v: self.stop_gradient(self.reshape(v, (channels,)))
         return y, flat(mean), flat(var)
 
+    def group_normalize(self, x, groups: int, epsilon: float, scale=None, shift=None):
+        """(x - mean) / sqrt(var + epsilon) * scale + shift, with the mean and biased
+        variance of each example's `groups` groups of consecutive channels, each over its
+        channels and every position (groups = 1: layer norm; groups = channels: instance
+        norm), and a per-channel `scale` and `shift` (None: none). Composed from `moments`
+        here; a backend may use its fused group norm (PyTorch's F.group_norm); the parity
+        tests hold it to this formula."""
+        shape = self.shape(x)
+        channels, rank = shape[-1], len(shape)
+        if groups == 1:  # every unit of the example
+            axes, grouped = tuple(range(1, rank)), x
+        elif groups == channels:  # every position of each channel
+            axes, grouped = tuple(range(1, rank - 1)), x
+        else:  # (..., C) -> (..., G, C / G): positions and the channels within a group
+            grouped = self.reshape(x, (*shape[:-1], groups, channels // groups))
+            axes = (*range(1, rank - 1), rank)
+        mean, var = self.moments(grouped, axes, keepdims=True)
+        standardized = (grouped - mean) * self.rsqrt(var + epsilon)
+        y = standardized if grouped is x else self.reshape(standardized, shape)
+        if scale is not None:
+            y = self.scale_channels(y, scale)
+        return y if shift is None else self.add_channel_bias(y, shift)
+
     def moving_average(self, running, value, decay: float):
         """decay * running + (1 - decay) * value (batch norm's running statistics).
         A backend may use a fused interpolation (PyTorch's lerp): same value, fewer ops."""

@@ -1,7 +1,7 @@
 """PyTorch's fused fast paths (backends/torch/ops.py) against the compositions they
 replace, in float64: the bias inside the convolution, TensorFlow's SAME alignment through
-a zero-rowed kernel instead of a padded input, and the channel moments' written-out
-gradient. The parity tests hold the whole network to the other backends; these name the
+a zero-rowed kernel instead of a padded input, the channel moments' written-out
+gradient, and F.group_norm for layer, group and instance norm. The parity tests hold the whole network to the other backends; these name the
 primitive that broke."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
+from normbench.backends import base  # noqa: E402
 from normbench.backends.torch import ops as torch_ops  # noqa: E402
 
 
@@ -69,3 +70,16 @@ def test_channel_moments_are_the_two_pass_formula_with_its_gradient(ops, shape):
     ours = torch.autograd.grad((weights[0] * mean + weights[1] * var).sum(), x)[0]
     autograd = torch.autograd.grad((weights[0] * composed_mean + weights[1] * composed_var).sum(), x)[0]
     torch.testing.assert_close(ours, autograd, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("shape,groups", [((4, 8, 5, 5), 1), ((4, 8, 5, 5), 4), ((4, 8, 5, 5), 8), ((6, 8), 2)],
+                         ids=["layer", "group", "instance", "dense-group"])
+def test_fused_group_norm_is_the_composed_formula(ops, shape, groups):
+    x, scale, shift = _leaves(shape, (shape[1],), (shape[1],))
+    fused = ops.group_normalize(x, groups, 1e-3, scale, shift)
+    composed = base.Ops.group_normalize(ops, x, groups, 1e-3, scale, shift)
+    torch.testing.assert_close(fused, composed, rtol=1e-12, atol=1e-12)
+    upstream = torch.randn(shape, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad((fused * upstream).sum(), (x, scale, shift)),
+                    torch.autograd.grad((composed * upstream).sum(), (x, scale, shift))):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

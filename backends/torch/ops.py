@@ -191,6 +191,12 @@ class Ops(base.Ops):
         y, mean, invstd = torch.native_batch_norm(x, scale, shift, None, None, True, 0.0, epsilon)
         return y, mean, (invstd.square().reciprocal() - epsilon).clamp_min(0.0)
 
+    def group_normalize(self, x, groups, epsilon, scale=None, shift=None):
+        # F.group_norm takes NCHW and (N, C) as they are, groups of consecutive channels,
+        # biased variance, per-channel weight and bias: the contract's formula in one fused
+        # kernel each way instead of a permute, a reshape and seven elementwise passes.
+        return F.group_norm(x, groups, scale, shift, epsilon)
+
     def moving_average(self, running, value, decay):
         # value + decay * (running - value): one fused op instead of three.
         return torch.lerp(value, running, decay)

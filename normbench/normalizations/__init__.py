@@ -152,7 +152,7 @@ class PerExampleNormalization(Normalization):
     """Shared by the methods whose statistics are each example's own (layer, group and
     instance norm): they keep no state, compute the same thing in training and inference,
     and end with a learned per-channel scale (ones) and shift (zeros). A subclass has an
-    `epsilon` option and writes `infer` with `standardize` and `scale_and_shift`."""
+    `epsilon` option and writes `infer` with `ops.group_normalize`."""
 
     epsilon: float
 
@@ -165,14 +165,6 @@ class PerExampleNormalization(Normalization):
 
     def train(self, ops, z, params, state, slot):
         return self.infer(ops, z, params, state, slot), state
-
-    def standardize(self, ops, z, axes):
-        """(z - mean) / sqrt(var + epsilon), moments per example over `axes`."""
-        mean, var = ops.moments(z, axes, keepdims=True)
-        return (z - mean) * ops.rsqrt(var + self.epsilon)
-
-    def scale_and_shift(self, ops, y, params):
-        return ops.add_channel_bias(ops.scale_channels(y, params["scale"]), params["shift"])
 
 
 def _collect(module):

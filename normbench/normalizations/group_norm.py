@@ -44,11 +44,7 @@ class GroupNorm(PerExampleNormalization):
         return None
 
     def infer(self, ops, z, params, state, slot):
-        shape = ops.shape(z)  # canonical (N, H, W, C) or (N, C)
-        grouped = ops.reshape(z, (*shape[:-1], self.groups, shape[-1] // self.groups))
-        axes = (*range(1, len(shape) - 1), len(shape))  # positions and the channels within a group
-        y = ops.reshape(self.standardize(ops, grouped, axes), shape)
-        return self.scale_and_shift(ops, y, params)
+        return ops.group_normalize(z, self.groups, self.epsilon, params["scale"], params["shift"])
 
 
 METHOD = GroupNorm

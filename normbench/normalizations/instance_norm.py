@@ -42,7 +42,8 @@ class InstanceNorm(PerExampleNormalization):
         return None
 
     def infer(self, ops, z, params, state, slot):
-        return self.scale_and_shift(ops, self.standardize(ops, z, (1, 2)), params)  # canonical H and W
+        channels = ops.shape(z)[-1]  # a group per channel: its spatial positions
+        return ops.group_normalize(z, channels, self.epsilon, params["scale"], params["shift"])
 
 
 METHOD = InstanceNorm

@@ -39,8 +39,7 @@ class LayerNorm(PerExampleNormalization):
         return None
 
     def infer(self, ops, z, params, state, slot):
-        axes = tuple(range(1, ops.ndim(z)))  # every axis but the batch
-        return self.scale_and_shift(ops, self.standardize(ops, z, axes), params)
+        return ops.group_normalize(z, 1, self.epsilon, params["scale"], params["shift"])  # one group: every unit
 
 
 METHOD = LayerNorm
