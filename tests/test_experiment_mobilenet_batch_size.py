@@ -49,3 +49,15 @@ def test_verdicts_state_each_claim_against_the_table():
 def test_a_name_outside_the_convention_is_left_out():
     assert experiment.method_and_batch("batch-norm-b16") == ("batch-norm", 16)
     assert experiment.method_and_batch("batch-norm") is None
+
+
+def test_an_incomplete_sweep_states_no_range():
+    """A method still missing a batch size has no range yet: a range over part of the sweep
+    would understate it, so its cell is n/a and the range claims wait."""
+    sizes = [2, 4, 32]
+    rows = [("batch-norm", b, a) for b, a in zip(sizes, (60.0, 70.0, 85.0))]
+    rows += [("standardization", 2, 80.0), ("group-norm", 2, 84.0)]  # their other sizes still running
+    said = experiment.verdicts(_table(rows))
+    ranged = [s for s in said if "range" in s]
+    assert len(ranged) == 2 and all("not measured yet" in s for s in ranged), said
+    assert experiment._spread(_table(rows).query("method == 'batch-norm'").set_index("batch").accuracy, sizes) == 25.0

@@ -67,9 +67,15 @@ def accuracy_table(metrics: pd.DataFrame, status: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["backend", "method", "batch", "variant", "accuracy", "sd", "seeds", "diverged"])
 
 
-def _spread(points: pd.Series) -> float:
-    finite = points.dropna()
-    return float(finite.max() - finite.min()) if len(finite) else math.nan
+def _spread(points: pd.Series, batches) -> float:
+    """Highest minus lowest accuracy over `batches`; NaN unless every one of them has a
+    finished run (a range over part of the sweep would understate it)."""
+    finite = points.reindex(list(batches)).dropna()
+    return float(finite.max() - finite.min()) if len(finite) == len(batches) else math.nan
+
+
+def _range_verdict(holds: bool, *ranges: float) -> str:
+    return "**not measured yet** (the sweep is incomplete)" if any(math.isnan(r) for r in ranges) else _verdict(holds)
 
 
 def _verdict(holds: bool) -> str:
@@ -83,6 +89,7 @@ def verdicts(table: pd.DataFrame) -> list[str]:
     backend = max(plots.backend_order(counts.index), key=lambda b: counts[b])
     mine = table[table.backend == backend]
     by = {m: d.set_index("batch").accuracy for m, d in mine.groupby("method")}
+    batches = sorted(table.batch.unique())
     out = []
     if "none" in by:
         top = by["none"].max()
@@ -94,10 +101,10 @@ def verdicts(table: pd.DataFrame) -> list[str]:
         out.append(f"Paper: the standardization loss largely restores accuracy (66.6% vs batch norm's 70.6% at batch "
                    f"{PAPER_BATCH}; read as at least {RESTORED:.0%} of batch norm's). Here: {fmt(std)}% vs {fmt(bn)}%: "
                    f"{_verdict(not math.isnan(std) and not math.isnan(bn) and std >= RESTORED * bn)}.")
-        bn_range, std_range = _spread(by["batch-norm"]), _spread(by["standardization"])
+        bn_range, std_range = _spread(by["batch-norm"], batches), _spread(by["standardization"], batches)
         out.append(f"Paper: batch norm's accuracy varies with the batch size, the standardization loss's is roughly "
                    f"constant (66.5-66.9%). Here, the range across batch sizes: standardization loss {fmt(std_range)} "
-                   f"points, batch norm {fmt(bn_range)}: {_verdict(std_range < bn_range)}.")
+                   f"points, batch norm {fmt(bn_range)}: {_range_verdict(std_range < bn_range, std_range, bn_range)}.")
         small = [b for b in (2, 4) if b in by["batch-norm"].index and b in by["standardization"].index]
         if small:
             beats = all(by["standardization"][b] > by["batch-norm"][b] for b in small)
@@ -105,11 +112,11 @@ def verdicts(table: pd.DataFrame) -> list[str]:
             out.append(f"Paper: at batch sizes 2 and 4 the standardization loss beats batch norm. Here ({cells}): "
                        f"{_verdict(beats)}.")
     if {"group-norm", "standardization", "batch-norm"} <= set(by):
-        gn_range, bn_range = _spread(by["group-norm"]), _spread(by["batch-norm"])
+        gn_range, bn_range = _spread(by["group-norm"], batches), _spread(by["batch-norm"], batches)
         gn_mean, std_mean = by["group-norm"].mean(), by["standardization"].mean()
         out.append(f"Paper: group norm is robust to the batch size and beats the standardization loss. Here: its range "
                    f"{fmt(gn_range)} points (batch norm {fmt(bn_range)}), its mean over batch sizes {fmt(gn_mean)}% vs "
-                   f"{fmt(std_mean)}%: {_verdict(gn_range < bn_range and gn_mean > std_mean)}.")
+                   f"{fmt(std_mean)}%: {_range_verdict(gn_range < bn_range and gn_mean > std_mean, gn_range, bn_range)}.")
     return out
 
 
@@ -157,7 +164,7 @@ def report(results) -> dict:
                 r = d.loc[b]
                 cell = fmt(r.accuracy, r.sd if r.seeds > 1 else None) if r.seeds else "diverged"
                 cells.append(cell + (f" ({int(r.diverged)} diverged)" if r.diverged and r.seeds else ""))
-            rows.append([method, backend, *cells, fmt(_spread(d.accuracy))])
+            rows.append([method, backend, *cells, fmt(_spread(d.accuracy, batches))])
     # One colour per method: its first variant's, from the method's plugin.
     first = {m: next(v for v in results.variant_order if (method_and_batch(v) or ("",))[0] == m) for m in order}
     variant_colors = results.colors(list(first.values()))
