@@ -61,3 +61,12 @@ def test_an_incomplete_sweep_states_no_range():
     ranged = [s for s in said if "range" in s]
     assert len(ranged) == 2 and all("not measured yet" in s for s in ranged), said
     assert experiment._spread(_table(rows).query("method == 'batch-norm'").set_index("batch").accuracy, sizes) == 25.0
+
+
+def test_a_loss_constant_at_chance_is_not_robust_to_the_batch_size():
+    """The first sweep: the standardization loss stayed at chance at every size, a range of
+    0 that must not count as the paper's roughly constant 66.5-66.9%."""
+    sizes = [2, 4, 32]
+    rows = [("batch-norm", b, a) for b, a in zip(sizes, (60.0, 70.0, 85.0))] + [("standardization", b, 10.0) for b in sizes]
+    ranged = next(s for s in experiment.verdicts(_table(rows)) if "range" in s)
+    assert "does not hold" in ranged and "constant at chance" in ranged
