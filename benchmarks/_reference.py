@@ -7,7 +7,10 @@ sharing no code with normbench's backends. One package per framework,
 `benchmarks/reference_<backend>/`:
 
     reference_<backend>/__init__.py          the loop: make_reference_step(plan, device=None, seed=0)
-                                             -> (step(i) -> loss, synchronize() -> None)
+                                             -> (step(i) -> loss, synchronize() -> None);
+                                             a loop whose framework's idiom pads otherwise than
+                                             TensorFlow's SAME (PyTorch) also takes
+                                             same_alignment=True: the exact loop the tests check
     reference_<backend>/normalizations/<method>.py
         normalize(z, params, state, method) -> (y, state)   training form, in the framework's
                                              own layout (PyTorch NCHW / NC; JAX and TensorFlow
