@@ -509,3 +509,13 @@ def test_one_rounding_moves_every_value_by_one_ulp_of_the_precision():
     assert np.all(np.abs(moved[[0, 1, 3]]) > np.abs(x[[0, 1, 3]])) and moved[2] == 0.0
     np.testing.assert_array_equal(np.abs(moved - x), np.spacing(np.abs(x)) * (x != 0))
     assert parity._one_rounding(np.array([0.1]), "float32").dtype == np.float32
+
+
+def test_a_tie_under_per_replica_statistics_leaves_out_its_whole_replica():
+    """Per-replica moments (replica_batch_size 4) cannot run a batch of 15: the tied
+    example's whole aligned replica goes, and the other replicas stay as they were."""
+    needs_fours = lambda n: None if n % 4 == 0 else f"batch_size {n} is not a multiple of replica_batch_size 4"
+    assert parity._whole_blocks([5], 16, needs_fours) == [4, 5, 6, 7]
+    assert parity._whole_blocks([1, 9], 16, needs_fours) == [0, 1, 2, 3, 8, 9, 10, 11]
+    assert parity._whole_blocks([5], 16, lambda n: None) == [5]  # whole-batch statistics: the example alone
+    assert parity._whole_blocks([0], 4, needs_fours) is None  # nothing left to run
