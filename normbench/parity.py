@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from collections import defaultdict
 
 import numpy as np
@@ -561,19 +562,22 @@ def _tied_examples(outs_a: dict, outs_b: dict) -> set[int]:
             for i in np.flatnonzero(flipped.reshape(flipped.shape[0], -1).any(axis=1))}
 
 
-def _whole_blocks(tied: list[int], size: int, check_batch) -> list[int] | None:
-    """The batch positions to leave out for the `tied` ones: each tied position's aligned
-    block of the smallest size (a divisor of the batch `size`) that leaves a batch the
-    method can run. Per-replica statistics (replica_batch_size) need whole replicas gone:
-    smoke-mobilenet-v1's batch norm with replicas of 4 could not drop one tied example, and
-    its tie failed the gradient row; dropping the replica holds the other replicas' steps
-    exactly as they were. None when no block size leaves a runnable batch."""
-    for block in (d for d in range(1, size + 1) if size % d == 0):
-        blocks = {i // block for i in tied}
-        positions = [i for i in range(size) if i // block in blocks]
-        if len(positions) < size and not check_batch(size - len(positions)):
-            return positions
-    return None
+def _replica_size(program) -> int:
+    """The examples whose statistics go together: the least common multiple of every
+    `replica_batch_size` the variant's method and losses set (1 without any)."""
+    sizes = [getattr(p, "replica_batch_size", None) for p in (program.method, *program.losses)]
+    return math.lcm(1, *(n for n in sizes if n))
+
+
+def _whole_blocks(tied: list[int], size: int, block: int) -> list[int] | None:
+    """The batch positions to leave out for the `tied` ones: each one's whole aligned block
+    of `block` examples (its replica), so the other replicas keep their own examples and
+    statistics. smoke-mobilenet-v1's batch norm with replicas of 4 could not drop one tied
+    example (a batch of 15 has no replicas of 4) and its tie failed the gradient row. None
+    when nothing would be left."""
+    blocks = {i // block for i in tied}
+    positions = [i for i in range(size) if i // block in blocks]
+    return positions if len(positions) < size else None
 
 
 def recheck_step_ties(rows: list[Row], outputs: dict, reference: dict | None, spec: ExperimentSpec, variant_name: str,
@@ -596,8 +600,8 @@ def recheck_step_ties(rows: list[Row], outputs: dict, reference: dict | None, sp
         for _ in range(TIE_RECHECKS):
             if relu_ties(outs_a, outs_b, tolerance("preactivation", dtype, depth)) in (None, {}):
                 break  # a real difference, or no flip at all: nothing to re-compare
-            tied = _whole_blocks(sorted(_tied_examples(outs_a, outs_b)), len(kept), program.check_batch)
-            if tied is None:
+            tied = _whole_blocks(sorted(_tied_examples(outs_a, outs_b)), len(kept), _replica_size(program))
+            if tied is None or program.check_batch(len(kept) - len(tied)):
                 break  # no reduced batch can run this method
             left_out += [int(kept[i]) for i in tied]
             kept = np.delete(kept, tied)

@@ -512,10 +512,12 @@ def test_one_rounding_moves_every_value_by_one_ulp_of_the_precision():
 
 
 def test_a_tie_under_per_replica_statistics_leaves_out_its_whole_replica():
-    """Per-replica moments (replica_batch_size 4) cannot run a batch of 15: the tied
-    example's whole aligned replica goes, and the other replicas stay as they were."""
-    needs_fours = lambda n: None if n % 4 == 0 else f"batch_size {n} is not a multiple of replica_batch_size 4"
-    assert parity._whole_blocks([5], 16, needs_fours) == [4, 5, 6, 7]
-    assert parity._whole_blocks([1, 9], 16, needs_fours) == [0, 1, 2, 3, 8, 9, 10, 11]
-    assert parity._whole_blocks([5], 16, lambda n: None) == [5]  # whole-batch statistics: the example alone
-    assert parity._whole_blocks([0], 4, needs_fours) is None  # nothing left to run
+    """Per-replica moments (replica_batch_size 4) cannot run a batch of 15, and dropping
+    any other 4 examples would regroup the replicas: the tied example's whole aligned
+    replica goes, and the other replicas keep their examples."""
+    assert parity._whole_blocks([5], 16, 4) == [4, 5, 6, 7]
+    assert parity._whole_blocks([1, 9], 16, 4) == [0, 1, 2, 3, 8, 9, 10, 11]
+    assert parity._whole_blocks([5], 16, 1) == [5]  # whole-batch statistics: the example alone
+    assert parity._whole_blocks([0], 4, 4) is None  # nothing left to run
+    spec = spec_module.load("smoke-mobilenet-v1")
+    assert {v.name: parity._replica_size(TrainingProgram(spec, v.name)) for v in spec.variants}["batch_norm"] == 4
