@@ -811,13 +811,16 @@ class Update:
 def undetermined_elements(update: Update, gradient_tolerance: float, tolerance_of) -> dict[str, np.ndarray]:
     """'final/<param>' -> mask of the elements of that parameter whose gradient the two
     sides of `update` do not determine (see above); only parameters that have any."""
-    masks = {}
+    masks, largest_of_layer = {}, {}
     for name, first in update.first_gradients.items():
         key, second = f"final/{name}", update.second_gradients.get(name)
         if key not in update.first or key not in update.second or second is None or not np.size(first):
             continue
         layer = name.rpartition("/")[0] + "/"
-        largest = max(float(np.max(np.abs(g))) for k, g in update.first_gradients.items() if k.startswith(layer) and np.size(g))
+        if layer not in largest_of_layer:  # once per layer, not once per parameter
+            largest_of_layer[layer] = max(float(np.max(np.abs(g))) for k, g in update.first_gradients.items()
+                                          if k.startswith(layer) and np.size(g))
+        largest = largest_of_layer[layer]
         undetermined = (np.abs(first) <= gradient_tolerance * largest) & (np.abs(first - second) > tolerance_of(key) * np.abs(first))
         if undetermined.any():
             masks[key] = undetermined
