@@ -50,7 +50,8 @@ def available() -> list[str]:
     return [n for n in names() if is_available(n)]
 
 
-def get_engine(name: str, device: str | None = None, dtype: str = "float32") -> Engine:
+def get_engine(name: str, device: str | None = None, dtype: str = "float32", compile: bool = False) -> Engine:  # noqa: A002
+    """The engine of backend `name`; `compile`: see `Engine.__init__`."""
     key = canonical_name(name)
     framework, module = _REGISTRY[key]
     if not is_implemented(key):
@@ -58,4 +59,4 @@ def get_engine(name: str, device: str | None = None, dtype: str = "float32") -> 
     if importlib.util.find_spec(framework) is None:
         extra = {"torch": "torch", "jax": "jax", "tensorflow": "tf"}[key]
         raise BackendUnavailable(f"backend {key!r} needs {framework}, which is not installed; install it with: pip install 'normbench[{extra}]'")
-    return importlib.import_module(module).Engine(device=device, dtype=dtype)
+    return importlib.import_module(module).Engine(device=device, dtype=dtype, compile=compile)

@@ -252,7 +252,13 @@ class Engine(abc.ABC):
     name: str = ""
     framework: str = ""  # import name of the framework, for availability checks
 
-    def __init__(self, device: str | None = None, dtype: str = "float32"):
+    # Whether the training step runs compiled (traced once, then executed as a graph): JAX
+    # and TensorFlow always; PyTorch when asked (`compile`), eager otherwise.
+    compiled_step: bool = True
+
+    def __init__(self, device: str | None = None, dtype: str = "float32", compile: bool = False):  # noqa: A002
+        """`compile`: compile the training step where the framework would otherwise run it
+        eagerly (PyTorch); the frameworks that always compile ignore it."""
         self.dtype = dtype
         self.device = device
 
@@ -290,6 +296,19 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def trainer(self, program: Plan, params: dict[str, np.ndarray], state: dict[str, np.ndarray],
                 train_images, train_labels, track: tuple[str, ...] = ()) -> "Trainer": ...
+
+    def vectorized_group(self, program: Plan, members: list[tuple[dict, dict]], train_images, train_labels,
+                         track: tuple[str, ...] = ()) -> "VectorizedGroup | None":
+        """Runs of `program` from the initial (params, state) of each member, trained by
+        one batched step (`VectorizedGroup`); None where this backend cannot batch them
+        (the runner then steps them one by one, `LoopedGroup`)."""
+        return None
+
+    def fastest_group_size(self) -> int:
+        """How many runs of one variant a sweep trains together by default on this
+        engine's device: the fastest measured (see each backend), 1 where vectorizing
+        does not pay."""
+        return 1
 
 
 class Trainer(abc.ABC):
@@ -359,17 +378,7 @@ class Trainer(abc.ABC):
         }
 
     def _chunk_to_numpy(self, out: dict) -> dict:
-        """`program.evaluation`'s output (already on the host for frameworks that transfer
-        whole trees) -> NumPy, tracked activations in the canonical layout."""
-        e = self.engine
-        return {
-            "cross_entropy_mean": float(e.to_numpy(out["cross_entropy_mean"])),
-            "correct": int(e.to_numpy(out["correct"])),
-            "moments": {k: (e.to_numpy(m), e.to_numpy(v)) for k, (m, v) in out["moments"].items()},
-            "auxiliary": {loss: {k: tuple(e.to_numpy(a) for a in stats) for k, stats in layers.items()}
-                          for loss, layers in out["auxiliary"].items()},
-            "tracked": {k: e.activation_to_numpy(v) for k, v in out["tracked"].items()},
-        }
+        return chunk_to_numpy(self.engine, out)
 
     @abc.abstractmethod
     def _evaluate_chunk(self, images, labels) -> dict:
@@ -387,28 +396,139 @@ class Trainer(abc.ABC):
         """Inference-mode metrics over a whole split, aggregated exactly across chunks of
         `chunk_size` images (default: the backend's `evaluation_chunk_size`)."""
         chunk_size = chunk_size or self.evaluation_chunk_size
-        ce_sum, correct, parts, tracked = 0.0, 0, {}, {name: [] for name in self.track}
-        auxiliary: dict[str, dict[str, list]] = {}
-        for start in range(0, num_examples, chunk_size):
-            stop = min(start + chunk_size, num_examples)
-            out = self._evaluate_chunk(images[start:stop], labels[start:stop])
-            n = stop - start
-            counts = self.program.values_per_channel(n)
-            ce_sum += float(out["cross_entropy_mean"]) * n
-            correct += int(out["correct"])
-            for layer, (mean, var) in out["moments"].items():
-                parts.setdefault(layer, []).append((mean, var, counts[layer]))
-            for loss, layers in out["auxiliary"].items():
-                for layer, statistics in layers.items():
-                    auxiliary.setdefault(loss, {}).setdefault(layer, []).append((statistics, counts[layer]))
-            for layer, values in out["tracked"].items():
-                tracked[layer].append(values)
-        losses = {loss.name: loss for loss in self.program.losses}
-        return {
-            "cross_entropy": ce_sum / num_examples,
-            "accuracy": correct / num_examples,
-            "moments": {layer: combine_moments(p) for layer, p in parts.items()},
-            "auxiliary": {name: {layer: losses[name].combine(p) for layer, p in layers.items()}
-                          for name, layers in auxiliary.items()},
-            "tracked": {layer: np.concatenate(v) for layer, v in tracked.items()},
-        }
+        chunks = [(stop - start, self._evaluate_chunk(images[start:stop], labels[start:stop]))
+                  for start, stop in _chunk_bounds(num_examples, chunk_size)]
+        return aggregate_evaluation(self.program, self.track, chunks, num_examples)
+
+
+def chunk_to_numpy(engine: Engine, out: dict) -> dict:
+    """`program.evaluation`'s output (already on the host for frameworks that transfer
+    whole trees) -> NumPy, tracked activations in the canonical layout."""
+    return {
+        "cross_entropy_mean": float(engine.to_numpy(out["cross_entropy_mean"])),
+        "correct": int(engine.to_numpy(out["correct"])),
+        "moments": {k: (engine.to_numpy(m), engine.to_numpy(v)) for k, (m, v) in out["moments"].items()},
+        "auxiliary": {loss: {k: tuple(engine.to_numpy(a) for a in stats) for k, stats in layers.items()}
+                      for loss, layers in out["auxiliary"].items()},
+        "tracked": {k: engine.activation_to_numpy(v) for k, v in out["tracked"].items()},
+    }
+
+
+def _chunk_bounds(num_examples: int, chunk_size: int) -> list[tuple[int, int]]:
+    return [(start, min(start + chunk_size, num_examples)) for start in range(0, num_examples, chunk_size)]
+
+
+def aggregate_evaluation(program: Plan, track: tuple[str, ...], chunks: list[tuple[int, dict]], num_examples: int) -> dict:
+    """One split's metrics from its chunks' `Trainer._chunk_to_numpy` outputs, given as
+    (examples in the chunk, output): exact means, moments combined across chunks."""
+    ce_sum, correct, parts, tracked = 0.0, 0, {}, {name: [] for name in track}
+    auxiliary: dict[str, dict[str, list]] = {}
+    for n, out in chunks:
+        counts = program.values_per_channel(n)
+        ce_sum += float(out["cross_entropy_mean"]) * n
+        correct += int(out["correct"])
+        for layer, (mean, var) in out["moments"].items():
+            parts.setdefault(layer, []).append((mean, var, counts[layer]))
+        for loss, layers in out["auxiliary"].items():
+            for layer, statistics in layers.items():
+                auxiliary.setdefault(loss, {}).setdefault(layer, []).append((statistics, counts[layer]))
+        for layer, values in out["tracked"].items():
+            tracked[layer].append(values)
+    losses = {loss.name: loss for loss in program.losses}
+    return {
+        "cross_entropy": ce_sum / num_examples,
+        "accuracy": correct / num_examples,
+        "moments": {layer: combine_moments(p) for layer, p in parts.items()},
+        "auxiliary": {name: {layer: losses[name].combine(p) for layer, p in layers.items()}
+                      for name, layers in auxiliary.items()},
+        "tracked": {layer: np.concatenate(v) for layer, v in tracked.items()},
+    }
+
+
+# ----------------------------------------------------------------------------- groups of runs
+
+
+class RunGroup(abc.ABC):
+    """Runs of one plan trained side by side (the seeds of a variant): member k has its
+    own parameters, running statistics, optimizer slots, batches and dropout masks, and
+    nothing of one member reaches another. Every method takes or returns all members at
+    once, in member order."""
+
+    def __init__(self, engine: Engine, program: Plan, size: int, track: tuple[str, ...]):
+        self.engine, self.program, self.size, self.track = engine, program, size, track
+
+    @abc.abstractmethod
+    def step(self, indices: np.ndarray, learning_rate: float, dropout_masks: list[dict] | None = None):
+        """One update of every member: `indices` is (members, batch), member k's batch in
+        row k; `dropout_masks` one dict per member, or None. Returns the losses, not read
+        back (`Trainer.step`); `read_losses` reads a list of them."""
+
+    @abc.abstractmethod
+    def read_losses(self, step_losses: list) -> np.ndarray:
+        """What `step` returned, for several steps -> float NumPy (steps, members, losses), in one transfer."""
+
+    @abc.abstractmethod
+    def export(self, member: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Member's current (params, running-statistics state), canonical NumPy."""
+
+    @abc.abstractmethod
+    def evaluate(self, images, labels, num_examples: int) -> list[dict]:
+        """`Trainer.evaluate` of every member on one split."""
+
+
+class LoopedGroup(RunGroup):
+    """Members as separate trainers stepped one after the other: exactly the runs alone.
+    Every backend has it; a backend that vectorizes (`Engine.vectorized_group`) is held to it."""
+
+    def __init__(self, trainers: list):
+        first = trainers[0]
+        super().__init__(getattr(first, "engine", None), getattr(first, "program", None), len(trainers),
+                         getattr(first, "track", ()))
+        self.trainers = trainers
+
+    def step(self, indices, learning_rate, dropout_masks=None):
+        masks = dropout_masks or [None] * self.size
+        return [t.step(i, learning_rate, m) for t, i, m in zip(self.trainers, indices, masks)]
+
+    def read_losses(self, step_losses):
+        per_member = [t.read_losses([losses[k] for losses in step_losses]) for k, t in enumerate(self.trainers)]
+        return np.stack(per_member, axis=1)
+
+    def export(self, member):
+        return self.trainers[member].export()
+
+    def evaluate(self, images, labels, num_examples):
+        return [t.evaluate(images, labels, num_examples) for t in self.trainers]
+
+
+class VectorizedGroup(RunGroup):
+    """Members stacked on a new leading axis of every parameter, state and slot array and
+    trained by one batched (vmapped) step. A backend subclass supplies the step, the
+    per-chunk evaluation and the reading of one member; the chunking and aggregation of
+    evaluation are shared here. Each member's trajectory equals its run alone within the
+    float32 trajectory tolerances of the parity tests (tests/test_vectorized_runs.py)."""
+
+    evaluation_chunk_size = 500
+
+    @abc.abstractmethod
+    def _evaluate_batched(self, images, labels) -> dict:
+        """`program.evaluation` of every member on one chunk of shared images: the output
+        tree with the members on a new first axis of every array (on the host already,
+        for frameworks that transfer whole trees)."""
+
+    def evaluate(self, images, labels, num_examples):
+        per_member: list[list] = [[] for _ in range(self.size)]
+        for start, stop in _chunk_bounds(num_examples, self.evaluation_chunk_size):
+            out = self._evaluate_batched(images[start:stop], labels[start:stop])
+            for member in range(self.size):
+                per_member[member].append((stop - start, chunk_to_numpy(self.engine, member_of(out, member))))
+        return [aggregate_evaluation(self.program, self.track, chunks, num_examples) for chunks in per_member]
+
+
+def member_of(tree, member: int):
+    """Member `member`'s part of a tree (dicts, tuples, lists) of arrays stacked on a first axis."""
+    if isinstance(tree, dict):
+        return {k: member_of(v, member) for k, v in tree.items()}
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(member_of(v, member) for v in tree)
+    return tree[member]

@@ -44,6 +44,13 @@ def _apply_overrides(spec, seeds: int | None, steps: int | None):
     return spec.replace(**changes) if changes else spec
 
 
+def _grouping(args) -> dict:
+    """run_sweep's group_size and compile, passed only when given (the cluster executors
+    take neither; check_options says so)."""
+    return {**({} if args.group_size is None else {"group_size": args.group_size}),
+            **({"compile": True} if args.compile else {})}
+
+
 def _progress_enabled(args) -> bool:
     return not args.no_progress
 
@@ -55,6 +62,13 @@ def _add_run_options(p: argparse.ArgumentParser, default_out: str) -> None:
     p.add_argument("--out", help=f"results directory (default: {default_out})")
     p.add_argument("--data-dir", help="data cache directory (default: $NORMBENCH_DATA_DIR or ~/.cache/normbench)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--compile", action="store_true",
+                   help="torch: compile the training step with torch.compile (its first step then takes seconds; "
+                        "JAX and TensorFlow always compile theirs); recorded in each run's provenance")
+    p.add_argument("--group-size", type=_positive_int, metavar="N",
+                   help="train up to N seeds of a variant together, in one vectorized step where the backend can "
+                        "(torch, jax); results and run keys are those of the runs alone (default: the fastest "
+                        "measured for the device: 1 on CPU, 10 on a GPU)")
     p.add_argument("--executor", default="local", metavar="NAME",
                    help="where runs execute: local (this process, the default), processes (a local Dask cluster "
                         "of --workers processes) or dask (the Dask cluster at --scheduler); see docs/cluster.md")
@@ -121,13 +135,13 @@ def _open_executor(args):
 def _cmd_run(args) -> int:
     from normbench import backends, executors, spec as spec_module
 
-    executors.check_options(args.executor, args.workers, args.scheduler)
+    executors.check_options(args.executor, args.workers, args.scheduler, args.group_size, args.compile)
     spec = _apply_overrides(spec_module.load(args.spec), args.seeds, args.steps)
     backend = backends.canonical_name(args.backend)
     out = Path(args.out) if args.out else Path("runs") / spec.name
     with _open_executor(args) as executor:
         results = executor.run_sweep(spec, [backend], out, device=args.device, data_dir=args.data_dir,
-                                     progress=_progress_enabled(args), log=_info)
+                                     progress=_progress_enabled(args), log=_info, **_grouping(args))
     _print_run_summary(results, out)
     return 0
 
@@ -135,7 +149,7 @@ def _cmd_run(args) -> int:
 def _cmd_reproduce(args) -> int:
     from normbench import executors, experiments
 
-    executors.check_options(args.executor, args.workers, args.scheduler)
+    executors.check_options(args.executor, args.workers, args.scheduler, args.group_size, args.compile)
     if args.experiment != "all":  # an unknown name fails before a cluster is started
         try:
             experiments.get(args.experiment)
@@ -171,7 +185,8 @@ def _reproduce(args, executor) -> int:
     # most seeds, leaves the spec whose seeds every backend's runs are drawn from.
     for seeds, members in sorted(groups.items()):
         executor.run_sweep(spec if seeds == len(spec.seeds) else spec.replace(seeds=seeds), members, out,
-                           device=args.device, data_dir=args.data_dir, progress=_progress_enabled(args), log=_info)
+                           device=args.device, data_dir=args.data_dir, progress=_progress_enabled(args), log=_info,
+                           **_grouping(args))
     built = reporting.build_report(out, experiment.name)
     print(built["markdown"])
     print(f"wrote {out}/table.md, table.tex, table.csv and {', '.join(str(p) for p in built['figures'])}")

@@ -65,9 +65,11 @@ def parameter_count(arch: architectures.Architecture) -> int:
     return sum(math.prod(layer.kernel_shape) + 2 * layer.kernel_shape[-1] for layer in arch.layers())
 
 
-def estimate(spec: ExperimentSpec, backends: int = 1) -> MemoryEstimate:
+def estimate(spec: ExperimentSpec, backends: int = 1, runs_together: int = 1) -> MemoryEstimate:
     """Peak memory of a sweep of `spec` on `backends` engines sharing one memory (its
-    largest architecture, where variants train different ones)."""
+    largest architecture, where variants train different ones), each training
+    `runs_together` runs at once (a vectorized group holds all their parameters and
+    activations)."""
     archs = [architectures.get(m) for m in dict.fromkeys([spec.model, *(spec.model_for(v) for v in spec.variants)])]
     arch = max(archs, key=lambda a: (_activation_values(a)[1], parameter_count(a)))
     size = BYTES_PER_VALUE[spec.dtype]
@@ -79,11 +81,12 @@ def estimate(spec: ExperimentSpec, backends: int = 1) -> MemoryEstimate:
     # NumPy copies in the run dtype, plus each backend's train, test and train-subset copies.
     data = image_values * size * (dataset_images + backends * (dataset_images + spec.train_eval_examples))
     slots = OPTIMIZER_SLOTS.get(spec.optimizer.name, 2)
-    parameters = backends * parameter_count(arch) * size * (3 + slots)
+    parameters = backends * runs_together * parameter_count(arch) * size * (3 + slots)
+    per_example *= runs_together  # one example of every run of the group
     chunk = min(EVALUATION_CHUNK, max(spec.train_eval_examples, info.test_examples))
     batch = max(spec.batch_size_for(v) for v in spec.variants)  # the largest, where variants set their own
     return MemoryEstimate(parameters=parameters, activations=batch * per_example,
-                          evaluation=chunk * (inputs + EVALUATION_COPIES * hidden) * size, data=data,
+                          evaluation=chunk * (inputs + runs_together * EVALUATION_COPIES * hidden) * size, data=data,
                           per_example=per_example)
 
 
@@ -134,19 +137,19 @@ def memory_available(engine) -> tuple[int | None, str]:
     return None, f"{engine.name} device {device}"
 
 
-def check_fits(spec: ExperimentSpec, engines: list) -> MemoryEstimate:
+def check_fits(spec: ExperimentSpec, engines: list, runs_together: int = 1) -> MemoryEstimate:
     """Raise ResourceError when the sweep cannot fit; returns the estimate otherwise.
 
     Engines on the host share its memory, so their needs add up; a device is checked
-    on its own.
+    on its own. `runs_together`: the largest group of runs any engine trains at once.
     """
     groups: dict[str, tuple[int | None, int]] = {}  # where -> (available, engines sharing it)
     for engine in engines:
         available, where = memory_available(engine)
         groups[where] = (available, groups.get(where, (None, 0))[1] + 1)
-    result = estimate(spec, backends=max([n for _, n in groups.values()], default=1))
+    result = estimate(spec, backends=max([n for _, n in groups.values()], default=1), runs_together=runs_together)
     for where, (available, members) in groups.items():
-        need = estimate(spec, backends=members)
+        need = estimate(spec, backends=members, runs_together=runs_together)
         if available is None or need.total <= available:
             continue
         fixed = need.total - need.activations if need.activations >= need.evaluation else need.total
@@ -154,6 +157,8 @@ def check_fits(spec: ExperimentSpec, engines: list) -> MemoryEstimate:
         advice = (f"use batch_size <= {fits}" if fits >= 1 else "the data and parameters alone do not fit; use a smaller model")
         if spec.dtype == "float64":
             advice += ' or dtype = "float32"'
+        if runs_together > 1:
+            advice += f" or a --group-size below {runs_together}"
         raise ResourceError(
             f"{spec.source}: batch_size: {max(spec.batch_size_for(v) for v in spec.variants)} examples of {spec.model} "
             f"in {spec.dtype} need about "

@@ -55,6 +55,7 @@ import numpy as np
 
 from normbench import backends as backend_registry
 from normbench import datasets, provenance, resources
+from normbench.backends.base import LoopedGroup
 from normbench.data_order import BatchOrder, seed_streams, train_eval_subset
 from normbench.durable import fsync_path
 from normbench.identity import legacy_columns, run_key
@@ -224,97 +225,145 @@ def metric_columns(plan: Plan) -> list[str]:
 
 def execute_run(engine, program: Plan, seed: int, train_images, train_labels, evaluator: _Evaluator,
                 on_step: Callable[[int], None] | None = None) -> dict:
-    """Train one run in memory. Returns rows, percentile rows, status and timings.
+    """Train one run in memory (`execute_group` of one run, stepped alone)."""
+    return execute_group(engine, program, [seed], train_images, train_labels, evaluator, on_step=on_step)[0]
 
-    A run diverges when a training step's loss, or any evaluated metric, is NaN or
-    infinite. Losses are read at every evaluation and every LOSS_CHECK_EVERY steps; the
-    run stops at the check that finds one. `rows` keep only finite evaluations,
-    `diverged_at_step` is the 1-based training step whose loss was first not finite (or
-    the step count of the evaluation that was not), `non_finite` says which quantities
-    were not. `train_time_s` covers training steps (and `on_step`), not evaluations.
+
+def make_group(engine, program: Plan, seeds: list[int], train_images, train_labels, vectorize: bool):
+    """The runs `seeds` of `program` at their initial states: one batched step where
+    `vectorize` and the backend can (`Engine.vectorized_group`), else one trainer per run."""
+    members = [program.initial_parameters(seed) for seed in seeds]
+    track = program.spec.track_percentiles
+    if vectorize and len(seeds) > 1:
+        group = engine.vectorized_group(program, members, train_images, train_labels, track)
+        if group is not None:
+            return group
+    return LoopedGroup([engine.trainer(program, params, state, train_images, train_labels, track)
+                        for params, state in members])
+
+
+def execute_group(engine, program: Plan, seeds: list[int], train_images, train_labels, evaluator: _Evaluator,
+                  on_step: Callable[[int], None] | None = None, vectorize: bool = False) -> list[dict]:
+    """Train the runs `seeds` of one plan together in memory (`make_group`); one outcome
+    per seed, in order: rows, percentile rows, status and timings.
+
+    Every run keeps its own initial weights, batch order and dropout masks, so its
+    outcome is the one it has alone (exactly when stepped one by one; within the float32
+    trajectory tolerances when vectorized). A run diverges when a training step's loss,
+    or any evaluated metric, is NaN or infinite. Losses are read at every evaluation and
+    every LOSS_CHECK_EVERY steps; a run stops being recorded at the check that finds one,
+    and the group goes on without it (a vectorized group keeps computing it, unread).
+    `rows` keep only finite evaluations, `diverged_at_step` is the 1-based training step
+    whose loss was first not finite (or the step count of the evaluation that was not),
+    `non_finite` says which quantities were not. `train_time_s` is the group's time in
+    training steps (and `on_step`), not in evaluations: shared by its runs; `first_step_s`
+    is the part of it the first step took (tracing and compilation, where there are any).
     """
     spec, variant = program.spec, program.variant
     steps = spec.steps_for(variant)
-    params, state = program.initial_parameters(seed)
-    trainer = engine.trainer(program, params, state, train_images, train_labels, spec.track_percentiles)
-    _, data_seed = seed_streams(seed)
-    order = BatchOrder(data_seed, int(train_labels.shape[0]), program.batch_size)
+    group = make_group(engine, program, seeds, train_images, train_labels, vectorize)
+    orders = [BatchOrder(seed_streams(seed)[1], int(train_labels.shape[0]), program.batch_size) for seed in seeds]
     # Variants older specs could write keep the names those recorded (the published tables group by them).
     normalization, _ = legacy_columns(variant) or (variant.label, 0.0)
-    base = {"backend": engine.name, "model": program.arch.name, "variant": variant.name, "normalization": normalization,
-            "std_loss_weight": program.std_loss_weight, "seed": seed}
-    rows, percentile_rows = [], []
-    train_time = 0.0
+    runs = [{"base": {"backend": engine.name, "model": program.arch.name, "variant": variant.name,
+                      "normalization": normalization, "std_loss_weight": program.std_loss_weight, "seed": seed},
+             "seed": seed, "rows": [], "percentile_rows": [], "status": "ok", "diverged_at_step": None, "non_finite": []}
+            for seed in seeds]
+    train_time, first_step = 0.0, None
     evaluations = dict(spec.evaluation_steps(variant))  # step -> full (both splits) or the test split only
 
-    def evaluate(step: int, full: bool = True) -> list[str]:
-        """Record the evaluation at `step` if it is finite; return what was not.
-        Not `full`: the test split only (a point of the resolution grid)."""
-        new_rows, new_percentiles, non_finite = [], [], []
+    def evaluate(step: int, full: bool = True) -> None:
+        """Record the evaluation at `step` of every run still going whose metrics are
+        finite; a run with a metric that is not diverges here. Not `full`: the test split
+        only (a point of the resolution grid)."""
+        live = [k for k, run in enumerate(runs) if run["status"] == "ok"]
+        new_rows = {k: [] for k in live}
+        new_percentiles = {k: [] for k in live}
+        non_finite = {k: [] for k in live}
         for split, (images, labels, n) in evaluator.splits.items():
             if not full and split != "test":
                 continue
-            result = trainer.evaluate(images, labels, n)
-            with np.errstate(all="ignore"):  # an exploding model overflows here; caught just below
-                std_loss = program.std_metric.value_from_statistics(result["moments"])
-                extra = {loss.metric_column: loss.value_from_statistics(result["auxiliary"][loss.name])
-                         for loss in program.losses if loss.name in result["auxiliary"]}
-            row = {**base, "step": step, "split": split, "cross_entropy": result["cross_entropy"], "std_loss": std_loss,
-                   "accuracy": result["accuracy"], **extra, "wall_time_s": round(train_time, 4)}
-            non_finite += [f"{split}-split {k}" for k in ("cross_entropy", "std_loss", "accuracy", *extra)
-                           if not math.isfinite(row[k])]
-            new_rows.append(row)
-            if split == "test":
-                for layer, values in result["tracked"].items():
-                    with np.errstate(all="ignore"):
-                        quantiles = np.percentile(values, PERCENTILES)
-                    if not np.all(np.isfinite(quantiles)):
-                        non_finite.append(f"test-split {layer} percentiles")
-                    for q, value in zip(PERCENTILES, quantiles):
-                        new_percentiles.append({"backend": engine.name, "variant": variant.name, "seed": seed,
-                                                "step": step, "layer": layer, "percentile": q, "value": float(value)})
-        if not non_finite:
-            rows.extend(new_rows)
-            percentile_rows.extend(new_percentiles)
-        return non_finite
+            results = group.evaluate(images, labels, n)
+            for k in live:
+                result, run = results[k], runs[k]
+                with np.errstate(all="ignore"):  # an exploding model overflows here; caught just below
+                    std_loss = program.std_metric.value_from_statistics(result["moments"])
+                    extra = {loss.metric_column: loss.value_from_statistics(result["auxiliary"][loss.name])
+                             for loss in program.losses if loss.name in result["auxiliary"]}
+                row = {**run["base"], "step": step, "split": split, "cross_entropy": result["cross_entropy"],
+                       "std_loss": std_loss, "accuracy": result["accuracy"], **extra, "wall_time_s": round(train_time, 4)}
+                non_finite[k] += [f"{split}-split {name}" for name in ("cross_entropy", "std_loss", "accuracy", *extra)
+                                  if not math.isfinite(row[name])]
+                new_rows[k].append(row)
+                if split == "test":
+                    for layer, values in result["tracked"].items():
+                        with np.errstate(all="ignore"):
+                            quantiles = np.percentile(values, PERCENTILES)
+                        if not np.all(np.isfinite(quantiles)):
+                            non_finite[k].append(f"test-split {layer} percentiles")
+                        for q, value in zip(PERCENTILES, quantiles):
+                            new_percentiles[k].append({"backend": engine.name, "variant": variant.name,
+                                                       "seed": run["seed"], "step": step, "layer": layer,
+                                                       "percentile": q, "value": float(value)})
+        for k in live:
+            run = runs[k]
+            if non_finite[k]:
+                run.update(status="diverged", diverged_at_step=step, non_finite=non_finite[k])
+            else:
+                run["rows"].extend(new_rows[k])
+                run["percentile_rows"].extend(new_percentiles[k])
 
-    status, diverged_at = "ok", None
-    non_finite = evaluate(0)
-    if non_finite:
-        status, diverged_at = "diverged", 0
+    def going() -> bool:
+        return any(run["status"] == "ok" for run in runs)
+
+    evaluate(0)
     first, pending = 0, []  # steps [first, first + len(pending)) ran; their losses are not read yet
     engine.synchronize()
     start = time.perf_counter()
-    for step in range(steps if status == "ok" else 0):
-        pending.append(trainer.step(order.indices(step), program.learning_rate(step),
-                                    program.dropout_masks(seed, step, program.batch_size)))
+    for step in range(steps if going() else 0):
+        pending.append(group.step(np.stack([order.indices(step) for order in orders]), program.learning_rate(step),
+                                  _group_masks(program, seeds, step)))
         if on_step is not None:
             on_step(step)
+        if step == 0:  # one extra sync: the first step's time, compilation included, on its own
+            engine.synchronize()
+            first_step = time.perf_counter() - start
         at_evaluation = step + 1 in evaluations
         if not (at_evaluation or len(pending) == LOSS_CHECK_EVERY):
             continue
         # One sync and one transfer per interval: the timer covers the steps only.
         engine.synchronize()
         train_time += time.perf_counter() - start
-        losses = trainer.read_losses(pending)
-        bad = ~np.isfinite(losses)
-        if bad.any():
-            # Keep the metrics of the last finite evaluation; never evaluate a NaN model.
-            row = int(np.argmax(bad.any(axis=1)))
-            status, diverged_at = "diverged", first + row + 1
-            non_finite = [f"training-step {name}" for name, b in zip(program.step_loss_names, bad[row]) if b]
-            break
+        losses = group.read_losses(pending)  # (steps, runs, losses)
+        for k, run in enumerate(runs):
+            bad = ~np.isfinite(losses[:, k])
+            if run["status"] == "ok" and bad.any():
+                # Keep the metrics of the last finite evaluation; never record a NaN model.
+                row = int(np.argmax(bad.any(axis=1)))
+                run.update(status="diverged", diverged_at_step=first + row + 1,
+                           non_finite=[f"training-step {name}" for name, b in zip(program.step_loss_names, bad[row]) if b])
         first, pending = step + 1, []
+        if not going():
+            break
         if at_evaluation:
-            non_finite = evaluate(step + 1, evaluations[step + 1])
-            if non_finite:
-                status, diverged_at = "diverged", step + 1
+            evaluate(step + 1, evaluations[step + 1])
+            if not going():
                 break
         engine.synchronize()
         start = time.perf_counter()
-    return {"rows": rows, "percentile_rows": percentile_rows, "status": status, "diverged_at_step": diverged_at,
-            "non_finite": non_finite, "last_finite_step": rows[-1]["step"] if rows else None,
-            "train_time_s": train_time, "steps_completed": steps if diverged_at is None else diverged_at}
+    return [{"rows": run["rows"], "percentile_rows": run["percentile_rows"], "status": run["status"],
+             "diverged_at_step": run["diverged_at_step"], "non_finite": run["non_finite"],
+             "last_finite_step": run["rows"][-1]["step"] if run["rows"] else None, "train_time_s": train_time,
+             "first_step_s": first_step,
+             "steps_completed": steps if run["diverged_at_step"] is None else run["diverged_at_step"],
+             "group_size": len(seeds), "vectorized": not isinstance(group, LoopedGroup)}
+            for run in runs]
+
+
+def _group_masks(program: Plan, seeds: list[int], step: int) -> list[dict] | None:
+    """This step's dropout masks of every run of a group (None without dropout)."""
+    masks = [program.dropout_masks(seed, step, program.batch_size) for seed in seeds]
+    return None if masks[0] is None else masks
 
 
 def write_run(run_dir: Path, outcome: dict, record: dict, tracked: bool, columns: list[str] = METRIC_COLUMNS) -> None:
@@ -352,21 +401,39 @@ def train_run(spec: ExperimentSpec, variant: VariantSpec, seed: int, engine, dat
     (a Dask worker does, see normbench.executors) and hand both back to the process that
     writes them (`store_run`). `placed` comes from `place_data`; `env` from
     provenance.environment()."""
+    return train_group(spec, variant, [seed], engine, data, placed, env, on_step)[0]
+
+
+def train_group(spec: ExperimentSpec, variant: VariantSpec, seeds: list[int], engine, data: LoadedData, placed: tuple,
+                env: dict, on_step: Callable[[int], None] | None = None, vectorize: bool = False) -> list[tuple[dict, dict]]:
+    """`train_run` of several seeds of one variant trained together (`execute_group`):
+    one (outcome, record) per seed, in order. A run's record is the one it has alone
+    (the run key does not depend on its group) plus `group`: the seeds trained with it,
+    whether their step was vectorized, and the note that `train_time_s` is the group's."""
     train_images, train_labels, evaluator = placed
     started = provenance.now()
     plan = resolve(spec, variant)
-    outcome = execute_run(engine, plan, seed, train_images, train_labels, evaluator, on_step=on_step)
-    outcome["columns"] = metric_columns(plan)
-    record = {
-        "run_key": run_key(spec, variant, seed, engine.name), "spec_hash": spec.hash(), "spec_name": spec.name,
-        "spec_source": spec.source, "backend": engine.name, "variant": dataclasses.asdict(variant), "seed": seed,
-        "dtype": spec.dtype, "device": engine.device_description(), "framework_versions": engine.versions(),
-        "status": outcome["status"], "diverged_at_step": outcome["diverged_at_step"],
-        "non_finite": outcome["non_finite"], "last_finite_step": outcome["last_finite_step"],
-        "steps_completed": outcome["steps_completed"], "train_time_s": round(outcome["train_time_s"], 3),
-        "data_files": data.files, "started": started, "finished": provenance.now(), **env,
-    }
-    return outcome, record
+    outcomes = execute_group(engine, plan, seeds, train_images, train_labels, evaluator, on_step=on_step,
+                             vectorize=vectorize)
+    finished = provenance.now()
+    results = []
+    for seed, outcome in zip(seeds, outcomes):
+        outcome["columns"] = metric_columns(plan)
+        record = {
+            "run_key": run_key(spec, variant, seed, engine.name), "spec_hash": spec.hash(), "spec_name": spec.name,
+            "spec_source": spec.source, "backend": engine.name, "variant": dataclasses.asdict(variant), "seed": seed,
+            "dtype": spec.dtype, "device": engine.device_description(), "framework_versions": engine.versions(),
+            "compiled_step": engine.compiled_step, "status": outcome["status"], "diverged_at_step": outcome["diverged_at_step"],
+            "non_finite": outcome["non_finite"], "last_finite_step": outcome["last_finite_step"],
+            "steps_completed": outcome["steps_completed"], "train_time_s": round(outcome["train_time_s"], 3),
+            "first_step_s": None if outcome["first_step_s"] is None else round(outcome["first_step_s"], 3),
+            "data_files": data.files, "started": started, "finished": finished, **env,
+        }
+        if len(seeds) > 1:
+            record["group"] = {"seeds": list(seeds), "vectorized": outcome["vectorized"],
+                               "train_time_s": "the group's: its runs trained together"}
+        results.append((outcome, record))
+    return results
 
 
 def store_run(run_dir: Path, outcome: dict, record: dict, spec: ExperimentSpec, log=print) -> RunResult:
@@ -386,8 +453,15 @@ def store_run(run_dir: Path, outcome: dict, record: dict, spec: ExperimentSpec, 
 
 
 def run_sweep(spec: ExperimentSpec, backend_names: list[str], out: str | Path, *, device: str | None = None,
-              data_dir: str | None = None, progress: bool = True, log=print) -> list[RunResult]:
+              data_dir: str | None = None, progress: bool = True, log=print,
+              group_size: int | None = None, compile: bool = False) -> list[RunResult]:  # noqa: A002
     """Run every variant x seed of `spec` on each backend, resuming finished runs.
+
+    Up to `group_size` unfinished seeds of a variant train together, vectorized where the
+    backend can (`execute_group`); None: each engine's `fastest_group_size`. A group
+    holds only unfinished runs, and each run is written, resumed and keyed as alone.
+    `compile`: compile the training step where the backend runs eagerly otherwise
+    (PyTorch: torch.compile), recorded in each run's provenance.
 
     Every check that can fail (unknown backend, a conflicting run in `out`, an
     unwritable `out`, an absent device, not enough memory, unusable data) runs before
@@ -402,7 +476,10 @@ def run_sweep(spec: ExperimentSpec, backend_names: list[str], out: str | Path, *
     dirs = [run_dir_for(out, b, v, s) for b, v, s in todo]
     pending = {i for i in range(len(todo)) if not is_finished(dirs[i], keys[i])}  # raises on a conflict
     # Engines next: an absent framework or device fails before anything is written or loaded.
-    created = {b: backend_registry.get_engine(b, device=device, dtype=spec.dtype) for b in backend_names}
+    created = {b: backend_registry.get_engine(b, device=device, dtype=spec.dtype, compile=compile) for b in backend_names}
+    if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1):
+        raise ValueError(f"group size: {group_size!r} is not a positive integer; use --group-size N with N >= 1")
+    sizes = {b: group_size or engine.fastest_group_size() for b, engine in created.items()}
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -415,7 +492,7 @@ def run_sweep(spec: ExperimentSpec, backend_names: list[str], out: str | Path, *
         return loaded[0]
 
     if pending:
-        resources.check_fits(spec, list(created.values()))
+        resources.check_fits(spec, list(created.values()), runs_together=min(max(sizes.values()), len(spec.seeds)))
         data()
     if len(pending) < len(todo):
         log(f"resuming: {len(todo) - len(pending)} of {len(todo)} runs already finished in {out}")
@@ -426,40 +503,48 @@ def run_sweep(spec: ExperimentSpec, backend_names: list[str], out: str | Path, *
     engines: dict[str, tuple] = {}
     bar = tqdm(total=sum(spec.steps_for(todo[i][1]) for i in pending), unit="step", disable=not progress, dynamic_ncols=True)
 
-    def attempt(index: int, blocking: bool) -> bool:
-        """Reuse or run todo[index]; False if another process holds it (non-blocking only)."""
-        backend, variant, seed = todo[index]
-        run_dir, key = dirs[index], keys[index]
-        steps = spec.steps_for(variant)
-        if is_finished(run_dir, key):
-            results[index] = _summarize(run_dir, reused=True)
-            bar.update(steps if index in pending else 0)  # pending at the start: finished by another process
-            return True
-        with _run_lock(run_dir, blocking) as acquired:
-            if not acquired:
-                return False
-            if is_finished(run_dir, key):  # finished by another process meanwhile
-                results[index] = _summarize(run_dir, reused=True)
-                bar.update(steps if index in pending else 0)
-                return True
+    def reuse(index: int) -> None:
+        results[index] = _summarize(dirs[index], reused=True)
+        bar.update(spec.steps_for(todo[index][1]) if index in pending else 0)  # pending at the start: finished elsewhere
+
+    def attempt(indices: list[int], blocking: bool) -> list[int]:
+        """Reuse or run todo[indices] (seeds of one backend and variant) as one group;
+        returns those another process holds (non-blocking only)."""
+        backend, variant, _ = todo[indices[0]]
+        held = []
+        with contextlib.ExitStack() as locks:
+            mine = []
+            for index in indices:
+                if is_finished(dirs[index], keys[index]):
+                    reuse(index)
+                elif not locks.enter_context(_run_lock(dirs[index], blocking)):
+                    held.append(index)
+                elif is_finished(dirs[index], keys[index]):  # finished by another process meanwhile
+                    reuse(index)
+                else:
+                    mine.append(index)
+            if not mine:
+                return held
             if backend not in engines:
                 engines[backend] = place_data(created[backend], data(), spec)
-            bar.set_description(f"{backend}/{variant.name}/seed {seed}")
-            outcome, record = train_run(spec, variant, seed, created[backend], data(), engines[backend], env,
-                                        on_step=lambda _: bar.update(1))
-            bar.update(steps - outcome["steps_completed"] if index in pending else 0)
-            results[index] = store_run(run_dir, outcome, record, spec, log)
-            return True
+            seeds = [todo[i][2] for i in mine]
+            bar.set_description(f"{backend}/{variant.name}/seed {', '.join(map(str, seeds))}")
+            trained = train_group(spec, variant, seeds, created[backend], data(), engines[backend], env,
+                                  on_step=lambda _: bar.update(len(mine)), vectorize=len(mine) > 1)
+            for index, (outcome, record) in zip(mine, trained):
+                bar.update(spec.steps_for(variant) - outcome["steps_completed"] if index in pending else 0)
+                results[index] = store_run(dirs[index], outcome, record, spec, log)
+        return held
 
     try:
         deferred = []
-        for index in range(len(todo)):
-            if not attempt(index, blocking=False):
+        for group in _groups(todo, pending, sizes):
+            for index in attempt(group, blocking=False):
                 log(f"{dirs[index]}: another process is running it; coming back to it later")
                 deferred.append(index)
         for index in deferred:
             log(f"waiting for another process to finish {dirs[index]}")
-            attempt(index, blocking=True)
+            attempt([index], blocking=True)
     except KeyboardInterrupt:
         # Let metrics.csv list what is finished; a second Ctrl-C here loses nothing either.
         with contextlib.suppress(Exception):
@@ -469,6 +554,25 @@ def run_sweep(spec: ExperimentSpec, backend_names: list[str], out: str | Path, *
         bar.close()
     collect(out)
     return [results[i] for i in range(len(todo))]
+
+
+def _groups(todo: list[tuple], pending: set[int], sizes: dict[str, int]) -> list[list[int]]:
+    """Indices of `todo` (backend, variant, seed), in order, as the units a sweep trains:
+    up to sizes[backend] pending seeds of one backend and variant together; every
+    finished run on its own (it is only reused)."""
+    units: list[list[int]] = []
+    open_unit: dict[tuple, list[int]] = {}
+    for index, (backend, variant, _) in enumerate(todo):
+        if index not in pending:
+            units.append([index])
+            continue
+        key = (backend, variant.name)
+        unit = open_unit.get(key)
+        if unit is None or len(unit) >= sizes[backend]:
+            unit = open_unit[key] = []
+            units.append(unit)
+        unit.append(index)
+    return units
 
 
 def _write_results_file(out: Path, name: str, text: str) -> None:

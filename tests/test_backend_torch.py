@@ -83,3 +83,41 @@ def test_fused_group_norm_is_the_composed_formula(ops, shape, groups):
     for a, b in zip(torch.autograd.grad((fused * upstream).sum(), (x, scale, shift)),
                     torch.autograd.grad((composed * upstream).sum(), (x, scale, shift))):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- torch.compile
+
+
+@pytest.mark.parametrize("variant", [{"name": "none", "normalization": "none"},
+                                     {"name": "batch_norm", "normalization": "batch_norm"},
+                                     {"name": "standardization_loss", "normalization": "none",
+                                      "auxiliary_losses": [{"name": "standardization", "weight": 1.0}]}],
+                         ids=lambda v: v["name"])
+def test_the_compiled_step_follows_the_eager_trajectory(variant, spec_factory):
+    """`--compile` (torch.compile of the loss, forward and backward) is held to the float32
+    trajectory tolerances of the parity tests against the eager step, on the batches,
+    schedule and optimizer a real run takes."""
+    from normbench import backends, parity
+    from normbench.data_order import BatchOrder, seed_streams
+    from normbench.plan import resolve
+
+    spec = spec_factory(model="cnn3", dtype="float32", batch_size=16, steps=10, seeds=1,
+                        optimizer={"name": "adam", "learning_rate": 3e-3}, variants=[variant])
+    plan = resolve(spec, spec.variants[0])
+    rng = np.random.default_rng(11)
+    images, labels = rng.random((64, 28, 28, 1)).astype(np.float32), rng.integers(0, 10, 64)
+    order = BatchOrder(seed_streams(0)[1], 64, plan.batch_size)
+    outputs = {}
+    for compiled in (False, True):
+        engine = backends.get_engine("torch", dtype="float32", compile=compiled)
+        assert engine.compiled_step == compiled
+        trainer = engine.trainer(plan, *plan.initial_parameters(0), engine.put_images(images), engine.put_labels(labels))
+        losses = trainer.read_losses([trainer.step(order.indices(t), plan.learning_rate(t)) for t in range(10)])
+        params, state = trainer.export()
+        outputs["compiled" if compiled else "eager"] = {
+            **{f"trajectory/{name}": losses[:, k].astype(np.float64) for k, name in enumerate(plan.step_loss_names)},
+            **{f"final/{k}": v.astype(np.float64) for k, v in params.items()},
+            **{f"final_state/{k}": v.astype(np.float64) for k, v in state.items()}}
+    rows = parity.compare_outputs(outputs, "float32", plan.variant.name, plan.std_metric.log_epsilon)
+    failed = [r for r in rows if not r.ok]
+    assert rows and not failed, parity.format_table(failed)

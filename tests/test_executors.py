@@ -106,8 +106,10 @@ def local_reference(tmp_path_factory):
     ("--executor cloud", ["--executor", "cloud", "processes"]),
     ("--executor processes --workers 0", ["--workers"]),
     ("--executor dask --scheduler nonsense", ["--scheduler nonsense", "tcp://"]),
+    ("--executor processes --group-size 4", ["--group-size", "--executor local"]),
+    ("--group-size 0", ["--group-size"]),
 ], ids=["workers-alone", "workers-local", "scheduler-alone", "scheduler-processes", "dask-without-scheduler",
-        "unknown-executor", "zero-workers", "malformed-address"])
+        "unknown-executor", "zero-workers", "malformed-address", "group-size-processes", "zero-group-size"])
 def test_bad_executor_options_exit_2_with_one_line_naming_the_option(command, options, fragments, tmp_path, capsys,
                                                                     monkeypatch):
     monkeypatch.chdir(tmp_path)

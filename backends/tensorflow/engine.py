@@ -55,8 +55,9 @@ class Engine(base.Engine):
     name = "tensorflow"
     framework = "tensorflow"
 
-    def __init__(self, device: str | None = None, dtype: str = "float32", jit_compile: bool | None = None):
-        super().__init__(device, dtype)
+    def __init__(self, device: str | None = None, dtype: str = "float32", compile: bool = False,  # noqa: A002
+                 jit_compile: bool | None = None):
+        super().__init__(device, dtype, compile)
         self.device, self.tf_device = _parse_device(device)
         self.device_type = self.device.partition(":")[0]
         if self.device_type == "gpu":
@@ -112,6 +113,11 @@ class Engine(base.Engine):
 
     def trainer(self, program, params, state, train_images, train_labels, track=()):
         return Trainer(self, program, params, state, train_images, train_labels, track)
+
+    # No vectorized_group: tf.vectorized_map (pfor) requires a convolution's filter to be
+    # the same in every member ("Input 'filter' of op 'Conv2D' expected to be loop
+    # invariant"), and TensorFlow's CPU kernels do not run the grouped convolution that
+    # would batch per-member kernels by hand. Groups of runs are stepped one by one.
 
 
 class Trainer(base.Trainer):

@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import torch
+from torch.func import grad_and_value, vmap
 
 from normbench.backends import base
 from normbench.backends.torch.ops import Ops
@@ -21,6 +22,7 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # cnn3 on the 2-core machine, steps alternating in one process: 8.6 -> 6.6 ms without
 # normalization, 12.5 -> 8.7 ms with the standardization loss. Left alone where the user
 # set MALLOC_MMAP_THRESHOLD_, or where the C library is not glibc.
+_RECOMPILE_LIMIT = 256  # variants one process may compile (see Engine.training_loss)
 _MMAP_THRESHOLD = 32 << 20  # glibc's largest on 64-bit systems
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
 
@@ -40,8 +42,10 @@ class Engine(base.Engine):
     name = "torch"
     framework = "torch"
 
-    def __init__(self, device: str | None = None, dtype: str = "float32"):
-        super().__init__(device, dtype)
+    def __init__(self, device: str | None = None, dtype: str = "float32", compile: bool = False):  # noqa: A002
+        super().__init__(device, dtype, compile)
+        self.compiled_step = compile
+        self._compiled_losses: dict[tuple, object] = {}  # (spec hash, variant) -> compiled `program.loss`
         requested = device or "cpu"
         try:
             self.torch_device = torch.device(requested)
@@ -114,6 +118,36 @@ class Engine(base.Engine):
     def trainer(self, program, params, state, train_images, train_labels, track=()):
         return Trainer(self, program, params, state, train_images, train_labels, track)
 
+    def training_loss(self, program):
+        """`program.loss` as the training step calls it: eager, or with `compile` the
+        torch.compile of it (forward and, through AOTAutograd, backward), compiled once per
+        spec and variant and shared by every trainer of them (a sweep's seeds)."""
+        ops = self.ops
+        if not self.compiled_step:
+            return lambda params, state, images, labels, masks: program.loss(ops, params, state, images, labels, masks)
+        key = (program.spec.hash(), program.variant.name)
+        if key not in self._compiled_losses:
+            # Dynamo guards on the plan the closure holds, so every variant is a recompile
+            # of this one code object; its default limit (8) would silently fall back to
+            # eager from the ninth variant of a sweep on.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, _RECOMPILE_LIMIT)
+            self._compiled_losses[key] = torch.compile(
+                lambda params, state, images, labels, masks: program.loss(ops, params, state, images, labels, masks),
+                dynamic=False)
+        return self._compiled_losses[key]
+
+    def vectorized_group(self, program, members, train_images, train_labels, track=()):
+        return VectorizedGroup(self, program, members, train_images, train_labels, track)
+
+    def fastest_group_size(self):
+        # torch.func.vmap batches the members' convolutions into grouped ones, which
+        # oneDNN runs no faster than the members' own on CPU: cnn3, batch 128, 2-core
+        # machine, per step of 4 runs, vmapped against one after the other: 26-32 / 28-36 ms
+        # without normalization, 57-60 / 37-40 ms with batch norm, 40-44 / 37-38 ms with
+        # the standardization loss; 10 runs without normalization 124 / 78-83 ms. A GPU,
+        # where one small run leaves most of the device idle, is where batching pays.
+        return 1 if self.torch_device.type == "cpu" else 10
+
 
 class Trainer(base.Trainer):
     def __init__(self, engine, program, params, state, train_images, train_labels, track):
@@ -123,6 +157,7 @@ class Trainer(base.Trainer):
         self.state = engine.import_tree(state)
         self.opt_state = program.optimizer.init(self.ops, self.params)
         self.train_images, self.train_labels = train_images, train_labels
+        self._loss = engine.training_loss(program)
 
     def _batch(self, indices):
         index = torch.from_numpy(np.ascontiguousarray(indices, dtype=np.int64)).to(self.engine.torch_device)
@@ -133,7 +168,7 @@ class Trainer(base.Trainer):
 
     def step(self, indices, learning_rate, dropout_masks=None):
         images, labels = self._batch(indices)
-        total, aux = self.program.loss(self.ops, self.params, self.state, images, labels, self._masks(dropout_masks))
+        total, aux = self._loss(self.params, self.state, images, labels, self._masks(dropout_masks))
         grads = torch.autograd.grad(total, list(self.params.values()))
         with torch.no_grad():
             params, self.opt_state = self.program.update(
@@ -170,3 +205,57 @@ class Trainer(base.Trainer):
     def _evaluate_chunk(self, images, labels):
         with torch.inference_mode():
             return self._chunk_to_numpy(self.program.evaluation(self.ops, self.params, self.state, images, labels, self.track))
+
+
+def _stacked(trees: list[dict]) -> dict:
+    return {k: torch.stack([tree[k] for tree in trees]) for k in trees[0]}
+
+
+class VectorizedGroup(base.VectorizedGroup):
+    """`torch.func.vmap` of the functional training step (`torch.func.grad_and_value` of
+    `program.loss`) over members stacked on a first axis."""
+
+    evaluation_chunk_size = Trainer.evaluation_chunk_size
+
+    def __init__(self, engine, program, members, train_images, train_labels, track):
+        super().__init__(engine, program, len(members), track)
+        ops = self.ops = engine.ops
+        self.params = _stacked([engine.import_tree(p) for p, _ in members])
+        self.state = _stacked([engine.import_tree(s) for _, s in members])
+        self.opt_state = _stacked([program.optimizer.init(ops, engine.import_tree(p)) for p, _ in members])
+        self.train_images, self.train_labels = train_images, train_labels
+
+        def member_step(params, opt_state, state, images, labels, masks, lr):
+            objective = lambda p: program.loss(ops, p, state, images, labels, masks)
+            grads, (_, aux) = grad_and_value(objective, has_aux=True)(params)
+            params, opt_state = program.update(ops, params, grads, opt_state, lr)
+            return params, opt_state, aux["state"], torch.stack(program.step_losses(aux))
+
+        def evaluation(params, state, images, labels):
+            return program.evaluation(ops, params, state, images, labels, track)
+
+        # torch.func.vmap takes no in_dim for a None argument: one step with dropout masks, one without.
+        self._train_steps = {masked: vmap(member_step, in_dims=(0, 0, 0, 0, 0, 0 if masked else None, None))
+                             for masked in (False, True)}
+        self._evaluation = vmap(evaluation, in_dims=(0, 0, None, None))
+
+    def step(self, indices, learning_rate, dropout_masks=None):
+        e = self.engine
+        index = torch.from_numpy(np.ascontiguousarray(indices, dtype=np.int64)).to(e.torch_device)
+        images, labels = self.train_images[index], self.train_labels[index]  # (members, batch, ...)
+        masks = None if dropout_masks is None else _stacked([e.import_tree(m) for m in dropout_masks])
+        with torch.no_grad():  # grad_and_value differentiates inside; nothing outside needs a graph
+            self.params, self.opt_state, self.state, losses = self._train_steps[masks is not None](
+                self.params, self.opt_state, self.state, images, labels, masks, learning_rate)
+        return losses
+
+    def read_losses(self, step_losses):
+        return self.engine.stack_to_numpy(step_losses)
+
+    def export(self, member):
+        return (self.engine.export_tree(base.member_of(self.params, member)),
+                self.engine.export_tree(base.member_of(self.state, member)))
+
+    def _evaluate_batched(self, images, labels):
+        with torch.no_grad():
+            return self._evaluation(self.params, self.state, images, labels)

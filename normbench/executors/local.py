@@ -8,10 +8,12 @@ import contextlib
 class LocalExecutor:
     name = "local"
 
-    def run_sweep(self, spec, backend_names, out, *, device=None, data_dir=None, progress=True, log=print):
+    def run_sweep(self, spec, backend_names, out, *, device=None, data_dir=None, progress=True, log=print,
+                  group_size=None, compile=False):  # noqa: A002
         from normbench import runner
 
-        return runner.run_sweep(spec, backend_names, out, device=device, data_dir=data_dir, progress=progress, log=log)
+        return runner.run_sweep(spec, backend_names, out, device=device, data_dir=data_dir, progress=progress, log=log,
+                                group_size=group_size, compile=compile)
 
 
 @contextlib.contextmanager

@@ -35,6 +35,11 @@ def _duration(seconds: float) -> str:
     return f"{h} h {rest // 60} min" if h else f"{rest // 60} min {rest % 60} s"
 
 
+def _group_size(record: dict) -> int:
+    """Runs trained together with this one (`runner.train_group`): their shared times count once."""
+    return len((record.get("group") or {}).get("seeds") or [None])
+
+
 def compute_summary(records: list[dict]) -> str:
     """How long the runs took, and on which machine (from each run's provenance)."""
     if not records:
@@ -43,10 +48,10 @@ def compute_summary(records: list[dict]) -> str:
     for r in records:
         a, b = _parse_time(r.get("started")), _parse_time(r.get("finished"))
         if a and b:
-            walls.append((b - a).total_seconds())
+            walls.append((b - a).total_seconds() / _group_size(r))
             starts.append(a)
             ends.append(b)
-    train = sum(float(r.get("train_time_s") or 0.0) for r in records)
+    train = sum(float(r.get("train_time_s") or 0.0) / _group_size(r) for r in records)
     per_backend = pd.Series([r["backend"] for r in records]).value_counts().sort_index()
     machines = sorted({f"{r.get('hostname', '?')}: {r.get('cpu', '?')}, {r.get('cpu_count', '?')} cores, "
                        f"device {r.get('device', '?')}" for r in records})
