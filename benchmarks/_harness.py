@@ -151,13 +151,14 @@ def throughput_batch() -> int:
 
 
 @functools.cache
-def _engine(backend: str, device: str):
-    return registry.get_engine(backend, device=device)
+def _engine(backend: str, device: str, compile: bool = False):  # noqa: A002
+    return registry.get_engine(backend, device=device, compile=compile)
 
 
-def engine(backend: str, device: str):
-    """The backend's engine on `device`, or NotImplementedError (asv's skip) when the
-    adapter, the framework or the device is missing, or the device is deselected."""
+def engine(backend: str, device: str, compile: bool = False):  # noqa: A002
+    """The backend's engine on `device` (`compile`: see `Engine.__init__`), or
+    NotImplementedError (asv's skip) when the adapter, the framework or the device is
+    missing, or the device is deselected."""
     if not registry.is_available(backend):
         raise NotImplementedError(f"backend {backend!r} is not available here (see `normbench backends`)")
     if device not in selected_devices():
@@ -166,7 +167,7 @@ def engine(backend: str, device: str):
         # Decided without importing the framework: an import costs seconds per benchmark process.
         raise NotImplementedError(f"device {device!r}: no NVIDIA driver on this machine")
     try:
-        return _engine(backend, device)
+        return _engine(backend, device, compile)
     except registry.BackendUnavailable as exc:
         raise NotImplementedError(str(exc)) from None
 
@@ -244,8 +245,8 @@ class Stepper:
     the unit every timing benchmark measures: one update, then `synchronize()`, then the
     injected sleep (if any), all inside the caller's timer."""
 
-    def __init__(self, backend: str, plan, device: str):
-        self.engine = engine(backend, device)
+    def __init__(self, backend: str, plan, device: str, compile: bool = False):  # noqa: A002
+        self.engine = engine(backend, device, compile)
         self.program = plan
         params, state = self.program.initial_parameters(SEED)
         images, labels = _placed_training_set(backend, device, plan.spec.dataset)
@@ -275,12 +276,12 @@ class Stepper:
 _WARM: dict[tuple, Stepper] = {}
 
 
-def warm_stepper(backend: str, model: str, normalization: str, device: str) -> Stepper:
+def warm_stepper(backend: str, model: str, normalization: str, device: str, compile: bool = False) -> Stepper:  # noqa: A002
     """A warmed-up Stepper of a (model, normalization) cell, created once per process. This
     asv re-runs `setup` before every timed sample (asv#966), so setup must fetch rather than rebuild."""
-    key = (backend, model, normalization, device)
+    key = (backend, model, normalization, device, compile)
     if key not in _WARM:
-        _WARM[key] = Stepper(backend, training_plan(model, normalization), device).warm_up(warmup_steps())
+        _WARM[key] = Stepper(backend, training_plan(model, normalization), device, compile).warm_up(warmup_steps())
     return _WARM[key]
 
 

@@ -32,6 +32,24 @@ class NormalizationOverhead:
         return _ratio(f"{backend}/{model}/{device}: {normalization}", self.variant, self.baseline, "none")
 
 
+class CompiledOverhead:
+    """`NormalizationOverhead` with the step compiled (`--compile`: torch.compile of the
+    loss, forward and backward), both sides compiled. PyTorch only: JAX and TensorFlow
+    always compile. The compiled first step is timed by bench_step_time.TimeFirstCompiledStep."""
+
+    params = [["torch"], h.MODELS, [n for n in h.NORMALIZATIONS if n != "none"], h.DEVICES]
+    param_names = ["backend", "model", "normalization", "device"]
+    unit = "ratio"
+    timeout = 600
+
+    def setup(self, backend, model, normalization, device):
+        self.baseline = h.warm_stepper(backend, model, "none", device, compile=True)
+        self.variant = h.warm_stepper(backend, model, normalization, device, compile=True)
+
+    def track_overhead_vs_none(self, backend, model, normalization, device):
+        return _ratio(f"{backend} compiled/{model}/{device}: {normalization}", self.variant, self.baseline, "none")
+
+
 class ReferenceRatio:
     """Median backend step time / median step time of the hand-written loop in the same
     framework (same model, normalization, batches, initial weights and device)."""

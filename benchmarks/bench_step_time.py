@@ -41,3 +41,20 @@ class TimeFirstStep:
 
     def time_first_step(self, backend, model, normalization, device):
         self.stepper.step()
+
+
+class TimeFirstCompiledStep:
+    """`TimeFirstStep` of PyTorch with `--compile`: torch.compile's tracing and code
+    generation (a C++ compiler on CPU), in a fresh process, so nothing is cached in memory
+    (torch's on-disk caches may be warm from earlier processes, as they are for a user)."""
+
+    params, param_names = [["torch"], h.MODELS, h.NORMALIZATIONS, h.DEVICES], GRID_NAMES
+    number, repeat, warmup_time = 1, 1, 0
+    rounds = 3
+    timeout = 600
+
+    def setup(self, backend, model, normalization, device):
+        self.stepper = h.Stepper(backend, h.training_plan(model, normalization), device, compile=True)
+
+    def time_first_step(self, backend, model, normalization, device):
+        self.stepper.step()

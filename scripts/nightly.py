@@ -282,6 +282,8 @@ EXPORTED = [
     ("bench_ratios.ReferenceRatio.track_ratio_to_reference", "Step time / a minimal hand-written loop in the same framework (PyTorch: symmetric padding, bias in the convolution)", "ratio"),
     ("bench_ratios.AlignmentCost.track_alignment_cost", "PyTorch: the hand-written loop with TensorFlow's SAME alignment / with symmetric padding", "ratio"),
     ("bench_ratios.NormalizationOverhead.track_overhead_vs_none", "Step time / the same model without normalization", "ratio"),
+    ("bench_ratios.CompiledOverhead.track_overhead_vs_none", "PyTorch with --compile: step time / the same model without normalization, both compiled", "ratio"),
+    ("bench_step_time.TimeFirstCompiledStep.time_first_step", "PyTorch with --compile: the first step of a fresh trainer (torch.compile)", "seconds"),
     ("bench_ratios.MethodReferenceRatio.track_ratio_to_reference", "Every method: step time / the hand-written loop in the same framework", "ratio"),
     ("bench_ratios.MethodOverhead.track_overhead_vs_none", "Every method: step time / the same network without normalization", "ratio"),
     ("bench_architectures.ArchitectureStep.time_step", "The paper's architectures at their small configurations: time per training step", "seconds"),
@@ -292,6 +294,11 @@ EXPORTED = [
     ("track_final_test_error", "Test error after 1000 steps", "fraction"),
     ("track_host_rss_growth", "Host RSS growth during a 1000-step run", "bytes"),
     ("track_device_peak_memory", "Device peak memory during a 1000-step run", "bytes"),
+    ("track_seconds_per_run", "The main job (mnist-cnn): seconds per run with group_size seeds of a variant trained together (runs per hour: below)", "seconds"),
+    ("track_main_job_seconds", "The main job (mnist-cnn, every variant x 10 seeds): each backend's share at its default group size", "seconds"),
+    ("track_evaluation_seconds_per_10k_images", "Evaluation time per 10,000 images (one run)", "seconds"),
+    ("track_evaluation_share", "Evaluation's share of a run's time at eval_every = 50", "fraction"),
+    ("track_run_to_flop_floor", "A run's time / its FLOPs at the matrix-multiply rate measured in the same run", "ratio"),
 ]
 
 
@@ -341,7 +348,7 @@ def export(results: list, benchmarks: dict, machine: str, info: dict, commit: st
         mine = [r for r in records if r["benchmark"] == pattern or r["benchmark"].endswith("." + pattern)]
         for device in sorted({r.get("device", "") for r in mine}):
             rows = [r for r in mine if r.get("device", "") == device]
-            if any(r.get("variant") or r.get("case") for r in rows):  # the variant grids (inference: cases): a row per variant (and its other parameters), a column per backend
+            if any(r.get("variant") or r.get("case") or r.get("group_size") for r in rows):  # the variant grids (inference: cases): a row per variant (and its other parameters), a column per backend
                 backends = list(dict.fromkeys(_backend_of(r) for r in rows))
                 names = [k for k in dict.fromkeys(k for r in rows for k in r) if k not in ("benchmark", "unit", "backend", "device", "value")]
                 row_of = lambda r: tuple(r.get(k, "") for k in names)
@@ -365,8 +372,34 @@ def export(results: list, benchmarks: dict, machine: str, info: dict, commit: st
                     cells.append(_format(hit[0], unit) if hit else "—")
                 lines.append(f"| {backend} | {model} | " + " | ".join(cells) + " |")
             lines.append("")
+    lines += _throughput_summary(records)
     (out / "README.md").write_text("\n".join(lines))
     return [out / "README.md", out / "benchmarks.csv", out / "provenance.json"]
+
+
+def _throughput_summary(records: list[dict]) -> list[str]:
+    """Figures derived from recorded values only: runs per hour (3600 / seconds per run)
+    and the main job's wall time (the sum of the backends' shares)."""
+    per_run = [r for r in records if r["benchmark"].endswith(".track_seconds_per_run")]
+    shares = [r for r in records if r["benchmark"].endswith(".track_main_job_seconds")]
+    if not per_run and not shares:
+        return []
+    lines = []
+    if per_run:
+        backends = list(dict.fromkeys(_backend_of(r) for r in per_run))
+        sizes = list(dict.fromkeys(r["group_size"] for r in per_run))
+        lines += ["## Runs per hour (3600 / seconds per run, above)", "", "| group_size | " + " | ".join(backends) + " |",
+                  "|---|" + "---|" * len(backends)]
+        for size in sizes:
+            cells = [next((f"{3600.0 / r['value']:.0f}" for r in per_run if r["group_size"] == size and _backend_of(r) == b), "—")
+                     for b in backends]
+            lines.append(f"| {size} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if shares:
+        total = sum(r["value"] for r in shares)
+        parts = ", ".join(f"{_backend_of(r)} {r['value'] / 60:.1f}" for r in shares)
+        lines += [f"The main job's wall time (the backends one after another): {total / 60:.1f} minutes ({parts}).", ""]
+    return lines
 
 
 _PACKAGES = ("normbench", "numpy", "torch", "jax", "jaxlib", "tensorflow", "tensorflow-cpu", "asv")
@@ -389,7 +422,7 @@ def _backend_of(record: dict) -> str:
     if record.get("backend"):
         return record["backend"]
     cls = record["benchmark"].split(".")[-2]  # e.g. TorchTraining, JaxDeviceMemory
-    return re.sub(r"(Training|DeviceMemory)$", "", cls).lower()
+    return re.sub(r"(Training|DeviceMemory|RunTime|Run)$", "", cls).lower()
 
 
 # ----------------------------------------------------------------------------- main

@@ -71,6 +71,10 @@ def test_discovery_finds_the_suite():
         *(f"bench_training.{b}Training.{m}" for b in ("Torch", "Jax", "Tensorflow")
           for m in ("track_steps_to_target", "track_final_test_error", "track_host_rss_growth")),
         *(f"bench_training.{b}DeviceMemory.track_device_peak_memory" for b in ("Torch", "Jax", "Tensorflow")),
+        *(f"bench_throughput.{b}Run.{m}" for b in ("Torch", "Jax", "Tensorflow")
+          for m in ("track_evaluation_seconds_per_10k_images", "track_evaluation_share", "track_run_to_flop_floor",
+                    "track_main_job_seconds")),
+        *(f"bench_throughput.{b}RunTime.track_seconds_per_run" for b in ("Torch", "Jax", "Tensorflow")),
     }
     assert expected <= set(BENCHMARKS), sorted(expected - set(BENCHMARKS))
     assert all(b.check(str(BENCHMARK_DIR)) for b in BENCHMARKS.values())
@@ -90,6 +94,15 @@ def test_training_caches_one_per_backend():
     for backend in ("Torch", "Jax", "Tensorflow"):
         mine = {k for n, k in keys.items() if f".{backend}" in n}
         assert len(mine) == 1, (backend, mine)
+    assert len(set(keys.values())) == 3
+
+
+def test_throughput_measures_once_per_backend():
+    """Each backend's throughput is measured once and read by both of its classes."""
+    keys = {name: get_setup_cache_key(b._setup_cache) for name, b in BENCHMARKS.items()
+            if name.startswith("bench_throughput.")}
+    for backend in ("Torch", "Jax", "Tensorflow"):
+        assert len({k for n, k in keys.items() if f".{backend}" in n}) == 1, backend
     assert len(set(keys.values())) == 3
 
 

@@ -1,0 +1,272 @@
+"""Throughput of the README's main job (`normbench reproduce mnist-cnn`: every variant of
+mnist-cnn, ten seeds, on every backend): runs per hour at each group size, the main job's
+wall time, evaluation time, and a run's cost against its FLOP floor.
+
+Everything is measured in one process per backend, in `setup_cache` (asv runs it once,
+then the `track_` methods read it), with real MNIST placed once:
+
+- Steps: for each group size in GROUP_SIZES and each variant of MAIN_JOB_SPEC, one group
+  of that many seeds (`runner.make_group`: vectorized where the backend can), timed side
+  by side: each round times one step of every group, the order reversing every round;
+  the median per group.
+- Evaluations: each group's evaluation of both splits (the 10,000 test images and the
+  fixed 10,000-image training subset), after one untimed evaluation (compilation); the
+  faster of two.
+- A run's time is projected from them: the spec's steps times the step, plus its
+  evaluations (`spec.evaluation_steps`) times the evaluation, divided by the runs of the
+  group. The whole main job trains for minutes per run; a projection from medians over
+  dozens of steps is what fits a nightly asv run, and `train_time_s` in the provenance of
+  any real run checks it.
+- The FLOP floor: the multiply-adds of one training step and one evaluated image, counted
+  with PyTorch's FlopCounterMode (matrix multiplies and convolutions, forward and
+  backward; the network is the same in every backend), over the matrix-multiply rate
+  measured in the same process (float32 2048 x 2048 products with torch).
+
+Under NORMBENCH_BENCH_QUICK every count is tiny (the same code path, in seconds).
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+
+from . import _harness as h
+
+try:
+    from asv_runner.benchmarks.mark import SkipNotImplemented  # a skip raised inside a benchmark body
+except ImportError:  # imported without asv (the tests): the same kind of exception
+    SkipNotImplemented = NotImplementedError
+
+MAIN_JOB_SPEC = "mnist-cnn"
+GROUP_SIZES = [1, 4, 10]
+QUICK_GROUP_SIZES = [1, 2]
+QUICK_EVALUATION_EXAMPLES = 200
+MATMUL_SIZE, QUICK_MATMUL_SIZE = 2048, 256
+SETUP_TIMEOUT_S = 3 * 3600
+
+
+def _group_sizes() -> list[int]:
+    return QUICK_GROUP_SIZES if h.quick() else GROUP_SIZES
+
+
+def _main_job_spec():
+    from normbench import spec as specs
+
+    spec = specs.load(MAIN_JOB_SPEC)
+    if h.quick():
+        spec = spec.replace(train_eval_examples=QUICK_EVALUATION_EXAMPLES, test_examples=QUICK_EVALUATION_EXAMPLES)
+    return spec
+
+
+def matmul_rate() -> float:
+    """Float32 multiply-adds x 2 per second of a square matrix product on this machine (torch, the median of ten)."""
+    import torch
+
+    n = QUICK_MATMUL_SIZE if h.quick() else MATMUL_SIZE
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    samples = []
+    for _ in range(10):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        samples.append(time.perf_counter() - start)
+    return 2.0 * n**3 / statistics.median(samples)
+
+
+def counted_flops(plan, batch: int, training: bool) -> int:
+    """FLOPs of one training step (forward and backward) or one inference forward pass of
+    `plan` on `batch` images, by torch's FlopCounterMode."""
+    import numpy as np
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from normbench import backends
+
+    engine = backends.get_engine("torch", device="cpu", dtype="float32")
+    params, state = plan.initial_parameters(0)
+    images = engine.put_images(np.zeros((batch, *plan.arch.input_shape), np.float32))
+    labels = engine.put_labels(np.zeros(batch, np.int64))
+    trainer = engine.trainer(plan, params, state, images, labels)
+    with FlopCounterMode(display=False) as counter:
+        if training:
+            trainer.step(np.arange(batch), 0.0, plan.dropout_masks(0, 0, batch))
+        else:
+            trainer.predict(images)
+    return int(counter.get_total_flops())
+
+
+def measure(backend: str, device: str = "cpu") -> dict:
+    """The body of `setup_cache`: step and evaluation times of every group size and variant."""
+    import numpy as np
+
+    from normbench import runner
+    from normbench.plan import resolve
+
+    engine = h.engine(backend, device)
+    spec = _main_job_spec()
+    data = h.mnist()
+    train_images, train_labels = engine.put_images(data.train_images), engine.put_labels(data.train_labels)
+    evaluator = runner._Evaluator(engine, data, spec)
+    cells, steppers = [], []
+    for size in _group_sizes():
+        for variant in spec.variants:
+            plan = resolve(spec, variant)
+            seeds = list(range(size))
+            group = runner.make_group(engine, plan, seeds, train_images, train_labels, vectorize=size > 1)
+            rng = np.random.default_rng(size)
+            batches = [rng.integers(0, len(data.train_labels), (size, plan.batch_size)) for _ in range(8)]
+
+            def step(group=group, plan=plan, batches=batches, count=[0]):
+                group.step(batches[count[0] % len(batches)], plan.learning_rate(0),
+                           runner._group_masks(plan, seeds, 0))
+                engine.synchronize()
+                count[0] += 1
+
+            for _ in range(h.warmup_steps()):
+                step()
+            evaluations = []
+            for _ in range(3):  # the first compiles
+                start = time.perf_counter()
+                for images, labels, n in evaluator.splits.values():
+                    group.evaluate(images, labels, n)
+                evaluations.append(time.perf_counter() - start)
+            cells.append({"group_size": size, "variant": variant.name, "vectorized": type(group).__name__,
+                          "evaluation_s": min(evaluations[1:]),
+                          "evaluated_images": sum(n for _, _, n in evaluator.splits.values())})
+            steppers.append(step)
+            print(f"{backend}: group {size} {variant.name} ready", file=sys.stderr, flush=True)
+    rounds, seconds = h.ratio_rounds()
+    for cell, median in zip(cells, h.side_by_side_medians(steppers, rounds, seconds)):
+        cell["step_s"] = median
+    for cell in cells:
+        variant = spec.variant(cell["variant"])
+        evaluations = spec.evaluation_steps(variant)
+        full = sum(1 for _, both in evaluations if both)
+        cell["group_run_s"] = spec.steps_for(variant) * cell["step_s"] + full * cell["evaluation_s"]
+        cell["run_s"] = cell["group_run_s"] / cell["group_size"]
+        cell["evaluation_share"] = full * cell["evaluation_s"] / cell["group_run_s"]
+    result = {"backend": backend, "quick": h.quick(), "cells": cells, "seeds": len(spec.seeds),
+              "fastest_group_size": engine.fastest_group_size(), "device_description": engine.device_description()}
+    try:
+        result["matmul_flops_per_s"] = matmul_rate()
+        result["run_flops"] = {v.name: _run_flops(spec, v) for v in spec.variants}
+    except ImportError:  # no torch to count with: the floor ratios are skipped
+        pass
+    return result
+
+
+def _run_flops(spec, variant) -> int:
+    from normbench.plan import resolve
+
+    plan = resolve(spec, variant)
+    chunk = 500
+    evaluations = sum(1 for _, both in spec.evaluation_steps(variant) if both)
+    images = spec.train_eval_examples + (spec.test_examples or 10_000)
+    return (spec.steps_for(variant) * counted_flops(plan, plan.batch_size, training=True)
+            + evaluations * images * counted_flops(plan, chunk, training=False) // chunk)
+
+
+def _cells(cache: dict, size: int) -> list[dict]:
+    cells = [c for c in cache["cells"] if c["group_size"] == size]
+    if not cells:
+        raise NotImplementedError(f"group size {size} not measured")
+    return cells
+
+
+class _Throughput:
+    """One backend's measurements (`measure`), read by the track_ methods. asv keys a
+    setup_cache by its defining function (see bench_training.py): each backend's `Run`
+    class defines its own, and its `RunTime` class takes that same function, so one
+    measurement feeds both. What was not measured is skipped in `setup`, as asv expects."""
+
+    def setup(self, cache, *params):
+        if "skipped" in cache:
+            raise NotImplementedError(cache["skipped"])
+
+
+def _measured(backend: str) -> dict:
+    try:
+        return measure(backend)
+    except NotImplementedError as exc:
+        return {"skipped": str(exc)}
+
+
+class _RunTime(_Throughput):
+    params = [GROUP_SIZES]
+    param_names = ["group_size"]
+
+    def setup(self, cache, group_size):
+        super().setup(cache)
+        self.cells = _cells(cache, group_size)
+
+    def track_seconds_per_run(self, cache, group_size):
+        """Wall seconds per run of MAIN_JOB_SPEC with `group_size` seeds of a variant
+        trained together: its variants in equal numbers, each run with its evaluations.
+        Runs per hour are 3600 over it (asv and the nightly check read lower as better)."""
+        return statistics.mean(c["run_s"] for c in self.cells)
+    track_seconds_per_run.unit = "seconds"
+
+
+class _Run(_Throughput):
+    """Figures of one run trained alone (group size 1), the variants' mean."""
+
+    def track_evaluation_seconds_per_10k_images(self, cache):
+        cells = _cells(cache, 1)
+        return statistics.mean(c["evaluation_s"] * 10_000 / c["evaluated_images"] for c in cells)
+    track_evaluation_seconds_per_10k_images.unit = "seconds"
+
+    def track_evaluation_share(self, cache):
+        """Evaluation's share of a run's time at the spec's eval_every."""
+        return statistics.mean(c["evaluation_share"] for c in _cells(cache, 1))
+    track_evaluation_share.unit = "fraction"
+
+    def track_run_to_flop_floor(self, cache):
+        """A run's time over its FLOPs at the measured matrix-multiply rate."""
+        if "run_flops" not in cache:
+            raise SkipNotImplemented("torch is not installed: no FLOP counter")
+        cells = _cells(cache, 1)
+        return statistics.mean(c["run_s"] / (cache["run_flops"][c["variant"]] / cache["matmul_flops_per_s"])
+                               for c in cells)
+    track_run_to_flop_floor.unit = "ratio"
+
+    def track_main_job_seconds(self, cache):
+        """This backend's share of the main job (every variant x the spec's seeds) at its
+        default group size; the main job's wall time is the sum over the backends."""
+        size = min(cache["fastest_group_size"], cache["seeds"])
+        cells = _cells(cache, size if size in _group_sizes() else 1)
+        return sum(c["run_s"] * cache["seeds"] for c in cells)
+    track_main_job_seconds.unit = "seconds"
+
+
+class TorchRun(_Run):
+    def setup_cache(self):
+        return _measured("torch")
+
+    setup_cache.timeout = SETUP_TIMEOUT_S
+
+
+class TorchRunTime(_RunTime):
+    setup_cache = TorchRun.setup_cache  # shared on purpose: one measurement
+
+
+class JaxRun(_Run):
+    def setup_cache(self):
+        return _measured("jax")
+
+    setup_cache.timeout = SETUP_TIMEOUT_S
+
+
+class JaxRunTime(_RunTime):
+    setup_cache = JaxRun.setup_cache
+
+
+class TensorflowRun(_Run):
+    def setup_cache(self):
+        return _measured("tensorflow")
+
+    setup_cache.timeout = SETUP_TIMEOUT_S
+
+
+class TensorflowRunTime(_RunTime):
+    setup_cache = TensorflowRun.setup_cache
