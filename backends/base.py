@@ -503,12 +503,22 @@ class LoopedGroup(RunGroup):
 
 class VectorizedGroup(RunGroup):
     """Members stacked on a new leading axis of every parameter, state and slot array and
-    trained by one batched (vmapped) step. A backend subclass supplies the step, the
-    per-chunk evaluation and the reading of one member; the chunking and aggregation of
-    evaluation are shared here. Each member's trajectory equals its run alone within the
-    float32 trajectory tolerances of the parity tests (tests/test_vectorized_runs.py)."""
+    trained by one batched (vmapped) step. A backend subclass supplies the step and the
+    batched evaluation of a chunk, and keeps the stacked trees in `params` and `state`;
+    reading members out, chunking and aggregating evaluations are shared here. Each
+    member's trajectory equals its run alone within the float32 trajectory tolerances of
+    the parity tests (tests/test_vectorized_runs.py)."""
 
     evaluation_chunk_size = 500
+    params: dict
+    state: dict
+
+    def read_losses(self, step_losses):
+        return self.engine.stack_to_numpy(step_losses)  # each step's (members, losses)
+
+    def export(self, member):
+        return (self.engine.export_tree(member_of(self.params, member)),
+                self.engine.export_tree(member_of(self.state, member)))
 
     @abc.abstractmethod
     def _evaluate_batched(self, images, labels) -> dict:

@@ -249,12 +249,5 @@ class VectorizedGroup(base.VectorizedGroup):
             self.params, self.opt_state, self.state, indices, lr, masks)
         return losses
 
-    def read_losses(self, step_losses):
-        return self.engine.stack_to_numpy(step_losses)
-
-    def export(self, member):
-        return (self.engine.export_tree(base.member_of(self.params, member)),
-                self.engine.export_tree(base.member_of(self.state, member)))
-
     def _evaluate_batched(self, images, labels):
         return jax.device_get(self._evaluation(self.params, self.state, images, labels))
