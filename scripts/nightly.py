@@ -224,6 +224,8 @@ def _format(value, unit: str) -> str:
     if _is_na(value):
         return "n/a"
     if unit == "seconds":
+        if abs(value) >= 1000:  # the main job: no exponent
+            return f"{value:.0f} s"
         for scale, suffix in ((1, "s"), (1e-3, "ms"), (1e-6, "µs")):
             if abs(value) >= scale:
                 return f"{value / scale:.3g} {suffix}"
@@ -348,11 +350,12 @@ def export(results: list, benchmarks: dict, machine: str, info: dict, commit: st
         mine = [r for r in records if r["benchmark"] == pattern or r["benchmark"].endswith("." + pattern)]
         for device in sorted({r.get("device", "") for r in mine}):
             rows = [r for r in mine if r.get("device", "") == device]
+            where = f" ({device})" if device else ""  # the throughput classes measure the CPU and take no device
             if any(r.get("variant") or r.get("case") or r.get("group_size") for r in rows):  # the variant grids (inference: cases): a row per variant (and its other parameters), a column per backend
                 backends = list(dict.fromkeys(_backend_of(r) for r in rows))
                 names = [k for k in dict.fromkeys(k for r in rows for k in r) if k not in ("benchmark", "unit", "backend", "device", "value")]
                 row_of = lambda r: tuple(r.get(k, "") for k in names)
-                lines += [f"## {heading} ({device})", "", f"| {' | '.join(names)} | " + " | ".join(backends) + " |",
+                lines += [f"## {heading}{where}", "", f"| {' | '.join(names)} | " + " | ".join(backends) + " |",
                           "|---|" + "---|" * (len(backends) + len(names) - 1)]
                 for row_key in dict.fromkeys(map(row_of, rows)):
                     cells = [next((_format(r["value"], unit) for r in rows if row_of(r) == row_key and _backend_of(r) == b), "—")
@@ -360,9 +363,14 @@ def export(results: list, benchmarks: dict, machine: str, info: dict, commit: st
                     lines.append(f"| {' | '.join(row_key)} | " + " | ".join(cells) + " |")
                 lines.append("")
                 continue
+            if not any(r.get("model") or r.get("normalization") for r in rows):  # one value per backend (no grid)
+                lines += [f"## {heading}{where}", "", "| backend | value |", "|---|---|"]
+                lines += [f"| {_backend_of(r)} | {_format(r['value'], unit)} |" for r in rows]
+                lines.append("")
+                continue
             present = [n for n in normalizations if any(r.get("normalization") == n for r in rows)] or [None]
             keys = list(dict.fromkeys((_backend_of(r), r.get("model", "")) for r in rows))
-            lines += [f"## {heading} ({device})", "", "| backend | model | " + " | ".join(n or "value" for n in present) + " |",
+            lines += [f"## {heading}{where}", "", "| backend | model | " + " | ".join(n or "value" for n in present) + " |",
                       "|---|---|" + "---|" * len(present)]
             for backend, model in keys:
                 cells = []
