@@ -531,8 +531,11 @@ def run_sweep(spec: ExperimentSpec, backend_names: list[str], out: str | Path, *
             bar.set_description(f"{backend}/{variant.name}/seed {', '.join(map(str, seeds))}")
             trained = train_group(spec, variant, seeds, created[backend], data(), engines[backend], env,
                                   on_step=lambda _: bar.update(len(mine)), vectorize=len(mine) > 1)
+            # on_step counted every step the group took for each run; a group stops early
+            # only when every run diverged, at its last run's divergence
+            taken = max(outcome["steps_completed"] for outcome, _ in trained)
             for index, (outcome, record) in zip(mine, trained):
-                bar.update(spec.steps_for(variant) - outcome["steps_completed"] if index in pending else 0)
+                bar.update(spec.steps_for(variant) - taken if index in pending else 0)
                 results[index] = store_run(dirs[index], outcome, record, spec, log)
         return held
 
