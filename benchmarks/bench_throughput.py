@@ -117,7 +117,7 @@ def measure(backend: str, device: str = "cpu") -> dict:
             rng = np.random.default_rng(size)
             batches = [rng.integers(0, len(data.train_labels), (size, plan.batch_size)) for _ in range(8)]
 
-            def step(group=group, plan=plan, batches=batches, count=[0]):
+            def step(group=group, plan=plan, seeds=seeds, batches=batches, count=[0]):
                 group.step(batches[count[0] % len(batches)], plan.learning_rate(0),
                            runner._group_masks(plan, seeds, 0))
                 engine.synchronize()
@@ -150,21 +150,22 @@ def measure(backend: str, device: str = "cpu") -> dict:
               "fastest_group_size": engine.fastest_group_size(), "device_description": engine.device_description()}
     try:
         result["matmul_flops_per_s"] = matmul_rate()
-        result["run_flops"] = {v.name: _run_flops(spec, v) for v in spec.variants}
+        evaluated = sum(n for _, _, n in evaluator.splits.values())
+        result["run_flops"] = {v.name: _run_flops(spec, v, evaluated) for v in spec.variants}
     except ImportError:  # no torch to count with: the floor ratios are skipped
         pass
     return result
 
 
-def _run_flops(spec, variant) -> int:
+def _run_flops(spec, variant, evaluated_images: int) -> int:
+    """FLOPs of one run: its training steps, and `evaluated_images` at each full evaluation."""
     from normbench.plan import resolve
 
     plan = resolve(spec, variant)
     chunk = 500
     evaluations = sum(1 for _, both in spec.evaluation_steps(variant) if both)
-    images = spec.train_eval_examples + (spec.test_examples or 10_000)
     return (spec.steps_for(variant) * counted_flops(plan, plan.batch_size, training=True)
-            + evaluations * images * counted_flops(plan, chunk, training=False) // chunk)
+            + evaluations * evaluated_images * counted_flops(plan, chunk, training=False) // chunk)
 
 
 def _cells(cache: dict, size: int) -> list[dict]:
