@@ -33,7 +33,9 @@ except where that is itself a rounding residue:
   batch-normalized layer.
 
 Trajectory losses are compared step by step with the same rule per step (scalars:
-``|a - b| / max(|a|, |b|)``); the row reports the worst step.
+``|a - b| / max(|a|, |b|)``); the row reports the worst step. A difference no larger
+than two of the precision's smallest normal numbers (`underflow_floor`) is underflow, not
+a formula difference, and counts as none.
 
 Framework-neutral: backends are reached only through `normbench.backends`.
 """
@@ -238,15 +240,29 @@ def _magnitude(name: str, a: np.ndarray, b: np.ndarray, outs_a: dict, outs_b: di
     return float(max(np.max(np.abs(a)), np.max(np.abs(b)))) if a.size else 0.0
 
 
-def _compare_arrays(name, a, b, outs_a, outs_b, log_epsilon) -> tuple[float, float]:
+# Underflow. Where a network's signal has vanished (plain MobileNet-v1 at initialization:
+# conv_dw_13's pre-activations are ~1e-17, their variance ~1e-34), the squares a variance
+# sums fall below float32's smallest normal number, 1.2e-38, and keep no relative
+# precision there (or are flushed to zero, as oneDNN and XLA may do): backends then
+# differ by ~8e-39 on a variance of 7e-35, a relative 1e-4 that says nothing about the
+# formula. So a difference of at most `underflow` (two smallest normals of the compared
+# precision, one lost by each side) counts as none; the row still shows it as max_abs.
+def underflow_floor(dtype: str) -> float:
+    """The largest difference between two values of `dtype` that underflow alone explains."""
+    return 2 * float(np.finfo(np.dtype(dtype)).tiny)
+
+
+def _compare_arrays(name, a, b, outs_a, outs_b, log_epsilon, underflow: float = 0.0) -> tuple[float, float]:
     if a.shape != b.shape:
         return float("inf"), float("inf")
     if a.size == 0:
         return 0.0, 0.0
-    max_abs = float(np.max(np.abs(a - b)))
+    difference = np.abs(a - b)
+    max_abs = float(np.max(difference))
     if not np.isfinite(max_abs):
         return float("inf"), float("inf")
-    return max_abs, max_abs / max(_magnitude(name, a, b, outs_a, outs_b, log_epsilon), TINY)
+    counted = float(np.max(np.where(difference <= underflow, 0.0, difference)))
+    return max_abs, counted / max(_magnitude(name, a, b, outs_a, outs_b, log_epsilon), TINY)
 
 
 def _flipped_layers(outs_a: dict, outs_b: dict):
@@ -272,13 +288,14 @@ def compare_outputs(outputs: dict[str, dict[str, np.ndarray]], dtype: str, varia
     rows = []
     for a_name, b_name in itertools.combinations(outputs, 2):
         rows += _compare_pair((a_name, b_name), outputs[a_name], outputs[b_name], variant, log_epsilon,
-                              lambda name: tolerance(name, dtype, depth))
+                              lambda name: tolerance(name, dtype, depth), underflow_floor(dtype))
     return rows
 
 
 def _compare_pair(names: tuple[str, str], outs_a: dict, outs_b: dict, variant: str, log_epsilon: float,
-                  tolerance_of) -> list[Row]:
-    """Rows comparing every quantity of `outs_a` with `outs_b`; `tolerance_of(quantity)` gives the bound."""
+                  tolerance_of, underflow: float = 0.0) -> list[Row]:
+    """Rows comparing every quantity of `outs_a` with `outs_b`; `tolerance_of(quantity)`
+    gives the bound, `underflow` the differences that count as none (`underflow_floor`)."""
     rows = []
     pair = _pair_name(*names)
     flips = _relu_flips(outs_a, outs_b)
@@ -296,7 +313,7 @@ def _compare_pair(names: tuple[str, str], outs_a: dict, outs_b: dict, variant: s
         if name.startswith("trajectory/"):
             rows.append(_compare_series(pair, variant, name, a, b, tol))
             continue
-        max_abs, max_rel = _compare_arrays(name, a, b, outs_a, outs_b, log_epsilon)
+        max_abs, max_rel = _compare_arrays(name, a, b, outs_a, outs_b, log_epsilon, underflow)
         detail = f"{flips} pre-activation(s) on opposite sides of 0" if flips and name.startswith("gradient/") else ""
         rows.append(Row(pair, variant, name, max_abs, max_rel, tol, bool(max_rel <= tol), detail))
     return rows
@@ -608,7 +625,7 @@ def recheck_step_ties(rows: list[Row], outputs: dict, reference: dict | None, sp
             outs_a = step_outputs(spec, variant_name, a, dtype, seed, kept, device)
             outs_b = (step_outputs(spec, variant_name, b, dtype, seed, kept, device) if b is not None else
                       step_outputs(spec, variant_name, reference_backend, REFERENCE_DTYPE, seed, kept, device))
-            redone = _compare_pair(names, outs_a, outs_b, variant_name, log_epsilon, tolerance_of)
+            redone = _compare_pair(names, outs_a, outs_b, variant_name, log_epsilon, tolerance_of, underflow_floor(dtype))
             note = (f"re-compared without example(s) {left_out} of the batch, which held ReLU ties "
                     f"(pre-activations within rounding of 0 on opposite sides)")
             rows = [r for r in rows if r.pair != pair] + [
@@ -668,21 +685,21 @@ def recheck_trajectories(rows: list[Row], spec: ExperimentSpec, variant_name: st
         outs = order(first_out, second_out)
         note = ("lockstep re-run, ReLU ties re-anchored at " + "; ".join(t.describe() for t in ties) if ties
                 else "lockstep re-run: no ReLU tie found")
-        redone = _compare_pair(names, *outs, variant_name, log_epsilon, tolerance_of)
+        redone = _compare_pair(names, *outs, variant_name, log_epsilon, tolerance_of, underflow_floor(dtype))
         if not all(r.ok for r in redone):
             if conditioning is None:
                 conditioning = conditioning_outputs(spec, variant_name, reference_backend or choose_reference_backend(backends),
                                                     steps, dtype, seed, device, exact=reference_outputs)
             conditioned = _conditioned(tolerance_of, *conditioning, log_epsilon)
             redone = [dataclasses.replace(r, detail="; ".join(x for x in (r.detail, _raised_note(r, tolerance_of)) if x))
-                      for r in _compare_pair(names, *outs, variant_name, log_epsilon, conditioned)]
+                      for r in _compare_pair(names, *outs, variant_name, log_epsilon, conditioned, underflow_floor(dtype))]
         vacuous = any(r.tolerance > max(tolerance_of(r.quantity), CONDITIONING_FACTOR * CONDITIONING_LIMIT) for r in redone)
         if not all(r.ok for r in redone) or vacuous:
             first_out, second_out, _, updates = lockstep_outputs(spec, variant_name, first, second, steps, seed, device,
                                                                  every_step=True)
             redone = _shadowed_rows(names, order(first_out, second_out),
                                     [u.swapped() if second_named_first else u for u in updates], variant_name,
-                                    log_epsilon, tolerance_of, tolerance_of("gradient"))
+                                    log_epsilon, tolerance_of, tolerance_of("gradient"), underflow_floor(dtype))
             note = SHADOWED_NOTE
         redone = [dataclasses.replace(r, detail="; ".join(x for x in (r.detail, note) if x)) for r in redone]
         rows = [r for r in rows if r.pair != pair] + redone
@@ -828,11 +845,12 @@ def undetermined_elements(update: Update, gradient_tolerance: float, tolerance_o
 
 
 def _shadowed_rows(names: tuple[str, str], outs: tuple[dict, dict], updates: list[Update], variant: str,
-                   log_epsilon: float, tolerance_of, gradient_tolerance: float = 0.0) -> list[Row]:
+                   log_epsilon: float, tolerance_of, gradient_tolerance: float = 0.0, underflow: float = 0.0) -> list[Row]:
     """Rows of a shadowed pair: its loss series as compared (each step from a common
     state) and, per parameter or state, the worst of its updates (by error over bound),
     elements with undetermined gradients (`undetermined_elements`) left out."""
-    rows = [r for r in _compare_pair(names, *outs, variant, log_epsilon, tolerance_of) if r.quantity.startswith("trajectory/")]
+    rows = [r for r in _compare_pair(names, *outs, variant, log_epsilon, tolerance_of, underflow)
+            if r.quantity.startswith("trajectory/")]
     worst: dict[str, Row] = {}
     left_out: dict[str, list[str]] = {}
     for step, update in enumerate(updates, start=1):
@@ -840,7 +858,7 @@ def _shadowed_rows(names: tuple[str, str], outs: tuple[dict, dict], updates: lis
         for key, undetermined in undetermined_elements(update, gradient_tolerance, tolerance_of).items():
             second[key] = np.where(undetermined, update.first[key], second[key])
             left_out.setdefault(key, []).append(f"{int(undetermined.sum())} of {undetermined.size} at update {step}")
-        for r in _compare_pair(names, update.first, second, variant, log_epsilon, tolerance_of):
+        for r in _compare_pair(names, update.first, second, variant, log_epsilon, tolerance_of, underflow):
             ratio = r.max_rel / r.tolerance if r.tolerance else float("inf")
             if r.quantity not in worst or not ratio <= worst[r.quantity].max_rel / worst[r.quantity].tolerance:
                 worst[r.quantity] = dataclasses.replace(r, detail=f"worst at update {step} of {len(updates)}")
@@ -895,7 +913,7 @@ def compare_with_reference(outputs: dict[str, dict[str, np.ndarray]], reference:
     rows = []
     for name, outs in outputs.items():
         rows += _compare_pair((name, REFERENCE_DTYPE), outs, reference, variant, log_epsilon,
-                              lambda q: drift_tolerance(q, depth))
+                              lambda q: drift_tolerance(q, depth), underflow_floor("float32"))
     return rows
 
 

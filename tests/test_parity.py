@@ -225,6 +225,26 @@ def test_relative_error_definitions():
     assert not rows["logits"].ok and rows["mean/l"].ok
 
 
+def test_differences_within_underflow_count_as_none():
+    # plain MobileNet-v1 at initialization, conv_dw_13: a variance of ~7e-35 whose squared
+    # terms fall below float32's smallest normal; the backends differ by 8.3e-39 there
+    tiny = float(np.finfo(np.float32).tiny)
+    a = {"var/l": np.array([6.771117e-35, 3.6e-35])}
+    b = {"var/l": np.array([6.771117e-35 + 8.3e-39, 3.6e-35])}
+    row = parity.compare_outputs({"x": a, "y": b}, "float32", "v", log_epsilon=1e-8)[0]
+    assert row.ok and row.max_rel == 0.0 and row.max_abs == pytest.approx(8.3e-39)
+    assert parity.underflow_floor("float32") == 2 * tiny
+    # float64 has no such floor at this size: the same difference fails there
+    assert not parity.compare_outputs({"x": a, "y": b}, "float64", "v", log_epsilon=1e-8)[0].ok
+    # a difference above the floor is measured in full, the elements within it included
+    b["var/l"] = np.array([6.771117e-35 + 8.3e-39, 3.6e-35 * (1 + 1e-3)])
+    row = parity.compare_outputs({"x": a, "y": b}, "float32", "v", log_epsilon=1e-8)[0]
+    assert not row.ok and row.max_rel == pytest.approx(3.6e-38 / 6.771117e-35, rel=1e-3)
+    # and so is a larger variance's real difference in float32 against float64
+    rows = parity.compare_with_reference({"x": {"var/l": np.array([1.0, 2.0])}}, {"var/l": np.array([1.0, 2.01])}, "v", 1e-8)
+    assert not rows[0].ok
+
+
 def test_a_gradient_is_measured_against_its_layers_largest():
     # PointNet's conv5 shift gradient: zero in real arithmetic, 4e-14 of rounding either way
     a = {"gradient/conv5/shift": np.array([3e-14, -1e-14]), "gradient/conv5/kernel": np.array([[0.5, -2.0]]),
