@@ -9,7 +9,15 @@ never dropped from the list, so a backend that lands later is covered automatica
 from __future__ import annotations
 
 import importlib.util
+import os
 import types
+
+# pytest runs the suite in worker processes (pytest-xdist, `-n auto --dist loadfile` in
+# pyproject.toml). Each worker's frameworks get an equal share of the cores, fixed
+# before any of them is imported: two workers with two threads each on two cores ran
+# slower than one. Whole files stay on one worker, so module-level caches still hold.
+if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 import numpy as np
 import pytest
@@ -23,6 +31,19 @@ from normbench import backends, spec as spec_module
 from normbench.plan import Plan, resolve
 
 DTYPES = ("float64", "float32")
+
+# A worker with every framework imported peaks at about 3 GiB (PointNet and the asv
+# benchmarks' caches).
+_GIB_PER_WORKER = 4
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto`: one worker per core, as many as the memory holds at _GIB_PER_WORKER each
+    (PYTEST_XDIST_AUTO_NUM_WORKERS overrides)."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS", "").isdigit():
+        return int(os.environ["PYTEST_XDIST_AUTO_NUM_WORKERS"])
+    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return max(1, min(len(os.sched_getaffinity(0)), int(memory_gib // _GIB_PER_WORKER)))
 
 
 def _backend_param(name: str):

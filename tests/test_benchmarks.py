@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import pickle
 import re
 import sys
 from pathlib import Path
@@ -136,13 +137,15 @@ def test_injected_sleep_lands_inside_the_timed_step(monkeypatch):
 
 @pytest.mark.parametrize("name", sorted(BENCHMARKS))
 def test_benchmark_runs_once(name):
-    """asv's sequence for every parameter combination: setup_cache (once per key), setup
-    (NotImplementedError = skip), one call, teardown."""
+    """asv's sequence for every parameter combination: setup_cache (once per key, through
+    pickle), setup (NotImplementedError = skip), one call, teardown."""
     benchmark = BENCHMARKS[name]
     cache = None
     if benchmark.setup_cache_key is not None:
         if benchmark.setup_cache_key not in _CACHES:
-            _CACHES[benchmark.setup_cache_key] = benchmark.do_setup_cache()
+            # `asv run` pickles what setup_cache returns and loads it in each benchmark's
+            # own process: go through the same round trip.
+            _CACHES[benchmark.setup_cache_key] = pickle.loads(pickle.dumps(benchmark.do_setup_cache()))
         cache = _CACHES[benchmark.setup_cache_key]
     combinations = math.prod(len(p) for p in benchmark._params) if benchmark._params else 1
     ran, skipped = 0, []
