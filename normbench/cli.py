@@ -76,6 +76,17 @@ def _add_run_options(p: argparse.ArgumentParser, default_out: str) -> None:
     p.add_argument("--scheduler", metavar="ADDRESS", help="Dask scheduler of --executor dask, e.g. tcp://head:8786")
 
 
+class _Once(argparse.Action):
+    """An option given at most once: `normbench run` trains one backend, and a second
+    --backend would otherwise replace the first without a word."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest, None) is not None:
+            parser.error(f"{option_string} given twice ({getattr(namespace, self.dest)!r}, {values!r}); "
+                         f"`run` trains one backend: run it once per backend, or use `normbench reproduce`")
+        setattr(namespace, self.dest, values)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr (and exit 2), like every other error.
     Subparsers inherit the class, so `normbench run --steps 0` behaves the same way."""
@@ -90,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run a spec (bundled name or .toml path) on one backend")
     p.add_argument("spec", help="bundled spec name (see `normbench specs`) or path to a .toml spec")
-    p.add_argument("--backend", required=True, help="torch, jax or tensorflow (see `normbench backends`)")
+    p.add_argument("--backend", required=True, action=_Once, help="torch, jax or tensorflow (see `normbench backends`)")
     _add_run_options(p, default_out="runs/<spec name>")
 
     p = sub.add_parser("reproduce", help="reproduce a named paper experiment (tables and figures)")
@@ -249,8 +260,8 @@ def _cmd_specs(args) -> int:
 
 
 def _plugin_format() -> str:
-    """Every normalization method and auxiliary loss with its options, from the registries."""
-    from normbench import auxiliary_losses, normalizations
+    """Every normalization method, auxiliary loss and augmentation with its options, from the registries."""
+    from normbench import augmentations, auxiliary_losses, normalizations
 
     lines = []
     for title, registry in (("normalization methods", normalizations), ("auxiliary losses", auxiliary_losses)):
@@ -258,6 +269,11 @@ def _plugin_format() -> str:
         for name, cls in registry.REGISTRY.items():
             lines.append(f"  {name:22s} {cls.summary}")
             lines.extend(f"      {option.describe()}" for option in cls.options)
+    lines.append("\naugmentations (top-level `augmentations`; each for one kind of data set):")
+    for name in augmentations.names():
+        augmentation = augmentations.get(name)
+        lines.append(f"  {name:22s} {augmentation.input.replace('_', ' ')}: {augmentation.description}")
+        lines.extend(f"      {option.describe()}" for option in augmentation.options)
     return "\n".join(lines)
 
 
@@ -403,6 +419,10 @@ top level
   test_examples        integer >= 1             evaluate the first N test examples only (smoke runs; default: all)
   seeds                integer N (seeds 0..N-1) or a list of distinct integers >= 0
   track_percentiles    list of layer names      record the 1/20/80/99th percentiles of these pre-activations
+  augmentations        list of names or inline  training batches augmented on the host, in order, from the run's
+                       tables                   own random stream (identical in every backend; evaluation sees the
+                                                data as stored), e.g. ["horizontal_flip", { name = "random_crop",
+                                                padding = 4 }]; augmented runs are stepped one by one (default: none)
 
 [optimizer]            name = sgd | rmsprop | adam; learning_rate > 0; weight_decay >= 0 (0.5*wd*sum(kernel^2))
   reference_batch_size integer >= 1 (optional)  learning_rate is the rate at this batch size; a run at batch b

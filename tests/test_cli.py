@@ -63,6 +63,13 @@ def test_bad_spec_content_exits_2(tmp_path, capsys):
     _assert_usage_error(code, err, "model", "resnet")
 
 
+def test_run_refuses_a_second_backend(tmp_path, capsys):
+    # argparse alone would keep the last --backend and train only that one, without a word.
+    code, _, err = _main(["run", "smoke", "--backend", "torch", "--backend", "jax", "--out", str(tmp_path / "out")], capsys)
+    _assert_usage_error(code, err, "--backend given twice", "'torch'", "'jax'", "normbench reproduce")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.skipif(Path("/dev/nvidia0").exists(), reason="a GPU is present: --device cuda is not absent here")
 def test_absent_device_exits_2(backend_name, tmp_path, capsys):
     code, _, err = _main(["run", "smoke", "--backend", backend_name, "--device", "cuda", "--steps", "1",
