@@ -318,9 +318,13 @@ class Trainer(abc.ABC):
         self.engine, self.program, self.track = engine, program, track
 
     @abc.abstractmethod
-    def step(self, indices: np.ndarray, learning_rate: float, dropout_masks: dict[str, np.ndarray] | None = None):
+    def step(self, indices: np.ndarray, learning_rate: float, dropout_masks: dict[str, np.ndarray] | None = None,
+             images: np.ndarray | None = None):
         """One update on the training examples `indices` (with this step's
-        `program.dropout_masks`, required when the network has dropout). Returns the batch's losses,
+        `program.dropout_masks`, required when the network has dropout). `images`, for a
+        program that augments (`program.augmented_batch`), is the batch's augmented images
+        (canonical NumPy, in `indices` order), used instead of the placed ones; the labels
+        still come from `indices`. Returns the batch's losses,
         `program.step_loss_names` in order, as one backend array that is *not* read back:
         `loss` is `program.loss` (cross entropy + weighted auxiliary losses; the L2 term
         acts through its gradient and is not included).
@@ -333,9 +337,9 @@ class Trainer(abc.ABC):
         """Arrays returned by `step` -> float NumPy of shape (steps, losses), in one transfer."""
         return self.engine.stack_to_numpy(step_losses).reshape(len(step_losses), len(self.program.step_loss_names))
 
-    def step_and_read(self, indices: np.ndarray, learning_rate: float, dropout_masks=None) -> dict[str, float]:
+    def step_and_read(self, indices: np.ndarray, learning_rate: float, dropout_masks=None, images=None) -> dict[str, float]:
         """`step`, then its losses as Python floats (a sync per step: for tests and tools)."""
-        values = self.read_losses([self.step(indices, learning_rate, dropout_masks)])[0]
+        values = self.read_losses([self.step(indices, learning_rate, dropout_masks, images)])[0]
         return {name: float(v) for name, v in zip(self.program.step_loss_names, values)}
 
     @abc.abstractmethod
@@ -458,10 +462,13 @@ class RunGroup(abc.ABC):
         self.engine, self.program, self.size, self.track = engine, program, size, track
 
     @abc.abstractmethod
-    def step(self, indices: np.ndarray, learning_rate: float, dropout_masks: list[dict] | None = None):
+    def step(self, indices: np.ndarray, learning_rate: float, dropout_masks: list[dict] | None = None,
+             images: list[np.ndarray] | None = None):
         """One update of every member: `indices` is (members, batch), member k's batch in
-        row k; `dropout_masks` one dict per member, or None. Returns the losses, not read
-        back (`Trainer.step`); `read_losses` reads a list of them."""
+        row k; `dropout_masks` one dict per member, or None; `images` one augmented batch
+        per member, or None (`Trainer.step`; a `VectorizedGroup` takes none: the runner
+        steps augmented runs one by one). Returns the losses, not read back
+        (`Trainer.step`); `read_losses` reads a list of them."""
 
     @abc.abstractmethod
     def read_losses(self, step_losses: list) -> np.ndarray:
@@ -486,9 +493,10 @@ class LoopedGroup(RunGroup):
                          getattr(first, "track", ()))
         self.trainers = trainers
 
-    def step(self, indices, learning_rate, dropout_masks=None):
+    def step(self, indices, learning_rate, dropout_masks=None, images=None):
         masks = dropout_masks or [None] * self.size
-        return [t.step(i, learning_rate, m) for t, i, m in zip(self.trainers, indices, masks)]
+        batches = images or [None] * self.size
+        return [t.step(i, learning_rate, m, x) for t, i, m, x in zip(self.trainers, indices, masks, batches)]
 
     def read_losses(self, step_losses):
         per_member = [t.read_losses([losses[k] for losses in step_losses]) for k, t in enumerate(self.trainers)]

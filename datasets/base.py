@@ -110,6 +110,9 @@ class DatasetInfo:
     num_classes: int
     train_examples: int
     test_examples: int
+    # What an example is, for the augmentations a spec may apply: "images" (H, W, C) or
+    # "point_clouds" (points, 1, 3), which share the rank and must not be mistaken.
+    kind: str = "images"
 
 
 @dataclass(frozen=True, eq=False)

@@ -66,7 +66,7 @@ NAME = "mnist_point_clouds"
 NUM_CLASSES = 10
 NUM_POINTS = 512
 INFO = DatasetInfo(name=NAME, image_shape=(NUM_POINTS, 1, 3), num_classes=NUM_CLASSES,
-                   train_examples=60000, test_examples=10000)
+                   train_examples=60000, test_examples=10000, kind="point_clouds")
 
 POINT_THRESHOLD = 127  # value / 255 > 0.5 exactly when the uint8 value exceeds 127
 IMAGE_CENTRE = 13.5  # half of 28 - 1: the centre between the two middle pixels

@@ -63,7 +63,7 @@ NUM_CLASSES = 40
 NUM_POINTS = 1024  # PointNet's reference training uses the first 1024 of each model's points
 STORED_POINTS = 2048
 INFO = DatasetInfo(name=NAME, image_shape=(NUM_POINTS, 1, 3), num_classes=NUM_CLASSES,
-                   train_examples=9840, test_examples=2468)
+                   train_examples=9840, test_examples=2468, kind="point_clouds")
 
 ARCHIVE_NAME = "modelnet40_ply_hdf5_2048.zip"
 ARCHIVE_URL = "https://shapenet.cs.stanford.edu/media/modelnet40_ply_hdf5_2048.zip"

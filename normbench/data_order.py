@@ -28,6 +28,13 @@ def dropout_stream(seed: int, step: int) -> np.random.SeedSequence:
     return np.random.SeedSequence(seed, spawn_key=(2, step))
 
 
+def augmentation_stream(seed: int, step: int) -> np.random.SeedSequence:
+    """The seed sequence of run `seed`'s batch augmentations at training step `step`: the
+    run seed's fourth child (spawn key 3; weights, data order and dropout are 0, 1 and 2,
+    none of which it changes), one grandchild per step, as dropout's."""
+    return np.random.SeedSequence(seed, spawn_key=(3, step))
+
+
 class BatchOrder:
     """Indices of the training examples in each step's batch."""
 

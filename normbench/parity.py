@@ -367,7 +367,7 @@ def step_outputs(spec: ExperimentSpec, variant_name: str, backend: str, dtype: s
     program = resolve(spec, variant_name)
     data = _training_data(spec)
     indices = first_batch(spec, seed, variant_name) if batch_indices is None else np.asarray(batch_indices)
-    images, labels = data.train_images[indices].astype(dtype), data.train_labels[indices]
+    images, labels = _batch_images(program, data, indices, dtype, seed, 0), data.train_labels[indices]
     engine = backend_registry.get_engine(backend, device=device, dtype=dtype)
     params, state = program.initial_parameters(seed)
     x, y = engine.put_images(images), engine.put_labels(labels)
@@ -376,6 +376,18 @@ def step_outputs(spec: ExperimentSpec, variant_name: str, backend: str, dtype: s
     out = {f"gradient/{k}": np.asarray(v, np.float64) for k, v in grads.items()}
     out.update({k: np.asarray(v, np.float64) for k, v in intermediates.items()})
     return out
+
+
+def _batch_images(program, data: LoadedData, batch: np.ndarray, dtype: str, seed: int, step: int) -> np.ndarray:
+    """The images of training step `step`'s `batch` of run `seed`, in `dtype`, as the run
+    trains on them: augmented where the spec augments (the same batch for every backend)."""
+    images = data.train_images[batch].astype(dtype)
+    return program.augmented_batch(images, seed, step) if program.augments else images
+
+
+def _augmented(program, data: LoadedData, batch: np.ndarray, dtype: str, seed: int, step: int) -> np.ndarray | None:
+    """`Trainer.step`'s `images`: the augmented batch, or None where the trainer gathers it."""
+    return _batch_images(program, data, batch, dtype, seed, step) if program.augments else None
 
 
 def _trajectory_inputs(spec: ExperimentSpec, variant_name: str, steps: int, seed: int):
@@ -434,8 +446,13 @@ def trajectory_outputs(spec: ExperimentSpec, variant_name: str, backend: str, st
     program = resolve(spec, variant_name)
     data, batches, used = _trajectory_inputs(spec, variant_name, steps, seed)
     trainer = _trainer(program, data, used, backend, dtype, seed, device, start_perturbed_at)
+    def augmented(batch, t):  # moved by one rounding with the placed images, where those are
+        images = _augmented(program, data, batch, dtype, seed, t)
+        return images if images is None or start_perturbed_at is None else _one_rounding(images, start_perturbed_at).astype(dtype)
+
     step_losses = [trainer.step(np.searchsorted(used, batch), program.learning_rate(t),
-                                program.dropout_masks(seed, t, len(batch))) for t, batch in enumerate(batches)]
+                                program.dropout_masks(seed, t, len(batch)), augmented(batch, t))
+                   for t, batch in enumerate(batches)]
     return _final_outputs(program, trainer, step_losses)
 
 
@@ -519,17 +536,17 @@ def lockstep_outputs(spec: ExperimentSpec, variant_name: str, first: tuple[str, 
         indices, masks = np.searchsorted(used, batch), program.dropout_masks(seed, t, len(batch))
         if every_step:  # the common start of this update, and each side's gradients there
             start = _state_outputs(sides[0][0])
-            gradients = [trainer.gradients(trainer.engine.put_images(data.train_images[batch].astype(dtype)),
+            gradients = [trainer.gradients(trainer.engine.put_images(_batch_images(program, data, batch, dtype, seed, t)),
                                            trainer.engine.put_labels(data.train_labels[batch]), masks)[0]
                          for trainer, dtype in sides]
         seen = []
         for trainer, dtype in sides if not every_step else ():  # shadowing restarts after every update anyway
             engine = trainer.engine
-            images, labels = engine.put_images(data.train_images[batch].astype(dtype)), engine.put_labels(data.train_labels[batch])
-            seen.append(trainer.gradients(images, labels, masks)[1])
+            images = engine.put_images(_batch_images(program, data, batch, dtype, seed, t))
+            seen.append(trainer.gradients(images, engine.put_labels(data.train_labels[batch]), masks)[1])
         flips = relu_ties(*seen, tolerance_of_preactivation) if seen else {}
-        for k, (trainer, _) in enumerate(sides):
-            losses[k].append(trainer.step(indices, program.learning_rate(t), masks))
+        for k, (trainer, dtype) in enumerate(sides):
+            losses[k].append(trainer.step(indices, program.learning_rate(t), masks, _augmented(program, data, batch, dtype, seed, t)))
         if flips:
             ties.append(Tie(t + 1, flips, _largest_flipped(*seen, flips)))
         if every_step:

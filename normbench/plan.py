@@ -19,8 +19,8 @@ import math
 
 import numpy as np
 
-from normbench import architectures, auxiliary_losses, datasets, normalizations, optimizers
-from normbench.data_order import dropout_stream, seed_streams
+from normbench import architectures, augmentations, auxiliary_losses, datasets, normalizations, optimizers
+from normbench.data_order import augmentation_stream, dropout_stream, seed_streams
 from normbench.spec import ExperimentSpec, PluginSpec, VariantSpec
 
 AFFINE_PARAMETERS = ("affine_scale", "affine_shift")
@@ -81,6 +81,7 @@ class Plan:
         # What `Trainer.step` returns per step, in this order.
         self.architecture_losses = self.arch.auxiliary_losses()  # (name, weight): terms the network itself adds
         self.dropouts = self.arch.dropouts()
+        self.augmentations = [(augmentations.get(p.name), dict(p.options)) for p in spec.augmentations]
         self.step_loss_names = ("loss", "cross_entropy", *(f"{loss.name}_loss" for loss in self.losses),
                                 *(f"{name}_loss" for name, _ in self.architecture_losses))
         reported = auxiliary_losses.always_reported()
@@ -150,6 +151,20 @@ class Plan:
             return None
         rng = np.random.Generator(np.random.PCG64(dropout_stream(seed, step)))
         return {d.name: (rng.random((batch_size, *d.shape)) >= d.rate).astype(np.float64) for d in self.dropouts}
+
+    @property
+    def augments(self) -> bool:
+        """Whether training batches are augmented (then `Trainer.step` takes `augmented_batch`'s images)."""
+        return bool(self.augmentations)
+
+    def augmented_batch(self, images: np.ndarray, seed: int, step: int) -> np.ndarray:
+        """Training step `step`'s batch of run `seed` (canonical NumPy, the run dtype) after
+        the spec's augmentations, in order, drawn from the run's augmentation stream, one
+        generator per step (any step's batch can be made alone); `images` is left as it was."""
+        rng = np.random.Generator(np.random.PCG64(augmentation_stream(seed, step)))
+        for augmentation, options in self.augmentations:
+            images = augmentation.apply(images, rng, **options)
+        return images
 
     def check_batch(self, batch_size: int) -> str | None:
         """Why this variant's method or losses cannot take a batch of `batch_size`, or None."""

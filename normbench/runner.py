@@ -224,17 +224,20 @@ def metric_columns(plan: Plan) -> list[str]:
 
 
 def execute_run(engine, program: Plan, seed: int, train_images, train_labels, evaluator: _Evaluator,
-                on_step: Callable[[int], None] | None = None) -> dict:
+                on_step: Callable[[int], None] | None = None, host_train_images: np.ndarray | None = None) -> dict:
     """Train one run in memory (`execute_group` of one run, stepped alone)."""
-    return execute_group(engine, program, [seed], train_images, train_labels, evaluator, on_step=on_step)[0]
+    return execute_group(engine, program, [seed], train_images, train_labels, evaluator, on_step=on_step,
+                         host_train_images=host_train_images)[0]
 
 
 def make_group(engine, program: Plan, seeds: list[int], train_images, train_labels, vectorize: bool):
     """The runs `seeds` of `program` at their initial states: one batched step where
-    `vectorize` and the backend can (`Engine.vectorized_group`), else one trainer per run."""
+    `vectorize` and the backend can (`Engine.vectorized_group`), else one trainer per run.
+    Runs that augment their batches are stepped one by one: each member's batch is made on
+    the host, and no backend batches host batches yet."""
     members = [program.initial_parameters(seed) for seed in seeds]
     track = program.spec.track_percentiles
-    if vectorize and len(seeds) > 1:
+    if vectorize and len(seeds) > 1 and not program.augments:
         group = engine.vectorized_group(program, members, train_images, train_labels, track)
         if group is not None:
             return group
@@ -243,7 +246,8 @@ def make_group(engine, program: Plan, seeds: list[int], train_images, train_labe
 
 
 def execute_group(engine, program: Plan, seeds: list[int], train_images, train_labels, evaluator: _Evaluator,
-                  on_step: Callable[[int], None] | None = None, vectorize: bool = False) -> list[dict]:
+                  on_step: Callable[[int], None] | None = None, vectorize: bool = False,
+                  host_train_images: np.ndarray | None = None) -> list[dict]:
     """Train the runs `seeds` of one plan together in memory (`make_group`); one outcome
     per seed, in order: rows, percentile rows, status and timings.
 
@@ -258,8 +262,13 @@ def execute_group(engine, program: Plan, seeds: list[int], train_images, train_l
     `non_finite` says which quantities were not. `train_time_s` is the group's time in
     training steps (and `on_step`), not in evaluations: shared by its runs; `first_step_s`
     is the part of it the first step took (tracing and compilation, where there are any).
+    A program that augments (`Plan.augments`) needs `host_train_images`, the training set
+    as NumPy: each step's batch is augmented there (`Plan.augmented_batch`, inside the
+    timed steps) and handed to the trainer.
     """
     spec, variant = program.spec, program.variant
+    if program.augments and host_train_images is None:
+        raise ValueError(f"spec {spec.name!r} augments its batches: execute_group needs host_train_images")
     steps = spec.steps_for(variant)
     group = make_group(engine, program, seeds, train_images, train_labels, vectorize)
     orders = [BatchOrder(seed_streams(seed)[1], int(train_labels.shape[0]), program.batch_size) for seed in seeds]
@@ -321,8 +330,10 @@ def execute_group(engine, program: Plan, seeds: list[int], train_images, train_l
     engine.synchronize()
     start = time.perf_counter()
     for step in range(steps if going() else 0):
-        pending.append(group.step(np.stack([order.indices(step) for order in orders]), program.learning_rate(step),
-                                  _group_masks(program, seeds, step)))
+        indices = np.stack([order.indices(step) for order in orders])
+        images = ([program.augmented_batch(host_train_images[batch], seed, step) for batch, seed in zip(indices, seeds)]
+                  if program.augments else None)
+        pending.append(group.step(indices, program.learning_rate(step), _group_masks(program, seeds, step), images))
         if on_step is not None:
             on_step(step)
         if step == 0:  # one extra sync: the first step's time, compilation included, on its own
@@ -414,6 +425,7 @@ def train_group(spec: ExperimentSpec, variant: VariantSpec, seeds: list[int], en
     started = provenance.now()
     plan = resolve(spec, variant)
     outcomes = execute_group(engine, plan, seeds, train_images, train_labels, evaluator, on_step=on_step,
+                             host_train_images=data.train_images,
                              vectorize=vectorize)
     finished = provenance.now()
     results = []

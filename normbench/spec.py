@@ -46,7 +46,8 @@ MAX_SEEDS = 10000  # an integer `seeds` expands to a tuple: keep a typo from all
 # Keys each table accepts. Optimizer and schedule fields depend on the chosen name, so a
 # hyperparameter of another optimizer is rejected instead of silently ignored.
 TOP_LEVEL_KEYS = ("name", "description", "model", "dataset", "dtype", "batch_size", "steps", "eval_every",
-                  "eval_resolution", "train_eval_examples", "test_examples", "seeds", "track_percentiles", "optimizer", "schedule", "variant")
+                  "eval_resolution", "train_eval_examples", "test_examples", "seeds", "track_percentiles", "augmentations",
+                  "optimizer", "schedule", "variant")
 # Besides these, a top-level table named after a normalization method or auxiliary loss
 # ([batch_norm], [standardization]) or one of their legacy shorthands' tables
 # ([standardization_loss]) gives option defaults for every variant that uses the plugin.
@@ -174,6 +175,11 @@ class ExperimentSpec:
     # Layers whose pre-activation percentiles (1, 20, 80, 99) are recorded at every
     # evaluation (Figure 4). Empty: none.
     track_percentiles: tuple[str, ...] = ()
+    # Training-batch augmentations (normbench.augmentations), applied in order on the host
+    # to each step's batch, drawn from the run's augmentation stream
+    # (data_order.augmentation_stream): every backend trains on the same augmented batch.
+    # Evaluation sees the data as stored. Empty: none, and left out of the hash.
+    augmentations: tuple[PluginSpec, ...] = ()
     optimizer: OptimizerSpec = OptimizerSpec()
     schedule: ScheduleSpec = ScheduleSpec()
     # Top-level plugin tables as written ([batch_norm], [standardization_loss], ...):
@@ -225,6 +231,8 @@ class ExperimentSpec:
             if out[optional] is None:
                 # Unset, it is left out: the hashes of specs written before it existed stay as they were.
                 out.pop(optional)
+        if not out["augmentations"]:
+            out.pop("augmentations")  # likewise
         if out["optimizer"]["reference_batch_size"] is None:
             out["optimizer"].pop("reference_batch_size")  # likewise
         for variant in out["variants"]:
@@ -476,6 +484,17 @@ def _plugin(c: "_Checker", field: str, raw: Any, registry, what: str, defaults: 
     return PluginSpec(name, tuple(resolved))
 
 
+def _augmentations(c: "_Checker") -> tuple[PluginSpec, ...]:
+    """`augmentations = ["horizontal_flip", { name = "random_crop", padding = 4 }]`: names or inline tables, applied in order."""
+    from normbench import augmentations
+
+    raw = c._take("augmentations", [])
+    if not isinstance(raw, list):
+        c.fail("augmentations", f"expected a list of augmentation names or inline tables "
+                                f"[\"horizontal_flip\", {{ name = \"random_crop\", padding = 4 }}], got {raw!r}")
+    return tuple(_plugin(c, f"augmentations[{k}]", item, augmentations, "augmentation", {}) for k, item in enumerate(raw))
+
+
 def _unknown(registry, name, what):
     try:
         registry.get(name)
@@ -603,6 +622,7 @@ def from_dict(data: Any, source: str = "<memory>") -> ExperimentSpec:
         if len(seeds) > MAX_SEEDS:
             c.fail("seeds", f"at most {MAX_SEEDS} seeds, got {len(seeds)}")
     track = c.string_list("track_percentiles", ())
+    augmentations = _augmentations(c)
     optimizer = _optimizer(source, c._take("optimizer", _REQUIRED))
     schedule = _schedule(source, c._take("schedule", {}))
     raw_variants = c._take("variant", _REQUIRED)
@@ -619,7 +639,7 @@ def from_dict(data: Any, source: str = "<memory>") -> ExperimentSpec:
         name=name, description=description, model=model, dataset=dataset, dtype=dtype,
         batch_size=batch_size, steps=steps, eval_every=eval_every, eval_resolution=eval_resolution,
         test_examples=test_examples, seeds=seeds,
-        train_eval_examples=train_eval_examples, track_percentiles=track, variants=variants,
+        train_eval_examples=train_eval_examples, track_percentiles=track, augmentations=augmentations, variants=variants,
         optimizer=optimizer, schedule=schedule, plugin_defaults=written, source=source,
     )
     _check_consistency(spec)
@@ -665,6 +685,15 @@ def _check_consistency(spec: ExperimentSpec) -> None:
                             f"{info.train_examples} training examples of {spec.dataset}")
     if spec.test_examples is not None and spec.test_examples > info.test_examples:
         raise SpecError(f"{spec.source}: test_examples: {spec.test_examples} exceeds the {info.test_examples} test examples of {spec.dataset}")
+    if spec.augmentations:
+        from normbench import augmentations
+
+        for index, plugin in enumerate(spec.augmentations):
+            wanted = augmentations.get(plugin.name).input
+            if wanted != info.kind:
+                raise SpecError(f"{spec.source}: augmentations[{index}]: {plugin.name!r} augments {wanted.replace('_', ' ')}, "
+                                f"but data set {spec.dataset!r} holds {info.kind.replace('_', ' ')}; "
+                                f"use one of: {', '.join(n for n in augmentations.names() if augmentations.get(n).input == info.kind)}")
     if spec.train_eval_examples > info.train_examples:
         raise SpecError(f"{spec.source}: train_eval_examples: {spec.train_eval_examples} exceeds the {info.train_examples} training examples of {spec.dataset}")
     models = {spec.model: "model", **{v.model: f"variant[{i}].model" for i, v in enumerate(spec.variants) if v.model}}
@@ -693,6 +722,10 @@ def _to_toml_shape(data: dict[str, Any]) -> dict[str, Any]:
     for optional in ("eval_resolution", "test_examples"):
         if optional in out and out[optional] is None:
             out.pop(optional)
+    if out.get("augmentations"):
+        out["augmentations"] = [_plugin_toml(a) for a in out["augmentations"]]
+    else:
+        out.pop("augmentations", None)
     out["variant"] = [_variant_toml(var) for var in out.pop("variants")]
     out["seeds"] = out["seeds"] if isinstance(out["seeds"], int) else list(out["seeds"])
     out["track_percentiles"] = list(out["track_percentiles"])

@@ -130,14 +130,20 @@ class Trainer(base.Trainer):
 
         value_and_grad = jax.value_and_grad(objective, has_aux=True)
 
-        def train_step(params, opt_state, state, train_images, train_labels, indices, lr, masks):
-            # The batch is gathered on the device from the resident training set: only
-            # the indices (and dropout masks) cross the host boundary each step.
-            images, labels = train_images[indices], train_labels[indices]
+        def batch_step(params, opt_state, state, images, labels, lr, masks):
             (total, aux), grads = value_and_grad(params, state, images, labels, masks)
             params, opt_state = program.update(ops, params, grads, opt_state, lr)
             losses = jnp.stack(program.step_losses(aux))
             return params, opt_state, aux["state"], losses
+
+        def train_step(params, opt_state, state, train_images, train_labels, indices, lr, masks):
+            # The batch is gathered on the device from the resident training set: only
+            # the indices (and dropout masks) cross the host boundary each step.
+            return batch_step(params, opt_state, state, train_images[indices], train_labels[indices], lr, masks)
+
+        def augmented_step(params, opt_state, state, images, train_labels, indices, lr, masks):
+            # An augmented run's batch comes from the host, already in `indices` order.
+            return batch_step(params, opt_state, state, images, train_labels[indices], lr, masks)
 
         def gradients(params, state, images, labels, masks):
             _, grads = value_and_grad(params, state, images, labels, masks)
@@ -151,36 +157,43 @@ class Trainer(base.Trainer):
 
         # Donating the old params / optimizer state / BN state lets XLA update them in
         # place (no second copy of every buffer per step).
-        self._train_step = jax.jit(train_step, donate_argnums=(0, 1, 2))
-        self._compiled: dict[int, object] = {}
+        self._train_steps = {augmented: jax.jit(body, donate_argnums=(0, 1, 2))
+                             for augmented, body in ((False, train_step), (True, augmented_step))}
+        self._compiled: dict[tuple[int, bool], object] = {}
         self._gradients = jax.jit(gradients)
         self._evaluation = jax.jit(evaluation)
         self._logits = jax.jit(logits)
 
-    def _arguments(self, indices, learning_rate, dropout_masks):
+    def _arguments(self, indices, learning_rate, dropout_masks, images=None):
         e = self.engine
         # lr is a 0-d array of the run dtype, so a changing schedule never retraces; the
         # per-step inputs go to the device in one batched transfer.
         masks = None if dropout_masks is None else {k: np.asarray(v, e.np_dtype) for k, v in dropout_masks.items()}
-        indices, lr, masks = jax.device_put((np.asarray(indices, np.int32), np.asarray(learning_rate, e.np_dtype), masks),
-                                            e.jax_device)
-        return self.params, self.opt_state, self.state, self.train_images, self.train_labels, indices, lr, masks
+        batch = None if images is None else np.asarray(images, e.np_dtype)
+        indices, lr, masks, batch = jax.device_put(
+            (np.asarray(indices, np.int32), np.asarray(learning_rate, e.np_dtype), masks, batch), e.jax_device)
+        images = self.train_images if batch is None else batch
+        return self.params, self.opt_state, self.state, images, self.train_labels, indices, lr, masks
 
-    def compile(self, batch_size: int) -> float:
-        """Compile the training step for batches of `batch_size` ahead of time (idempotent).
-        Returns the seconds spent tracing, lowering and compiling (0.0 if already done)."""
-        if batch_size in self._compiled:
+    def compile(self, batch_size: int, augmented: bool = False) -> float:
+        """Compile the training step for batches of `batch_size` (taking augmented images
+        from the host when `augmented`) ahead of time (idempotent). Returns the seconds
+        spent tracing, lowering and compiling (0.0 if already done)."""
+        key = (batch_size, augmented)
+        if key in self._compiled:
             return 0.0
         start = time.perf_counter()
-        args = self._arguments(np.zeros(batch_size, np.int32), 0.0, self.program.dropout_masks(0, 0, batch_size))
-        self._compiled[batch_size] = self._train_step.lower(*args).compile()
+        images = np.zeros((batch_size, *self.program.dataset.image_shape)) if augmented else None
+        args = self._arguments(np.zeros(batch_size, np.int32), 0.0, self.program.dropout_masks(0, 0, batch_size), images)
+        self._compiled[key] = self._train_steps[augmented].lower(*args).compile()
         self.compile_seconds[batch_size] = time.perf_counter() - start
         return self.compile_seconds[batch_size]
 
-    def step(self, indices, learning_rate, dropout_masks=None):
-        self.compile(len(indices))
-        arguments = self._arguments(indices, learning_rate, dropout_masks)
-        self.params, self.opt_state, self.state, losses = self._compiled[len(indices)](*arguments)
+    def step(self, indices, learning_rate, dropout_masks=None, images=None):
+        augmented = images is not None
+        self.compile(len(indices), augmented)
+        arguments = self._arguments(indices, learning_rate, dropout_masks, images)
+        self.params, self.opt_state, self.state, losses = self._compiled[len(indices), augmented](*arguments)
         return losses
 
     def export(self):
@@ -239,7 +252,9 @@ class VectorizedGroup(base.VectorizedGroup):
         self._train_step = jax.jit(jax.vmap(member_step, in_axes=(0, 0, 0, 0, None, 0)), donate_argnums=(0, 1, 2))
         self._evaluation = jax.jit(jax.vmap(evaluation, in_axes=(0, 0, None, None)))
 
-    def step(self, indices, learning_rate, dropout_masks=None):
+    def step(self, indices, learning_rate, dropout_masks=None, images=None):
+        if images is not None:
+            raise ValueError("a vectorized group takes no augmented images: the runner steps augmented runs one by one")
         e = self.engine
         masks = None if dropout_masks is None else {
             k: np.stack([np.asarray(m[k], e.np_dtype) for m in dropout_masks]) for k in dropout_masks[0]}

@@ -133,11 +133,12 @@ class Trainer(base.Trainer):
         # autograph=False: the neutral code's Python control flow is static by design.
         self._functions = {
             name: tf.function(body, jit_compile=engine.jit_compile, autograph=False)
-            for name, body in (("step", self._train_step_fn), ("gradients", self._gradients_fn),
-                               ("evaluation", self._evaluation_fn), ("logits", self._logits_fn))
+            for name, body in (("step", self._train_step_fn), ("augmented_step", self._augmented_step_fn),
+                               ("gradients", self._gradients_fn), ("evaluation", self._evaluation_fn),
+                               ("logits", self._logits_fn))
         }
         self._traced = {}
-        self._steps, self._learning_rates = {}, {}  # batch size -> traced step; lr value -> tensor
+        self._steps, self._learning_rates = {}, {}  # (batch size, augmented) -> traced step; lr value -> tensor
 
     def _concrete(self, name, *args):
         """The traced function `name` for these argument shapes and dtypes (traced once).
@@ -174,7 +175,13 @@ class Trainer(base.Trainer):
         return total, aux, grads
 
     def _train_step_fn(self, indices, learning_rate, masks):
-        images, labels = tf.gather(self.train_images, indices), tf.gather(self.train_labels, indices)
+        return self._update(tf.gather(self.train_images, indices), tf.gather(self.train_labels, indices), learning_rate, masks)
+
+    def _augmented_step_fn(self, images, indices, learning_rate, masks):
+        # An augmented run's batch comes from the host, already in `indices` order.
+        return self._update(images, tf.gather(self.train_labels, indices), learning_rate, masks)
+
+    def _update(self, images, labels, learning_rate, masks):
         params, opt_state = self._values(self.params), self._values(self.opt_state)
         total, aux, grads = self._loss_and_gradients(params, self._values(self.state), images, labels, masks)
         new_params, new_opt_state = self.program.update(self.ops, params, grads, opt_state, learning_rate)
@@ -203,8 +210,9 @@ class Trainer(base.Trainer):
         with tf.device(self.engine.tf_device):
             return {k: tf.constant(v, dtype=self.engine.tf_dtype) for k, v in dropout_masks.items()}
 
-    def step(self, indices, learning_rate, dropout_masks=None):
+    def step(self, indices, learning_rate, dropout_masks=None, images=None):
         masks = self._masks(dropout_masks)
+        batch = None if images is None else self.engine.put_images(images)
         with tf.device(self.engine.tf_device):
             indices = tf.constant(np.asarray(indices, dtype=np.int64))
             lr = self._learning_rates.get(learning_rate)
@@ -214,10 +222,12 @@ class Trainer(base.Trainer):
                 if len(self._learning_rates) >= 256:
                     self._learning_rates.clear()
                 lr = self._learning_rates[learning_rate] = tf.constant(learning_rate, dtype=self.engine.tf_dtype)
-            step = self._steps.get(len(indices))
+            key = (len(indices), batch is not None)
+            step = self._steps.get(key)
             if step is None:
-                step = self._steps[len(indices)] = self._concrete("step", indices, lr, masks)
-        return step(indices, lr, masks)
+                step = self._steps[key] = (self._concrete("step", indices, lr, masks) if batch is None else
+                                           self._concrete("augmented_step", batch, indices, lr, masks))
+        return step(indices, lr, masks) if batch is None else step(batch, indices, lr, masks)
 
     def export(self):
         return self.engine.export_tree(self.params), self.engine.export_tree(self.state)

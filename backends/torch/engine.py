@@ -159,15 +159,16 @@ class Trainer(base.Trainer):
         self.train_images, self.train_labels = train_images, train_labels
         self._loss = engine.training_loss(program)
 
-    def _batch(self, indices):
+    def _batch(self, indices, images=None):
         index = torch.from_numpy(np.ascontiguousarray(indices, dtype=np.int64)).to(self.engine.torch_device)
-        return self.train_images.index_select(0, index), self.train_labels.index_select(0, index)
+        images = self.train_images.index_select(0, index) if images is None else self.engine.put_images(images)
+        return images, self.train_labels.index_select(0, index)
 
     def _masks(self, dropout_masks):
         return None if dropout_masks is None else self.engine.import_tree(dropout_masks)
 
-    def step(self, indices, learning_rate, dropout_masks=None):
-        images, labels = self._batch(indices)
+    def step(self, indices, learning_rate, dropout_masks=None, images=None):
+        images, labels = self._batch(indices, images)
         total, aux = self._loss(self.params, self.state, images, labels, self._masks(dropout_masks))
         grads = torch.autograd.grad(total, list(self.params.values()))
         with torch.no_grad():
@@ -239,7 +240,9 @@ class VectorizedGroup(base.VectorizedGroup):
                              for masked in (False, True)}
         self._evaluation = vmap(evaluation, in_dims=(0, 0, None, None))
 
-    def step(self, indices, learning_rate, dropout_masks=None):
+    def step(self, indices, learning_rate, dropout_masks=None, images=None):
+        if images is not None:
+            raise ValueError("a vectorized group takes no augmented images: the runner steps augmented runs one by one")
         e = self.engine
         index = torch.from_numpy(np.ascontiguousarray(indices, dtype=np.int64)).to(e.torch_device)
         images, labels = self.train_images[index], self.train_labels[index]  # (members, batch, ...)

@@ -9,7 +9,8 @@ from `rng` (a `numpy.random.Generator`), so the same generator state gives the s
 result in every backend.  Batches are canonical: images (N, H, W, C), point clouds
 (N, P, 1, 3) as the point-cloud data sets store them, or (N, P, 3).
 
-A plugin file declares, at module level: ``NAME``, a one-line ``DESCRIPTION``,
+A plugin file declares, at module level: ``NAME``, ``INPUT`` (the kind of data set it
+augments, "images" or "point_clouds", `datasets.DatasetInfo.kind`), a one-line ``DESCRIPTION``,
 ``OPTIONS`` (a tuple of `normbench.options.Option`, each with its default, as the
 normalization methods declare theirs) and ``apply(batch, rng, **options)``.  Nothing
 else lists augmentations: dropping a file into this folder adds it to `names()`.
@@ -38,6 +39,7 @@ class Augmentation:
     options: tuple[Option, ...]
     function: Callable[..., np.ndarray] = dataclasses.field(repr=False)
     module: str = ""
+    input: str = "images"
 
     def defaults(self) -> dict[str, Any]:
         """Every option's default value."""
@@ -73,7 +75,7 @@ def _collect(module: ModuleType):
         return []
     return [(name, Augmentation(name=name, description=getattr(module, "DESCRIPTION", ""),
                                 options=tuple(getattr(module, "OPTIONS", ())), function=function,
-                                module=module.__name__))]
+                                module=module.__name__, input=getattr(module, "INPUT", "images")))]
 
 
 REGISTRY = FolderRegistry(__name__, "augmentation", _collect)

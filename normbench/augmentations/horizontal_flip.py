@@ -12,6 +12,7 @@ import numpy as np
 from normbench.options import Option
 
 NAME = "horizontal_flip"
+INPUT = "images"  # what it augments (a data set's `kind`)
 DESCRIPTION = "mirror each image left to right with probability `probability` (0.5)"
 OPTIONS = (Option("probability", "number", 0.5, "chance that an example is flipped", low=0.0, high=1.0),)
 

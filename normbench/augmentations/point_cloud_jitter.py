@@ -15,6 +15,7 @@ import numpy as np
 from normbench.options import Option
 
 NAME = "point_cloud_jitter"
+INPUT = "point_clouds"  # what it augments (a data set's `kind`)
 DESCRIPTION = "add Gaussian noise N(0, sigma = 0.01), clipped at 0.05, to every coordinate (PointNet's values)"
 OPTIONS = (
     Option("sigma", "number", 0.01, "standard deviation of the noise (0.01: PointNet)", low=0.0),

@@ -23,6 +23,7 @@ import numpy as np
 from normbench.options import Option
 
 NAME = "point_cloud_rotation"
+INPUT = "point_clouds"  # what it augments (a data set's `kind`)
 DESCRIPTION = "rotate each point cloud by a uniform random angle about the up axis (y, as PointNet)"
 OPTIONS = (Option("axis", "string", "y", "the rotation axis: y, PointNet's up axis in ModelNet40; z keeps a planar "
                   "cloud (MNIST point clouds) in its plane", choices=("x", "y", "z")),)

@@ -16,6 +16,7 @@ import numpy as np
 from normbench.options import Option
 
 NAME = "random_crop"
+INPUT = "images"  # what it augments (a data set's `kind`)
 DESCRIPTION = "pad each image with zeros by `padding` pixels, crop back to its size at a random offset per example"
 OPTIONS = (Option("padding", "integer", 4, "zero pixels added on each side before cropping (4: the CIFAR recipe)", low=0),)
 

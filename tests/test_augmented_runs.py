@@ -1,0 +1,201 @@
+"""Augmentations wired into runs: a spec's `augmentations` list is validated like any
+plugin list, changes the run key only when present, and every backend trains on the same
+host-augmented batch, drawn from the run's own augmentation stream.
+
+What would go wrong without these checks: a backend that ignores the `images` it is
+handed (trains on the stored batch: its trajectory equals the un-augmented one), one that
+pairs them with the wrong labels (its trajectory leaves the others'), a stream shared
+between runs or steps (batches repeat), or a bundled spec's hash moving (published runs
+retrained instead of reused)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+
+import numpy as np
+import pytest
+
+from normbench import augmentations, backends, parity, runner
+from normbench import spec as spec_module
+from normbench.data_order import augmentation_stream
+from normbench.plan import resolve
+
+IMAGE_SPEC = """
+name = "augmented-cnn"
+model = "cnn-tiny"
+dataset = "mnist"
+batch_size = 16
+steps = 5
+eval_every = 5
+train_eval_examples = 128
+test_examples = 200
+seeds = 2
+{augmentations}
+
+[optimizer]
+name = "sgd"
+learning_rate = 0.05
+momentum = 0.9
+
+[[variant]]
+name = "batch_norm"
+normalization = "batch_norm"
+"""
+AUGMENTED = 'augmentations = [{ name = "random_crop", padding = 3 }, "horizontal_flip"]'
+
+
+def _spec(augmentations_line: str = AUGMENTED, **changes) -> spec_module.ExperimentSpec:
+    spec = spec_module.loads(IMAGE_SPEC.format(augmentations=augmentations_line), source="augmented.toml")
+    return spec.replace(**changes) if changes else spec
+
+
+def _error(text: str) -> str:
+    with pytest.raises(spec_module.SpecError) as info:
+        spec_module.loads(IMAGE_SPEC.format(augmentations=text), source="my.toml")
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+# ----------------------------------------------------------------------------- the spec field
+
+
+def test_the_field_takes_names_and_tables_in_order_and_writes_back():
+    spec = _spec()
+    assert [(a.name, dict(a.options)) for a in spec.augmentations] == [("random_crop", {"padding": 3}),
+                                                                      ("horizontal_flip", {"probability": 0.5})]
+    again = spec_module.loads(spec_module.to_toml(spec), source="again.toml")
+    assert again == spec and again.hash() == spec.hash()
+
+
+def test_an_absent_or_empty_list_leaves_hash_and_run_keys_as_they_were():
+    plain, empty = _spec(""), _spec("augmentations = []")
+    assert plain.hash() == empty.hash() and "augmentations" not in plain.to_dict()
+    augmented = _spec()
+    assert augmented.hash() != plain.hash()
+    variant = plain.variants[0]
+    assert runner.run_key(augmented, variant, 0, "torch") != runner.run_key(plain, variant, 0, "torch")
+    # The bundled specs have no augmentations: their hashes (and the published runs' keys) did not move.
+    assert spec_module.load("mnist-cnn").hash() == "55db8376794bdeb6"
+
+
+@pytest.mark.parametrize("text, message", [
+    ('augmentations = "horizontal_flip"', r"my.toml: augmentations: expected a list of augmentation names or inline tables"),
+    ('augmentations = ["flip"]', r"my.toml: augmentations\[0\]: unknown augmentation 'flip'; available: horizontal_flip, "),
+    ('augmentations = ["horizontal_flip", { name = "random_crop", pad = 2 }]',
+     r"my.toml: augmentations\[1\].pad: unknown option of augmentation 'random_crop' \(did you mean 'padding'\?\)"),
+    ('augmentations = [{ name = "random_crop", padding = -1 }]', r"my.toml: augmentations\[0\].padding: must be >= 0"),
+    ('augmentations = ["point_cloud_jitter"]',
+     r"my.toml: augmentations\[0\]: 'point_cloud_jitter' augments point clouds, but data set 'mnist' holds images; "
+     r"use one of: horizontal_flip, random_crop"),
+])
+def test_bad_lists_are_named_in_one_line(text, message):
+    assert re.search(message, _error(text)), _error(text)
+
+
+def test_image_augmentations_are_refused_for_point_clouds():
+    text = IMAGE_SPEC.format(augmentations='augmentations = ["random_crop"]').replace(
+        'model = "cnn-tiny"', 'model = "pointnet-small"').replace('dataset = "mnist"', 'dataset = "mnist_point_clouds"')
+    with pytest.raises(spec_module.SpecError, match=r"augmentations\[0\]: 'random_crop' augments images, but data set "
+                                                    r"'mnist_point_clouds' holds point clouds; use one of: point_cloud_jitter"):
+        spec_module.loads(text.replace('normalization = "batch_norm"', 'normalization = "none"'), source="pc.toml")
+
+
+# ----------------------------------------------------------------------------- the batches
+
+
+def test_a_steps_batch_comes_from_its_own_stream_and_the_augmentations_in_order():
+    plan = resolve(_spec(), "batch_norm")
+    rng = np.random.default_rng(0)
+    images = rng.random((16, 28, 28, 1)).astype(np.float32)
+    before = images.copy()
+    batch = plan.augmented_batch(images, seed=1, step=3)
+    np.testing.assert_array_equal(images, before)  # the input is left as it was
+    assert batch.dtype == images.dtype and batch.shape == images.shape
+    # exactly the registry's functions, in the spec's order, from the run's step stream
+    expected_rng = np.random.Generator(np.random.PCG64(augmentation_stream(1, 3)))
+    expected = augmentations.apply("random_crop", images, expected_rng, padding=3)
+    expected = augmentations.apply("horizontal_flip", expected, expected_rng)
+    np.testing.assert_array_equal(batch, expected)
+    np.testing.assert_array_equal(plan.augmented_batch(images, 1, 3), batch)  # any step, made alone, again
+    for seed, step in ((1, 4), (0, 3)):  # another step or run: other crops and flips
+        assert not np.array_equal(plan.augmented_batch(images, seed, step), batch)
+    assert not resolve(_spec(""), "batch_norm").augments
+
+
+def test_the_augmentation_stream_is_new_and_leaves_the_others_alone():
+    from normbench.data_order import dropout_stream, seed_streams
+
+    streams = [*seed_streams(5), dropout_stream(5, 0), augmentation_stream(5, 0), augmentation_stream(5, 1)]
+    states = [tuple(s.generate_state(4)) for s in streams]
+    assert len(set(states)) == len(states)
+
+
+def test_a_trainer_steps_on_the_images_it_is_handed(engine):
+    """`Trainer.step(images=...)` trains on those images with the labels of `indices`:
+    the same update as a trainer whose placed training set is that batch."""
+    dtype = engine.dtype
+    plan = resolve(_spec(dtype=dtype), "batch_norm")
+    data = parity._training_data(plan.spec)
+    indices = np.arange(40, 56)[::-1]
+    images = plan.augmented_batch(data.train_images[indices].astype(dtype), 0, 0)
+    params, state = plan.initial_parameters(0)
+    handed = engine.trainer(plan, params, state, engine.put_images(data.train_images.astype(dtype)[:100]),
+                            engine.put_labels(data.train_labels[:100]))
+    placed = engine.trainer(plan, params, state, engine.put_images(images), engine.put_labels(data.train_labels[indices]))
+    first = [handed.step_and_read(indices, 0.05, images=images), placed.step_and_read(np.arange(len(indices)), 0.05)]
+    second = [handed.step_and_read(indices, 0.05, images=images), placed.step_and_read(np.arange(len(indices)), 0.05)]
+    for a, b in (first, second):
+        assert a == pytest.approx(b, rel=1e-12 if dtype == "float64" else 1e-6)
+    stored = engine.trainer(plan, params, state, engine.put_images(data.train_images.astype(dtype)[:100]),
+                            engine.put_labels(data.train_labels[:100]))
+    # the same step on the stored images: the augmentation mattered
+    assert stored.step_and_read(indices, 0.05)["loss"] != pytest.approx(first[0]["loss"], rel=1e-4)
+
+
+# ----------------------------------------------------------------------------- whole runs
+
+
+def _metrics(run_dir) -> list[dict]:
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return [{k: v for k, v in row.items() if k != "wall_time_s"} for row in csv.DictReader(f)]
+
+
+def test_augmented_trajectories_agree_across_backends_and_differ_from_plain_ones():
+    available = [b for b in backends.names() if backends.is_available(b)]
+    if len(available) < 2:
+        pytest.skip("needs two backends")
+    spec = _spec(dtype="float64")
+    rows = parity.compare_trajectory(spec, "batch_norm", available, 5, "float64")
+    assert rows and all(r.ok for r in rows), [r for r in rows if not r.ok]
+    augmented = parity.trajectory_outputs(spec, "batch_norm", available[0], 5, "float64")
+    plain = parity.trajectory_outputs(_spec("", dtype="float64"), "batch_norm", available[0], 5, "float64")
+    assert augmented["trajectory/loss"][0] != pytest.approx(plain["trajectory/loss"][0], rel=1e-9)
+
+
+def test_point_cloud_augmentations_agree_across_backends():
+    available = [b for b in backends.names() if backends.is_available(b)]
+    if len(available) < 2:
+        pytest.skip("needs two backends")
+    text = IMAGE_SPEC.format(augmentations='augmentations = [{ name = "point_cloud_rotation", axis = "z" }, "point_cloud_jitter"]')
+    text = (text.replace('model = "cnn-tiny"', 'model = "pointnet-small"').replace('dataset = "mnist"', 'dataset = "mnist_point_clouds"')
+            .replace("batch_size = 16", "batch_size = 8").replace('normalization = "batch_norm"', 'normalization = "none"')
+            .replace('name = "sgd"\nlearning_rate = 0.05\nmomentum = 0.9', 'name = "adam"\nlearning_rate = 0.001'))
+    spec = spec_module.loads(text, source="pc.toml").replace(dtype="float64")
+    rows = parity.compare_step(spec, "batch_norm", available, "float64") + \
+        parity.compare_trajectory(spec, "batch_norm", available, 2, "float64")
+    assert rows and all(r.ok for r in rows), [r for r in rows if not r.ok]
+
+
+def test_a_sweep_of_augmented_runs_steps_them_one_by_one_and_resumes(tmp_path, backend_name):
+    spec = _spec(steps=4, eval_every=2)
+    first = runner.run_sweep(spec, [backend_name], tmp_path / "grouped", progress=False, log=lambda *_: None, group_size=2)
+    assert len(first) == 2
+    alone = runner.run_sweep(spec, [backend_name], tmp_path / "alone", progress=False, log=lambda *_: None)
+    for a, b in zip(first, alone):
+        assert _metrics(a.run_dir) == _metrics(b.run_dir)
+        assert json.loads((a.run_dir / "provenance.json").read_text())["group"]["vectorized"] is False
+    again = runner.run_sweep(spec, [backend_name], tmp_path / "grouped", progress=False, log=lambda *_: None, group_size=2)
+    assert all(r.reused for r in again)
