@@ -466,8 +466,7 @@ class RunGroup(abc.ABC):
              images: list[np.ndarray] | None = None):
         """One update of every member: `indices` is (members, batch), member k's batch in
         row k; `dropout_masks` one dict per member, or None; `images` one augmented batch
-        per member, or None (`Trainer.step`; a `VectorizedGroup` takes none: the runner
-        steps augmented runs one by one). Returns the losses, not read back
+        per member, or None (`Trainer.step`). Returns the losses, not read back
         (`Trainer.step`); `read_losses` reads a list of them."""
 
     @abc.abstractmethod

@@ -422,7 +422,7 @@ top level
   augmentations        list of names or inline  training batches augmented on the host, in order, from the run's
                        tables                   own random stream (identical in every backend; evaluation sees the
                                                 data as stored), e.g. ["horizontal_flip", { name = "random_crop",
-                                                padding = 4 }]; augmented runs are stepped one by one (default: none)
+                                                padding = 4 }] (default: none)
 
 [optimizer]            name = sgd | rmsprop | adam; learning_rate > 0; weight_decay >= 0 (0.5*wd*sum(kernel^2))
   reference_batch_size integer >= 1 (optional)  learning_rate is the rate at this batch size; a run at batch b

@@ -232,12 +232,10 @@ def execute_run(engine, program: Plan, seed: int, train_images, train_labels, ev
 
 def make_group(engine, program: Plan, seeds: list[int], train_images, train_labels, vectorize: bool):
     """The runs `seeds` of `program` at their initial states: one batched step where
-    `vectorize` and the backend can (`Engine.vectorized_group`), else one trainer per run.
-    Runs that augment their batches are stepped one by one: each member's batch is made on
-    the host, and no backend batches host batches yet."""
+    `vectorize` and the backend can (`Engine.vectorized_group`), else one trainer per run."""
     members = [program.initial_parameters(seed) for seed in seeds]
     track = program.spec.track_percentiles
-    if vectorize and len(seeds) > 1 and not program.augments:
+    if vectorize and len(seeds) > 1:
         group = engine.vectorized_group(program, members, train_images, train_labels, track)
         if group is not None:
             return group

@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 
 from normbench import augmentations, backends, parity, runner
+from normbench.backends import base
 from normbench import spec as spec_module
-from normbench.data_order import augmentation_stream
+from normbench.data_order import BatchOrder, augmentation_stream, seed_streams
 from normbench.plan import resolve
 
 IMAGE_SPEC = """
@@ -189,13 +190,55 @@ def test_point_cloud_augmentations_agree_across_backends():
     assert rows and all(r.ok for r in rows), [r for r in rows if not r.ok]
 
 
-def test_a_sweep_of_augmented_runs_steps_them_one_by_one_and_resumes(tmp_path, backend_name):
-    spec = _spec(steps=4, eval_every=2)
+def test_a_sweep_of_augmented_runs_in_groups_writes_the_runs_alone_and_resumes(tmp_path, backend_name):
+    # float64, so that a vectorized group's members match their runs alone to rounding
+    spec = _spec(steps=4, eval_every=2, dtype="float64")
     first = runner.run_sweep(spec, [backend_name], tmp_path / "grouped", progress=False, log=lambda *_: None, group_size=2)
-    assert len(first) == 2
     alone = runner.run_sweep(spec, [backend_name], tmp_path / "alone", progress=False, log=lambda *_: None)
+    vectorizes = type(backends.get_engine(backend_name)).vectorized_group is not base.Engine.vectorized_group
+    assert len(first) == len(alone) == 2
     for a, b in zip(first, alone):
-        assert _metrics(a.run_dir) == _metrics(b.run_dir)
-        assert json.loads((a.run_dir / "provenance.json").read_text())["group"]["vectorized"] is False
+        rows_a, rows_b = _metrics(a.run_dir), _metrics(b.run_dir)
+        assert [r["accuracy"] for r in rows_a] == [r["accuracy"] for r in rows_b]
+        for name in ("cross_entropy", "std_loss"):
+            np.testing.assert_allclose([float(r[name]) for r in rows_a], [float(r[name]) for r in rows_b], rtol=1e-9)
+        assert json.loads((a.run_dir / "provenance.json").read_text())["group"]["vectorized"] is vectorizes
     again = runner.run_sweep(spec, [backend_name], tmp_path / "grouped", progress=False, log=lambda *_: None, group_size=2)
     assert all(r.reused for r in again)
+
+
+@pytest.mark.parametrize("vectorizing_backend", backends.names())
+def test_vectorized_members_train_on_their_own_augmented_batches(vectorizing_backend):
+    """Each member of a vectorized group gets its own host batch: its float32 trajectory
+    is its run's alone, within the parity tolerances (a member handed another's batch,
+    or the stored one, leaves them by far more)."""
+    if not backends.is_available(vectorizing_backend):
+        pytest.skip(f"{vectorizing_backend} is not installed")
+    engine = backends.get_engine(vectorizing_backend, device="cpu", dtype="float32")
+    if type(engine).vectorized_group is base.Engine.vectorized_group:
+        pytest.skip(f"{vectorizing_backend} steps a group's runs one by one")
+    plan = resolve(_spec(), "batch_norm")
+    data = parity._training_data(plan.spec)
+    images, labels = data.train_images[:96].astype("float32"), data.train_labels[:96]
+    seeds, steps = [0, 1, 2], 6
+    orders = [BatchOrder(seed_streams(seed)[1], len(labels), plan.batch_size) for seed in seeds]
+
+    def trajectories(vectorize):
+        group = runner.make_group(engine, plan, seeds, engine.put_images(images), engine.put_labels(labels), vectorize)
+        assert isinstance(group, base.VectorizedGroup) == vectorize
+        pending = []
+        for step in range(steps):
+            indices = np.stack([order.indices(step) for order in orders])
+            batches = [plan.augmented_batch(images[i], seed, step) for i, seed in zip(indices, seeds)]
+            pending.append(group.step(indices, plan.learning_rate(step), None, batches))
+        losses = group.read_losses(pending)
+        return [{"trajectory/loss": losses[:, k, 0].astype(np.float64),
+                 **{f"final/{name}": np.asarray(v, np.float64) for name, v in group.export(k)[0].items()}}
+                for k in range(len(seeds))]
+
+    alone, together = trajectories(False), trajectories(True)
+    for a, b in zip(alone, together):
+        rows = parity.compare_outputs({"alone": a, "vectorized": b}, "float32", "batch_norm", plan.std_metric.log_epsilon)
+        assert rows and all(r.ok for r in rows), [r for r in rows if not r.ok]
+    # and the members did train on different batches
+    assert not np.allclose(alone[0]["trajectory/loss"], alone[1]["trajectory/loss"])

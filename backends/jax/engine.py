@@ -240,28 +240,35 @@ class VectorizedGroup(base.VectorizedGroup):
             lambda params, state, images, labels, masks: program.loss(ops, params, state, images, labels, masks),
             has_aux=True)
 
-        def member_step(params, opt_state, state, indices, lr, masks):
-            images, labels = train_images[indices], train_labels[indices]
-            (_, aux), grads = value_and_grad(params, state, images, labels, masks)
+        def batch_step(params, opt_state, state, images, indices, lr, masks):
+            (_, aux), grads = value_and_grad(params, state, images, train_labels[indices], masks)
             params, opt_state = program.update(ops, params, grads, opt_state, lr)
             return params, opt_state, aux["state"], jnp.stack(program.step_losses(aux))
+
+        def member_step(params, opt_state, state, indices, lr, masks):
+            return batch_step(params, opt_state, state, train_images[indices], indices, lr, masks)
 
         def evaluation(params, state, images, labels):
             return program.evaluation(ops, params, state, images, labels, track)
 
         self._train_step = jax.jit(jax.vmap(member_step, in_axes=(0, 0, 0, 0, None, 0)), donate_argnums=(0, 1, 2))
+        # Augmented runs: each member's batch comes from the host (members, batch, ...).
+        self._augmented_step = jax.jit(jax.vmap(batch_step, in_axes=(0, 0, 0, 0, 0, None, 0)), donate_argnums=(0, 1, 2))
         self._evaluation = jax.jit(jax.vmap(evaluation, in_axes=(0, 0, None, None)))
 
     def step(self, indices, learning_rate, dropout_masks=None, images=None):
-        if images is not None:
-            raise ValueError("a vectorized group takes no augmented images: the runner steps augmented runs one by one")
         e = self.engine
         masks = None if dropout_masks is None else {
             k: np.stack([np.asarray(m[k], e.np_dtype) for m in dropout_masks]) for k in dropout_masks[0]}
-        indices, lr, masks = jax.device_put(
-            (np.asarray(indices, np.int32), np.asarray(learning_rate, e.np_dtype), masks), e.jax_device)
-        self.params, self.opt_state, self.state, losses = self._train_step(
-            self.params, self.opt_state, self.state, indices, lr, masks)
+        batch = None if images is None else np.stack([np.asarray(x, e.np_dtype) for x in images])
+        indices, lr, masks, batch = jax.device_put(
+            (np.asarray(indices, np.int32), np.asarray(learning_rate, e.np_dtype), masks, batch), e.jax_device)
+        if batch is None:
+            self.params, self.opt_state, self.state, losses = self._train_step(
+                self.params, self.opt_state, self.state, indices, lr, masks)
+        else:
+            self.params, self.opt_state, self.state, losses = self._augmented_step(
+                self.params, self.opt_state, self.state, batch, indices, lr, masks)
         return losses
 
     def _evaluate_batched(self, images, labels):

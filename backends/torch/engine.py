@@ -241,11 +241,10 @@ class VectorizedGroup(base.VectorizedGroup):
         self._evaluation = vmap(evaluation, in_dims=(0, 0, None, None))
 
     def step(self, indices, learning_rate, dropout_masks=None, images=None):
-        if images is not None:
-            raise ValueError("a vectorized group takes no augmented images: the runner steps augmented runs one by one")
         e = self.engine
         index = torch.from_numpy(np.ascontiguousarray(indices, dtype=np.int64)).to(e.torch_device)
-        images, labels = self.train_images[index], self.train_labels[index]  # (members, batch, ...)
+        labels = self.train_labels[index]  # (members, batch)
+        images = self.train_images[index] if images is None else torch.stack([e.put_images(x) for x in images])
         masks = None if dropout_masks is None else _stacked([e.import_tree(m) for m in dropout_masks])
         with torch.no_grad():  # grad_and_value differentiates inside; nothing outside needs a graph
             self.params, self.opt_state, self.state, losses = self._train_steps[masks is not None](
