@@ -14,8 +14,10 @@ import types
 
 # pytest runs the suite in worker processes (pytest-xdist, `-n auto --dist loadfile` in
 # pyproject.toml). Each worker's frameworks get an equal share of the cores, fixed
-# before any of them is imported: two workers with two threads each on two cores ran
-# slower than one. Whole files stay on one worker, so module-level caches still hold.
+# before any of them is imported; left at their defaults, every worker would start a
+# thread per core. Measured with one thread per worker on the 2-core machine: 13.1 min
+# against 21.6 in one process. Whole files stay on one worker, so module-level caches
+# still hold.
 if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ:
     os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
@@ -32,9 +34,11 @@ from normbench.plan import Plan, resolve
 
 DTYPES = ("float64", "float32")
 
-# A worker with every framework imported peaks at about 3 GiB (PointNet and the asv
-# benchmarks' caches).
-_GIB_PER_WORKER = 4
+# Measured peaks (ru_maxrss) of the two workers of `pytest -q` on the 2-core, 24 GiB
+# machine: 10.1 GB for the one running tests/test_benchmarks.py (the asv caches), 7.4 GB
+# for the other (every framework, the data sets, the point clouds). Workers that need
+# more memory than the machine has would be killed, so `-n auto` counts 10 GiB each.
+_GIB_PER_WORKER = 10
 
 
 def pytest_xdist_auto_num_workers(config) -> int:

@@ -7,6 +7,7 @@ passes here is what `asv run` executes.
 
 from __future__ import annotations
 
+import gc
 import importlib
 import json
 import math
@@ -165,6 +166,20 @@ def test_benchmark_runs_once(name):
             assert isinstance(value, (int, float)) and math.isfinite(value) and value >= 0, (benchmark._current_params, value)
     if not ran:
         pytest.skip(f"every parameter combination skipped here ({len(skipped)})")
+
+
+@pytest.fixture(autouse=True)
+def one_benchmarks_warm_state():
+    """asv runs each benchmark in a process of its own, so the trainers and predictors a
+    benchmark warms up (`_harness._WARM`, `_WARM_PREDICTORS`) never outlive it there. Here
+    they would pile up in one process: after the architecture, ratio and throughput grids
+    the worker held 13 GB. Engines, data and setup_cache results stay shared."""
+    yield
+    harness = sys.modules.get("benchmarks._harness")
+    if harness is not None:
+        harness._WARM.clear()
+        harness._WARM_PREDICTORS.clear()
+        gc.collect()
 
 
 def _load_nightly():
