@@ -385,11 +385,6 @@ def _batch_images(program, data: LoadedData, batch: np.ndarray, dtype: str, seed
     return program.augmented_batch(images, seed, step) if program.augments else images
 
 
-def _augmented(program, data: LoadedData, batch: np.ndarray, dtype: str, seed: int, step: int) -> np.ndarray | None:
-    """`Trainer.step`'s `images`: the augmented batch, or None where the trainer gathers it."""
-    return _batch_images(program, data, batch, dtype, seed, step) if program.augments else None
-
-
 def _trajectory_inputs(spec: ExperimentSpec, variant_name: str, steps: int, seed: int):
     """(data, batches, used): the batches `steps` steps of run `seed` take, and the sorted
     indices of the examples they visit (only those go to the device; a batch's indices
@@ -446,9 +441,13 @@ def trajectory_outputs(spec: ExperimentSpec, variant_name: str, backend: str, st
     program = resolve(spec, variant_name)
     data, batches, used = _trajectory_inputs(spec, variant_name, steps, seed)
     trainer = _trainer(program, data, used, backend, dtype, seed, device, start_perturbed_at)
-    def augmented(batch, t):  # moved by one rounding with the placed images, where those are
-        images = _augmented(program, data, batch, dtype, seed, t)
-        return images if images is None or start_perturbed_at is None else _one_rounding(images, start_perturbed_at).astype(dtype)
+
+    def augmented(batch, t):  # `Trainer.step`'s images: None where it gathers the placed ones
+        if not program.augments:
+            return None
+        images = _batch_images(program, data, batch, dtype, seed, t)
+        # moved by one rounding with the placed images, where those are
+        return images if start_perturbed_at is None else _one_rounding(images, start_perturbed_at).astype(dtype)
 
     step_losses = [trainer.step(np.searchsorted(used, batch), program.learning_rate(t),
                                 program.dropout_masks(seed, t, len(batch)), augmented(batch, t))
@@ -534,19 +533,20 @@ def lockstep_outputs(spec: ExperimentSpec, variant_name: str, first: tuple[str, 
     ties, updates = [], []
     for t, batch in enumerate(batches):
         indices, masks = np.searchsorted(used, batch), program.dropout_masks(seed, t, len(batch))
+        # This step's images per side's dtype, made (and augmented) once for the gradients and the update.
+        images = {dtype: _batch_images(program, data, batch, dtype, seed, t) for dtype in dict.fromkeys(d for _, d in sides)}
         if every_step:  # the common start of this update, and each side's gradients there
             start = _state_outputs(sides[0][0])
-            gradients = [trainer.gradients(trainer.engine.put_images(_batch_images(program, data, batch, dtype, seed, t)),
+            gradients = [trainer.gradients(trainer.engine.put_images(images[dtype]),
                                            trainer.engine.put_labels(data.train_labels[batch]), masks)[0]
                          for trainer, dtype in sides]
         seen = []
         for trainer, dtype in sides if not every_step else ():  # shadowing restarts after every update anyway
             engine = trainer.engine
-            images = engine.put_images(_batch_images(program, data, batch, dtype, seed, t))
-            seen.append(trainer.gradients(images, engine.put_labels(data.train_labels[batch]), masks)[1])
+            seen.append(trainer.gradients(engine.put_images(images[dtype]), engine.put_labels(data.train_labels[batch]), masks)[1])
         flips = relu_ties(*seen, tolerance_of_preactivation) if seen else {}
         for k, (trainer, dtype) in enumerate(sides):
-            losses[k].append(trainer.step(indices, program.learning_rate(t), masks, _augmented(program, data, batch, dtype, seed, t)))
+            losses[k].append(trainer.step(indices, program.learning_rate(t), masks, images[dtype] if program.augments else None))
         if flips:
             ties.append(Tie(t + 1, flips, _largest_flipped(*seen, flips)))
         if every_step:
