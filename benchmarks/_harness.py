@@ -208,12 +208,19 @@ def method_baseline(variant: str) -> str:
     raise NotImplementedError(f"{METHODS_SPEC} has no variant without normalization on {model}")
 
 
-def architecture_plan(model: str, variant: str):
+def architecture_plan(model: str, variant: str, plain_sgd: bool = False):
     """The resolved plan of one variant of `model`'s smoke spec (seed 0); NotImplementedError
-    (an asv skip) where that spec has no such variant."""
+    (an asv skip) where that spec has no such variant. `plain_sgd`: trained with plain SGD
+    at the spec's learning rate and weight decay, constant (what the hand-written loops
+    train with; the smoke specs use momentum SGD with warm-up, and Adam)."""
     spec = specs.load(ARCHITECTURE_SPECS[model]).replace(seeds=[SEED])
     if variant not in {v.name for v in spec.variants}:
         raise NotImplementedError(f"{ARCHITECTURE_SPECS[model]} has no variant {variant!r}")
+    if plain_sgd:
+        optimizer = spec.optimizer
+        spec = spec.replace(optimizer=type(optimizer)(name="sgd", learning_rate=optimizer.learning_rate,
+                                                      weight_decay=optimizer.weight_decay),
+                            schedule=type(spec.schedule)())
     return resolve(spec, variant)
 
 
@@ -285,11 +292,11 @@ def warm_stepper(backend: str, model: str, normalization: str, device: str, comp
     return _WARM[key]
 
 
-def warm_architecture_stepper(backend: str, model: str, variant: str, device: str) -> Stepper:
-    """`warm_stepper` for a variant of an architecture's smoke spec."""
-    key = (backend, ARCHITECTURE_SPECS[model], variant, device)
+def warm_architecture_stepper(backend: str, model: str, variant: str, device: str, plain_sgd: bool = False) -> Stepper:
+    """`warm_stepper` for a variant of an architecture's smoke spec (`architecture_plan`)."""
+    key = (backend, ARCHITECTURE_SPECS[model], variant, device, plain_sgd)
     if key not in _WARM:
-        _WARM[key] = Stepper(backend, architecture_plan(model, variant), device).warm_up(warmup_steps())
+        _WARM[key] = Stepper(backend, architecture_plan(model, variant, plain_sgd), device).warm_up(warmup_steps())
     return _WARM[key]
 
 
@@ -467,7 +474,7 @@ class ReferenceStepper:
 
     def __init__(self, backend: str, plan, device: str, **options):
         engine(backend, device)  # the same skips as the backend's side
-        data = mnist()
+        data = dataset(plan.spec.dataset)
         self._step, self._synchronize = reference_module(backend).make_reference_step(
             plan, device=reference_device(backend, device), seed=SEED, data=(data.train_images, data.train_labels),
             **options)

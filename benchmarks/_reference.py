@@ -1,9 +1,17 @@
 """What the hand-written reference loops share, framework-free: their contract, the part of
 a plan they can run, and where each method's hand-written code lives.
 
-A reference loop is the yardstick of `bench_ratios.ReferenceRatio`: the training step a
-user of one framework writes by hand for the same network, method, batch and optimizer,
-sharing no code with normbench's backends. One package per framework,
+A reference loop is the yardstick of `bench_ratios.ReferenceRatio` (and of its grids over
+methods and architectures): the training step a user of one framework writes by hand for
+the same network, method, batch and optimizer, sharing no code with normbench's backends.
+The network is the architecture's own `build(net, x)` function, the description a model
+definition would be, called with the loop's `net`: every word of the vocabulary
+(normbench/architectures/layers.py: conv, dense, pools, add, concat, dropout, PointNet's
+transforms ...) written once per framework in its idiom and layout. So a loop covers every
+architecture, and what it leaves out of normbench's step is normbench's machinery (the
+plan's forward, the backend's primitives, recording), not the network. From normbench come
+only the initial weights, the batch order and the dropout keep masks (inputs, as the
+batch is); no backend code runs inside a step. One package per framework,
 `benchmarks/reference_<backend>/`:
 
     reference_<backend>/__init__.py          the loop: make_reference_step(plan, device=None, seed=0)
@@ -27,8 +35,9 @@ normbench plugins, read only for their options (epsilon, groups, running_decay, 
 The per-method folders are registries like normbench's: a method or loss without a file
 there is skipped (asv: n/a) with a message saying which file to add.
 
-`step(i)` trains on batch i of run `seed`'s batch order and returns the step's
-differentiated loss (cross entropy + weighted auxiliary losses, without the L2 term, as
+`step(i)` trains on batch i of run `seed`'s batch order (with step i's dropout masks) and
+returns the step's differentiated loss (cross entropy + weighted auxiliary losses and the
+architecture's own weighted losses, without the L2 term, as
 `Trainer.step`'s first value) as a framework scalar, not read back: reading it is the
 caller's choice (tests compare it with normbench's; timings do not read it).
 """
@@ -42,82 +51,34 @@ import numpy as np
 from normbench.architectures import layers as vocabulary
 
 
-class _ChainRecorder(vocabulary._DeclaringNet):
-    """Declares an architecture like `declare` does, and refuses every word of the
-    vocabulary a plain chain of layers does not use."""
+class _InputRecorder(vocabulary._DeclaringNet):
+    """Declares an architecture like `declare` does, keeping each dense layer's input shape."""
 
     def __init__(self):
         super().__init__()
-        self.activations: list[str | None] = []
+        self.dense_inputs: dict[str, tuple[int, ...]] = {}
 
-    def conv(self, name, x, channels, kernel_size, stride=1, padding="same", groups=1, normalize=True,
-             activation="relu", bias=True):
-        if groups != 1:
-            raise NotImplementedError(f"layer {name}: grouped convolution")
-        if not bias:
-            raise NotImplementedError(f"layer {name}: a convolution without bias")
-        self.activations.append(activation)
-        return super().conv(name, x, channels, kernel_size, stride, padding, groups, normalize, activation)
-
-    def dense(self, name, x, units, normalize=True, activation="relu", bias=True, kernel_init="glorot_uniform",
-              bias_init="zeros"):
-        if not bias or kernel_init != "glorot_uniform" or bias_init != "zeros":
-            raise NotImplementedError(f"layer {name}: a dense layer without bias or with its own initializer")
-        self.activations.append(activation)
-        return super().dense(name, x, units, normalize, activation)
-
-    # A chain has none of these: each one stops the recording with its name.
-    def depthwise_conv(self, name, *args, **kwargs):
-        raise NotImplementedError(f"layer {name}: depthwise convolution")
-
-    def max_pool(self, *args, **kwargs):
-        raise NotImplementedError("max pooling")
-
-    def avg_pool(self, *args, **kwargs):
-        raise NotImplementedError("average pooling")
-
-    def global_avg_pool(self, *args, **kwargs):
-        raise NotImplementedError("global average pooling")
-
-    def global_max_pool(self, *args, **kwargs):
-        raise NotImplementedError("global max pooling")
-
-    def add(self, *args, **kwargs):
-        raise NotImplementedError("a residual addition")
-
-    def concat(self, *args, **kwargs):
-        raise NotImplementedError("a concatenation")
-
-    def dropout(self, *args, **kwargs):
-        raise NotImplementedError("dropout")
-
-    def matrix(self, *args, **kwargs):
-        raise NotImplementedError("a predicted transform matrix")
-
-    def point_transform(self, *args, **kwargs):
-        raise NotImplementedError("a point transform")
-
-    def orthogonality_loss(self, *args, **kwargs):
-        raise NotImplementedError("an architecture-declared loss")
+    def dense(self, name, x, *args, **kwargs):
+        self.dense_inputs[name] = x.shape
+        return super().dense(name, x, *args, **kwargs)
 
 
-def chain(plan) -> list:
-    """The plan's layers when its architecture is a chain the hand-written loops cover:
-    convolutions and dense layers, each normalized and followed by ReLU, then one
-    un-normalized dense head. NotImplementedError (an asv skip) otherwise."""
-    recorder = _ChainRecorder()
-    try:
-        plan.arch.build(recorder, vocabulary._Shape(plan.arch.input_shape))
-    except NotImplementedError as exc:
-        raise NotImplementedError(f"hand-written reference loops cover chains of conv/dense layers; "
-                                  f"{plan.arch.name} uses {exc}") from None
-    layers = list(plan.layers)
-    *hidden, head = layers
-    if (any(not layer.normalized for layer in hidden) or head.normalized or head.kind != "dense"
-            or recorder.activations != ["relu"] * len(hidden) + [None]):
-        raise NotImplementedError(f"hand-written reference loops cover normalized conv/dense layers with ReLU and "
-                                  f"a dense head; {plan.arch.name} is not such a chain")
-    return layers
+def dense_input_shapes(plan) -> dict[str, tuple[int, ...]]:
+    """One example's canonical input shape of every dense layer, by name: a dense layer
+    after a convolution reads an (H, W, C) map flattened in (h, w, c) order, which a loop in
+    a channels-first framework (PyTorch) matches once, in the kernel's rows."""
+    recorder = _InputRecorder()
+    plan.arch.build(recorder, vocabulary._Shape(plan.arch.input_shape))
+    return recorder.dense_inputs
+
+
+def check_plan(plan) -> float:
+    """The learning rate of a plan the loops can train (NotImplementedError, an asv skip,
+    otherwise): plain SGD at a constant rate, on the stored batches (no augmentation)."""
+    if plan.augments:
+        raise NotImplementedError("hand-written reference loops train on the stored batches; "
+                                  f"{plan.spec.name} augments them")
+    return check_optimizer(plan)
 
 
 def check_optimizer(plan) -> float:
@@ -143,11 +104,13 @@ def plugin_module(package: str, kind: str, name: str):
 
 
 def initial_values(plan, seed: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """normbench's initial (params, state) of run `seed` in float32, canonical layouts: both
-    sides start from the same weights (the arithmetic, not only its cost, is then comparable)."""
+    """normbench's initial (params, state) of run `seed` in the spec's dtype, canonical
+    layouts: both sides start from the same weights (the arithmetic, not only its cost, is
+    then comparable). A loop trains in that dtype (float32 in every benchmark; the tests
+    also check float64, where a difference of formula cannot hide behind rounding)."""
     params, state = plan.initial_parameters(seed)
-    return ({k: np.asarray(v, np.float32) for k, v in params.items()},
-            {k: np.asarray(v, np.float32) for k, v in state.items()})
+    dtype = np.dtype(plan.spec.dtype)
+    return ({k: np.asarray(v, dtype) for k, v in params.items()}, {k: np.asarray(v, dtype) for k, v in state.items()})
 
 
 def slot_names(plan, layer) -> tuple[tuple[str, ...], tuple[str, ...]]:

@@ -3,9 +3,8 @@ model and variants, at its batch size): steady-state seconds per training step p
 backend; and the host memory one ResNet-50 training step takes at batch 8 on the CPU.
 
 Step time is timed as in bench_step_time (`Stepper.step()`: one update on real data, then
-`synchronize()`, inside the timer). The hand-written-loop ratio of bench_ratios covers
-chains of layers; these networks have none yet (residual additions, concatenations,
-T-Nets), so no ratio is reported for them.
+`synchronize()`, inside the timer). Their ratio to the hand-written loop in each framework
+is bench_ratios.ArchitectureReferenceRatio.
 """
 
 from . import _harness as h

@@ -2,9 +2,10 @@
 method's overhead over no normalization, and each backend against the hand-written loop
 in its own framework (benchmarks/reference_<framework>/). Lower is better for both.
 
-Two grids: the paper's cells (model x the bundled specs' variants, the history since the
-first nightly) and every normalization method and auxiliary loss (the variants of
-`_harness.METHODS_SPEC`, both networks)."""
+Three grids: the paper's cells (model x the bundled specs' variants, the history since the
+first nightly), every normalization method and auxiliary loss (the variants of
+`_harness.METHODS_SPEC`, both networks), and the paper's architectures at their small
+configurations against the hand-written loops (`ArchitectureReferenceRatio`)."""
 
 from . import _harness as h
 
@@ -122,3 +123,24 @@ class MethodReferenceRatio:
 
     def track_ratio_to_reference(self, backend, variant, device):
         return _ratio(f"{backend}/{variant}/{device}: backend", self.stepper, self.reference, "reference")
+
+
+class ArchitectureReferenceRatio:
+    """`ReferenceRatio` for the paper's architectures at their small configurations (the
+    grid of bench_architectures.ArchitectureStep: each smoke spec's model, batch and
+    compared variants), both sides trained with plain SGD at the spec's learning rate (the
+    loops' optimizer; ArchitectureStep times the spec's own). The hand-written loops run
+    the same `build` function as normbench, each word of the vocabulary written in the
+    framework's idiom (benchmarks/_reference.py)."""
+
+    params = [h.BACKENDS, h.ARCHITECTURES, h.ARCHITECTURE_VARIANTS, h.DEVICES]
+    param_names = ["backend", "architecture", "variant", "device"]
+    unit = "ratio"
+    timeout = 600
+
+    def setup(self, backend, architecture, variant, device):
+        self.stepper = h.warm_architecture_stepper(backend, architecture, variant, device, plain_sgd=True)
+        self.reference = h.ReferenceStepper(backend, self.stepper.program, device)
+
+    def track_ratio_to_reference(self, backend, architecture, variant, device):
+        return _ratio(f"{backend}/{architecture}/{variant}/{device}: backend", self.stepper, self.reference, "reference")

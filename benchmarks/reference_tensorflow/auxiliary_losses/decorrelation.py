@@ -15,6 +15,6 @@ def value(taps, loss):
         centered = values - mean
         covariance = tf.matmul(centered, centered, transpose_a=True) / count
         trace = tf.reduce_sum(tf.square(centered)) / count
-        log_det = tf.linalg.logdet(covariance + loss.epsilon * tf.eye(channels))
+        log_det = tf.linalg.logdet(covariance + loss.epsilon * tf.eye(channels, dtype=covariance.dtype))
         total.append(0.5 * (trace + tf.reduce_sum(tf.square(mean)) - channels - log_det))
     return tf.add_n(total)
