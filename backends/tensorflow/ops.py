@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from normbench.architectures.layers import conv_padding
 from normbench.backends import base
 
 
@@ -112,29 +113,31 @@ class Ops(base.Ops):
         return tf.math.rsqrt(x)
 
     def conv2d(self, x, kernel, stride, pads, groups=1):
-        # Explicit pads, never "SAME": the neutral model already applied TensorFlow's SAME
-        # rule, and one code path keeps even and odd cases aligned identically.
         (top, bottom), (left, right) = pads
         padding = [[0, 0], [top, bottom], [left, right], [0, 0]]
         if groups == 1:
-            return tf.nn.conv2d(x, kernel, strides=stride, padding=padding)
+            return tf.nn.conv2d(x, kernel, strides=stride, padding=_named_padding(x, kernel, stride, pads) or padding)
         # tf.nn.conv2d computes grouped convolutions forward, but has no gradient for them
         # on CPU ("Gradients for grouped convolutions are not supported on CPU").
         channels = x.shape[-1]
         if groups == channels:  # depthwise: HWIO (kh, kw, 1, C * m) is depthwise's (kh, kw, C, m)
             kh, kw, _, out = kernel.shape
-            # Padded first, then VALID: with explicit padding, grappler's float32 fusion of
-            # depthwise convolution + bias + ReLU6 aborts the process (TF 2.21, CPU:
-            # "Check failed: ... Invalid index from the dimension: 1, 0, H").
-            if top or bottom or left or right:
-                x = tf.pad(x, padding)
+            named = _named_padding(x, kernel, stride, pads)
+            # Otherwise padded first, then VALID: with explicit padding, grappler's float32
+            # fusion of depthwise convolution + bias + ReLU6 aborts the process (TF 2.21,
+            # CPU: "Check failed: ... Invalid index from the dimension: 1, 0, H").
+            if named is None:
+                x, named = tf.pad(x, padding), "VALID"
             return tf.nn.depthwise_conv2d(x, tf.reshape(kernel, [kh, kw, channels, out // channels]),
-                                          strides=[1, stride, stride, 1], padding="VALID")
+                                          strides=[1, stride, stride, 1], padding=named)
         return tf.concat([tf.nn.conv2d(block, block_kernel, strides=stride, padding=padding)
                           for block, block_kernel in zip(tf.split(x, groups, axis=-1), tf.split(kernel, groups, axis=-1))],
                          axis=-1)
 
     def max_pool2d(self, x, window, stride, pads):
+        named = _named_padding(x, window, stride, pads)
+        if named is not None:  # SAME's max pool never picks its padding, as -inf padding would not
+            return tf.nn.max_pool2d(x, list(window), stride, named)
         # Pooling takes no explicit pads: pad with -inf (never the maximum), then VALID.
         (top, bottom), (left, right) = pads
         if top or bottom or left or right:
@@ -142,9 +145,10 @@ class Ops(base.Ops):
         return tf.nn.max_pool2d(x, list(window), stride, "VALID")
 
     def avg_pool2d(self, x, window, stride, pads):
+        named = _named_padding(x, window, stride, pads)
+        if named is not None:  # SAME's averages leave the padding out of the count, as below
+            return tf.nn.avg_pool2d(x, list(window), stride, named)
         (top, bottom), (left, right) = pads
-        if not (top or bottom or left or right):
-            return tf.nn.avg_pool2d(x, list(window), stride, "VALID")
         # Window means over zero padding, times the window's size over the positions inside.
         padded = tf.pad(x, [[0, 0], [top, bottom], [left, right], [0, 0]])
         counts = base.valid_counts(tuple(x.shape[1:3]), window, stride, pads)
@@ -236,3 +240,19 @@ class Ops(base.Ops):
             matrix = matrix + diagonal_shift * tf.eye(matrix.shape[-1], dtype=matrix.dtype)
         factor = tf.linalg.cholesky(matrix)
         return 2.0 * tf.reduce_sum(tf.math.log(tf.linalg.diag_part(factor)), axis=-1)
+
+
+def _named_padding(x, window, stride, pads) -> str | None:
+    """"VALID" or "SAME" where TensorFlow's named padding is exactly `pads` for a window of
+    `window` (a kernel, or a pool's (h, w)), else None. The pads come from the neutral model
+    (TensorFlow's SAME rule, made explicit), so the named modes compute the same windows;
+    TensorFlow's CPU convolutions run them faster than the same pads given as a list
+    (resnet-small's step: 1.16x the hand-written loop's with lists, 1.00x named)."""
+    (top, bottom), (left, right) = pads
+    if not (top or bottom or left or right):
+        return "VALID"
+    window = tuple(window.shape[:2]) if hasattr(window, "shape") else tuple(window)
+    if None in (*x.shape[1:3], *window):
+        return None
+    same = [conv_padding(int(size), int(extent), stride, "same")[0] for size, extent in zip(x.shape[1:3], window)]
+    return "SAME" if same == [(top, bottom), (left, right)] else None
