@@ -63,6 +63,35 @@ class _InputRecorder(vocabulary._DeclaringNet):
         return super().dense(name, x, *args, **kwargs)
 
 
+class Network:
+    """What every loop's network object shares, framework-free: the vocabulary's layer words
+    with normbench's signatures, each handed to `layer(name, x, activation, padding)`, the
+    one method a framework writes for them (its layer knows its shapes from the plan; only
+    the activation, and TensorFlow's named padding, come from the call). A framework's
+    subclass writes `layer`, `activation` and the shape words (pools, add, concat, ...)."""
+
+    def layer(self, name, x, activation, padding):
+        raise NotImplementedError
+
+    def activation(self, x, kind="relu"):
+        raise NotImplementedError
+
+    def conv(self, name, x, channels, kernel_size, stride=1, padding="same", groups=1, normalize=True,
+             activation="relu", bias=True):
+        return self.layer(name, x, activation, padding)
+
+    def depthwise_conv(self, name, x, kernel_size, stride=1, multiplier=1, padding="same", normalize=True,
+                       activation="relu", bias=True):
+        return self.layer(name, x, activation, padding)
+
+    def dense(self, name, x, units, normalize=True, activation="relu", bias=True, kernel_init="glorot_uniform",
+              bias_init="zeros"):
+        return self.layer(name, x, activation, None)
+
+    def relu(self, x):
+        return self.activation(x, "relu")
+
+
 def dense_input_shapes(plan) -> dict[str, tuple[int, ...]]:
     """One example's canonical input shape of every dense layer, by name: a dense layer
     after a convolution reads an (H, W, C) map flattened in (h, w, c) order, which a loop in

@@ -289,6 +289,7 @@ EXPORTED = [
     ("bench_ratios.MethodReferenceRatio.track_ratio_to_reference", "Every method: step time / the hand-written loop in the same framework", "ratio"),
     ("bench_ratios.MethodOverhead.track_overhead_vs_none", "Every method: step time / the same network without normalization", "ratio"),
     ("bench_architectures.ArchitectureStep.time_step", "The paper's architectures at their small configurations: time per training step", "seconds"),
+    ("bench_ratios.ArchitectureReferenceRatio.track_ratio_to_reference", "The paper's architectures at their small configurations: step time / the hand-written loop in the same framework (both with plain SGD; PyTorch: symmetric padding)", "ratio"),
     ("bench_architectures.ResNet50PeakMemory.track_peak_step_memory", "Host memory of one ResNet-50 training step at batch 8", "bytes"),
     ("bench_inference.InferenceLatency.time_predict", "Inference: time to predict one image (batch norm unfolded and folded into the layers)", "seconds"),
     ("bench_inference.InferenceThroughput.track_seconds_per_image", "Inference: time per image of a large batch (batch norm unfolded and folded into the layers)", "seconds"),

@@ -43,7 +43,7 @@ HIGHEST = lax.Precision.HIGHEST
 _TRAINING_SETS: dict = {}
 
 
-class _Network:
+class _Network(_reference.Network):
     """The network of the plan, in JAX: `plan.arch.build(network, images)` calls these
     words of normbench's vocabulary, each written as a JAX user writes it. One network is
     made per trace of the step (`run`), so its parameters, state and masks are the traced
@@ -66,7 +66,7 @@ class _Network:
         logits = self.arch.build(self, images)
         return logits, self.new_state, self.taps, self.loss
 
-    def _layer(self, name, x, activation):
+    def layer(self, name, x, activation, padding):
         layer = self.layers[name]
         kernel, bias = self.params[f"{name}/kernel"], self.params.get(f"{name}/bias")
         if layer.normalized:
@@ -91,27 +91,12 @@ class _Network:
                 z = z * self.params[f"{name}/affine_scale"] + self.params[f"{name}/affine_shift"]
         return self.activation(z, activation)
 
-    def conv(self, name, x, channels, kernel_size, stride=1, padding="same", groups=1, normalize=True,
-             activation="relu", bias=True):
-        return self._layer(name, x, activation)
-
-    def depthwise_conv(self, name, x, kernel_size, stride=1, multiplier=1, padding="same", normalize=True,
-                       activation="relu", bias=True):
-        return self._layer(name, x, activation)
-
-    def dense(self, name, x, units, normalize=True, activation="relu", bias=True, kernel_init="glorot_uniform",
-              bias_init="zeros"):
-        return self._layer(name, x, activation)
-
     def activation(self, x, kind="relu"):
         if kind == "relu":
             return jax.nn.relu(x)  # not jnp.maximum(x, 0): its gradient at exactly 0 is 0.5
         if kind == "relu6":
             return jax.nn.relu6(x)
         return x
-
-    def relu(self, x):
-        return jax.nn.relu(x)
 
     def _window(self, x, window, stride, padding):
         window, pads, _ = vocabulary.window_geometry(x.shape[1:], window, stride, padding)

@@ -52,7 +52,7 @@ def _normbench_jit_compile(tf_device: str) -> bool:
     return XLA_BY_DEVICE_TYPE["gpu" if tf_device.startswith("/GPU") else "cpu"]
 
 
-class _Network:
+class _Network(_reference.Network):
     """The network of the plan, in TensorFlow: `plan.arch.build(network, images)` calls these
     words of normbench's vocabulary while the step is traced. Padding is the architecture's
     own argument ("same" or "valid"), handed to TensorFlow as is: normbench's declared pads
@@ -95,7 +95,7 @@ class _Network:
                           for block, block_kernel in zip(tf.split(x, layer.groups, axis=-1),
                                                          tf.split(kernel, layer.groups, axis=-1))], axis=-1)
 
-    def _layer(self, name, x, activation, padding=None):
+    def layer(self, name, x, activation, padding):
         entry = self.layers[name]
         layer, kernel = entry["layer"], entry["kernel"]
         if layer.normalized and self.reparameterize is not None:
@@ -114,27 +114,12 @@ class _Network:
                 z = z * entry["affine"][0] + entry["affine"][1]
         return self.activation(z, activation)
 
-    def conv(self, name, x, channels, kernel_size, stride=1, padding="same", groups=1, normalize=True,
-             activation="relu", bias=True):
-        return self._layer(name, x, activation, padding)
-
-    def depthwise_conv(self, name, x, kernel_size, stride=1, multiplier=1, padding="same", normalize=True,
-                       activation="relu", bias=True):
-        return self._layer(name, x, activation, padding)
-
-    def dense(self, name, x, units, normalize=True, activation="relu", bias=True, kernel_init="glorot_uniform",
-              bias_init="zeros"):
-        return self._layer(name, x, activation)
-
     def activation(self, x, kind="relu"):
         if kind == "relu":
             return tf.nn.relu(x)
         if kind == "relu6":
             return tf.nn.relu6(x)
         return x
-
-    def relu(self, x):
-        return tf.nn.relu(x)
 
     def max_pool(self, x, window, stride, padding="same"):
         return tf.nn.max_pool2d(x, window, stride, padding.upper())

@@ -62,7 +62,7 @@ def _window_padding(pads, window, same_alignment):
     return 0, (left, right, top, bottom)
 
 
-class _Network:
+class _Network(_reference.Network):
     """The network of the plan, in PyTorch: `plan.arch.build(network, images)` calls these
     words of normbench's vocabulary, each written as a PyTorch user writes it (NCHW,
     F.conv2d with its bias, F.max_pool2d, torch.cat, torch.bmm). normbench's architecture
@@ -79,7 +79,7 @@ class _Network:
         self.masks = None  # this step's dropout keep masks, by name
         self.taps, self.loss = [], 0.0  # the slot outputs and the architecture's weighted losses of a step
 
-    def _layer(self, name, x, activation):
+    def layer(self, name, x, activation, padding):
         layer = self.layers[name]
         kernel, bias = self.params[f"{name}/kernel"], self.params.get(f"{name}/bias")
         if layer.normalized:
@@ -90,10 +90,10 @@ class _Network:
         if layer.kind == "dense":
             z = F.linear(x.flatten(1), kernel, bias)
         else:
-            padding, extra = _window_padding(layer.pads, layer.kernel_shape[:2], self.same_alignment)
+            pad, extra = _window_padding(layer.pads, layer.kernel_shape[:2], self.same_alignment)
             if extra is not None:
                 x = F.pad(x, extra)
-            z = F.conv2d(x, kernel, bias, stride=layer.stride, padding=padding, groups=layer.groups)
+            z = F.conv2d(x, kernel, bias, stride=layer.stride, padding=pad, groups=layer.groups)
         if layer.normalized:
             z, _ = self.normalize(z, slot_params, {s: self.state[f"{name}/{s}"] for s in state_names}, self.method)
             self.taps.append(z)
@@ -102,27 +102,12 @@ class _Network:
                 z = z * self.params[f"{name}/affine_scale"].view(shape) + self.params[f"{name}/affine_shift"].view(shape)
         return self.activation(z, activation)
 
-    def conv(self, name, x, channels, kernel_size, stride=1, padding="same", groups=1, normalize=True,
-             activation="relu", bias=True):
-        return self._layer(name, x, activation)
-
-    def depthwise_conv(self, name, x, kernel_size, stride=1, multiplier=1, padding="same", normalize=True,
-                       activation="relu", bias=True):
-        return self._layer(name, x, activation)
-
-    def dense(self, name, x, units, normalize=True, activation="relu", bias=True, kernel_init="glorot_uniform",
-              bias_init="zeros"):
-        return self._layer(name, x, activation)
-
     def activation(self, x, kind="relu"):
         if kind == "relu":
             return torch.relu(x)
         if kind == "relu6":
             return F.relu6(x)
         return x
-
-    def relu(self, x):
-        return torch.relu(x)
 
     def _pool_geometry(self, x, window, stride, padding):
         window, pads, _ = vocabulary.window_geometry((*x.shape[2:], x.shape[1]), window, stride, padding)
