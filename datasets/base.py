@@ -117,7 +117,8 @@ class DatasetInfo:
 
 @dataclass(frozen=True, eq=False)
 class Dataset:
-    """An image classification data set, held in memory as NumPy arrays.
+    """An image classification data set, held in memory as NumPy arrays (or memory-mapped
+    from disk, `streamed`).
 
     Images are uint8 in NHWC layout, exactly as stored; runners scale them themselves.
     Labels are int64 class indices in ``range(num_classes)``.
@@ -131,6 +132,9 @@ class Dataset:
     num_classes: int = 10
     source: str = ""  # where the files came from, for the results' metadata
     files: dict[str, str] = field(default_factory=dict, repr=False)  # file name -> SHA-256
+    # The images are read-only memory maps of arrays on disk (a set too large for memory):
+    # index a batch at a time, never copy them whole (the runner's ScaledImages).
+    streamed: bool = False
 
 
 def data_root(data_dir: str | os.PathLike | None = None) -> Path:

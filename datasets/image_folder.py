@@ -22,18 +22,27 @@ labels (the archive has them in one flat folder).  Any folder of that shape work
   (normbench.augmentations), not to the data set.
 - Returned like the other image data sets: uint8 NHWC (N, size, size, 3), int64 labels.
 
-Limit: the whole data set is held in memory as uint8 arrays, N x size x size x 3 bytes
-(ImageNet-1k at 224, training and validation: 200 GB, more than any benchmark machine
-has).  Before decoding anything, load() counts the images and refuses, naming the
-sizes, when the arrays would take more than half of the memory available (MemAvailable,
-capped by a cgroup limit; the runner also makes float copies of them): use a subset or a
-smaller image_size.  A streaming loader would lift this limit; the Dataset record
-(in-memory arrays) does not support one yet.
+Memory: when the uint8 arrays, N x size x size x 3 bytes (ImageNet-1k at 224, training
+and validation: 200 GB), fit in half of the memory available (MemAvailable, capped by a
+cgroup limit; the runner also makes float copies of them), they are held in memory.
+Otherwise the folder is *streamed*: decoded once, with the same transform, into a cache
+of raw uint8 arrays beside it (``<folder>/.decoded-<size>-<resize>/{train,val}.npy``),
+which later loads memory-map instead of decoding. The runner then reads one batch at a
+time from the map (`Dataset.streamed`), so memory holds a batch, not the data set; the
+disk holds the arrays once (checked before the build starts). The build keeps what it
+has decoded in chunks of STREAM_CHUNK images: an interrupted build (a killed process, a
+bad file) resumes where it stopped. `streaming=True` streams a folder that would fit,
+`streaming=False` refuses one that does not, naming the sizes.
 
 Checksums: none are published per file.  Every file's SHA-256 is computed from the
 bytes read for decoding; the first load that decodes everything records them in
 ``<data root>/imagenet_folder/SHA256SUMS`` and later loads refuse a folder whose files
-changed, appeared or disappeared (delete the manifest to accept them).  With
+changed, appeared or disappeared (delete the manifest to accept them).  A streamed load
+that finds its decoded cache does not read the images again: it compares every file's
+size and modification time with those the cache was built from, refuses a folder that
+differs (delete the cache to rebuild it), and records the manifest's own SHA-256 as the
+run's data file (one digest that pins every image, instead of 1.3 million entries in each
+run's provenance).  With
 ``check_counts`` (the default) the folder must also hold ImageNet-1k's 1,000 classes,
 1,281,167 training and 50,000 validation images.
 """
@@ -43,11 +52,16 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
+from normbench.durable import fsync_path
+
 from .base import (
+    MANIFEST_NAME,
     Dataset,
     DatasetError,
     DatasetInfo,
@@ -58,7 +72,8 @@ from .base import (
     record_manifest,
 )
 
-__all__ = ["DESCRIPTION", "EXTENSIONS", "IMAGE_SIZE", "INFO", "cache_dir", "decode_image", "default_resize", "load"]
+__all__ = ["DESCRIPTION", "EXTENSIONS", "IMAGE_SIZE", "INFO", "cache_dir", "decode_image", "default_resize", "load",
+           "stream_cache_dir"]
 
 NAME = "imagenet_folder"
 IMAGE_SIZE = 224
@@ -68,11 +83,12 @@ INFO = DatasetInfo(name=NAME, image_shape=(IMAGE_SIZE, IMAGE_SIZE, 3), num_class
 SPLITS = ("train", "val")
 EXTENSIONS = (".jpeg", ".jpg", ".png")
 DOWNLOAD_URL = "https://image-net.org/download.php"
-MEMORY_FRACTION = 0.5  # of the memory available, at most, for the uint8 arrays
+MEMORY_FRACTION = 0.5  # of the memory available, at most, for the uint8 arrays held in memory
+STREAM_CHUNK = 1024  # images decoded between two durable checkpoints of a streamed build
 
 DESCRIPTION = (
     f"{NAME}: an ImageNet-style folder brought by the user (train/<class>/*.JPEG, val/<class>/*.JPEG; shorter side "
-    f"256, centre crop; held in memory, SHA-256 recorded on first load); 1281167 train / 50000 val images, "
+    f"256, centre crop; in memory, or streamed from a decoded cache when too large; SHA-256 recorded on first load); 1281167 train / 50000 val images, "
     f"{IMAGE_SIZE}x{IMAGE_SIZE}x3 uint8, 1000 classes"
 )
 
@@ -95,13 +111,16 @@ def load(
     resize_to: int | None = None,
     check_counts: bool = True,
     memory_limit: int | None = None,
+    streaming: bool | None = None,
 ) -> Dataset:
-    """Load the image folder in ``<data root>/imagenet_folder`` into memory (see the module docstring).
+    """Load the image folder in ``<data root>/imagenet_folder`` (see the module docstring).
 
     `fetch` has no effect: nothing can be downloaded.  `image_size` is the side of the
     centre crop, `resize_to` the shorter side before it (default_resize(image_size)).
     `check_counts=False` accepts any number of classes and images.  `memory_limit`
-    (bytes) replaces the default bound on the arrays (half the memory available).
+    (bytes) replaces the default bound on the arrays held in memory (half the memory
+    available).  `streaming`: None streams a folder too large for memory through the
+    decoded cache, True always, False never (a folder too large is refused).
     Raises DatasetError naming what is missing or wrong.
     """
     del fetch  # nothing to fetch: the user brings the files
@@ -129,29 +148,30 @@ def load(
                 f"ImageNet-1k has {official[0]}, {official[1]} and {official[2]}: pass check_counts=False to load "
                 "another folder"
             )
-    _check_memory(directory, len(listing["train"]) + len(listing["val"]), image_size, memory_limit)
+    too_large = _memory_problem(directory, len(listing["train"]) + len(listing["val"]), image_size, memory_limit)
+    if streaming or (streaming is None and too_large):
+        return _load_streamed(directory, classes, listing, image_size, resize_to)
+    if too_large:
+        raise DatasetError(too_large)
 
     digests: dict[str, str] = {}
     arrays = {}
     for split in SPLITS:
         images = np.empty((len(listing[split]), image_size, image_size, 3), dtype=np.uint8)
         for index, (relative, _) in enumerate(listing[split]):
-            path = directory / relative
-            try:
-                data = path.read_bytes()
-            except OSError as error:
-                raise DatasetError(f"{path}: unreadable ({error.strerror or error})") from None
-            digests[relative] = hashlib.sha256(data).hexdigest()
-            try:
-                images[index] = decode_image(data, image_size, resize_to)
-            except Exception as error:  # noqa: BLE001 -- Pillow raises many kinds of errors for a bad file
-                raise DatasetError(f"{path}: cannot be decoded as an image ({type(error).__name__}: {error}); "
-                                   "replace or remove it") from None
+            digests[relative], images[index] = _read_and_decode(directory / relative, image_size, resize_to)
         arrays[split] = (images, np.array([label for _, label in listing[split]], dtype=np.int64))
 
     recorded = check_manifest(directory, digests, what=NAME)
     if not recorded:
         record_manifest(directory, digests, what=NAME)
+    return _dataset(directory, classes, arrays, image_size, resize_to, digests,
+                    f"SHA-256 {'checked against' if recorded else 'recorded in'} {directory / MANIFEST_NAME}")
+
+
+def _dataset(directory: Path, classes: list[str], arrays: dict, image_size: int, resize_to: int, files: dict,
+             how: str, streamed: bool = False) -> Dataset:
+    """The Dataset of `arrays` (split -> (images, labels)); `how`: how they were loaded, for `source`."""
     (train_images, train_labels), (test_images, test_labels) = arrays["train"], arrays["val"]
     return Dataset(
         name=NAME,
@@ -161,10 +181,148 @@ def load(
         test_labels=test_labels,
         num_classes=len(classes),
         source=(f"image folder {directory} ({len(classes)} classes; val/ as the test split), shorter side {resize_to}, "
-                f"centre crop {image_size}x{image_size}; SHA-256 {'checked against' if recorded else 'recorded in'} "
-                f"{directory / 'SHA256SUMS'}"),
-        files=digests,
+                f"centre crop {image_size}x{image_size}; {how}"),
+        files=files,
+        streamed=streamed,
     )
+
+
+def _read_and_decode(path: Path, image_size: int, resize_to: int) -> tuple[str, np.ndarray]:
+    """(SHA-256 of the file, its decoded image); DatasetError naming a file that cannot be read or decoded."""
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise DatasetError(f"{path}: unreadable ({error.strerror or error})") from None
+    try:
+        return hashlib.sha256(data).hexdigest(), decode_image(data, image_size, resize_to)
+    except Exception as error:  # noqa: BLE001 -- Pillow raises many kinds of errors for a bad file
+        raise DatasetError(f"{path}: cannot be decoded as an image ({type(error).__name__}: {error}); "
+                           "replace or remove it") from None
+
+
+# ----------------------------------------------------------------------------- streaming
+
+
+def stream_cache_dir(directory: Path, image_size: int, resize_to: int) -> Path:
+    """Where a streamed load keeps the decoded arrays of `directory` for one transform."""
+    return directory / f".decoded-{image_size}-{resize_to}"
+
+
+def _stat_listing(directory: Path, listing: dict) -> str:
+    """One line per image, `split`, path, label, size and modification time: what the
+    decoded cache was built from, compared on every later load instead of re-reading."""
+    lines = []
+    for split in SPLITS:
+        for relative, label in listing[split]:
+            try:
+                stat = (directory / relative).stat()
+            except OSError as error:
+                raise DatasetError(f"{directory / relative}: unreadable ({error.strerror or error})") from None
+            lines.append(f"{split}\t{relative}\t{label}\t{stat.st_size}\t{stat.st_mtime_ns}\n")
+    return "".join(lines)
+
+
+def _listing_difference(built: str, now: str) -> str:
+    before = {line.split("\t")[1]: line for line in built.splitlines()}
+    after = {line.split("\t")[1]: line for line in now.splitlines()}
+    changed = sorted(name for name in after if name in before and before[name] != after[name])
+    gone = sorted(name for name in before if name not in after)
+    new = sorted(name for name in after if name not in before)
+    return "; ".join(f"{label}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
+                     for label, names in (("changed", changed), ("missing", gone), ("new", new)) if names)
+
+
+def _load_streamed(directory: Path, classes: list[str], listing: dict, image_size: int, resize_to: int) -> Dataset:
+    cache = stream_cache_dir(directory, image_size, resize_to)
+    now = _stat_listing(directory, listing)
+    listing_path = cache / "listing.tsv"
+    complete = all((cache / f"{split}.npy").exists() for split in SPLITS)
+    built = listing_path.read_text(encoding="utf-8") if listing_path.exists() else None
+    if complete and built != now:
+        raise DatasetError(f"{NAME}: the files in {directory} differ from those its decoded cache {cache} was built "
+                           f"from ({_listing_difference(built or '', now)}); delete {cache} to decode them again")
+    if not complete:
+        if built != now:  # a cache of other files, or none: start over
+            shutil.rmtree(cache, ignore_errors=True)
+            cache.mkdir(parents=True, exist_ok=True)
+            _check_disk(cache, listing, image_size)
+            _write_durably(listing_path, now)
+        digests = {}
+        for split in SPLITS:
+            digests.update(_build_split(directory, cache, split, listing[split], image_size, resize_to))
+        if not check_manifest(directory, digests, what=NAME):
+            record_manifest(directory, digests, what=NAME)
+    manifest = directory / MANIFEST_NAME
+    arrays = {}
+    for split in SPLITS:
+        images = np.load(cache / f"{split}.npy", mmap_mode="r")
+        if images.shape != (len(listing[split]), image_size, image_size, 3) or images.dtype != np.uint8:
+            raise DatasetError(f"{NAME}: {cache / f'{split}.npy'} holds {images.dtype} {images.shape}, not the decoded "
+                               f"{split} images; delete {cache} to decode them again")
+        arrays[split] = (images, np.array([label for _, label in listing[split]], dtype=np.int64))
+    files = {MANIFEST_NAME: hashlib.sha256(manifest.read_bytes()).hexdigest()} if manifest.exists() else {}
+    return _dataset(directory, classes, arrays, image_size, resize_to, files,
+                    f"streamed from its decoded cache {cache}; SHA-256 of every image in {manifest}", streamed=True)
+
+
+def _build_split(directory: Path, cache: Path, split: str, entries: list, image_size: int,
+                 resize_to: int) -> dict[str, str]:
+    """Decode `entries` into ``<cache>/<split>.npy``, resuming a partial build; returns
+    every file's SHA-256. Each chunk's digests are appended to ``<split>.sha256`` only
+    after its images are flushed, so the digest lines count the images safely written."""
+    final, partial, digest_path = cache / f"{split}.npy", cache / f"{split}.npy.partial", cache / f"{split}.sha256"
+    shape = (len(entries), image_size, image_size, 3)
+    lines = digest_path.read_text(encoding="utf-8").splitlines() if digest_path.exists() else []
+    if final.exists():
+        return {name: digest for digest, _, name in (line.partition("  ") for line in lines)}
+    images = None
+    if partial.exists() and lines:
+        try:
+            images = np.lib.format.open_memmap(partial, mode="r+")
+        except (OSError, ValueError):
+            images = None
+        if images is not None and images.shape != shape:
+            images = None
+    if images is None:  # nothing usable yet: begin this split
+        lines = []
+        digest_path.write_text("", encoding="utf-8")
+        images = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=shape)
+    digests = {name: digest for digest, _, name in (line.partition("  ") for line in lines)}
+    workers = max(1, min(8, os.cpu_count() or 1))
+    # Pillow decodes and resizes without holding the GIL: threads use every core.
+    with ThreadPoolExecutor(workers) as pool:
+        for start in range(len(lines), len(entries), STREAM_CHUNK):
+            chunk = [relative for relative, _ in entries[start:start + STREAM_CHUNK]]
+            decoded = list(pool.map(lambda relative: _read_and_decode(directory / relative, image_size, resize_to),
+                                    chunk))
+            for offset, (_, image) in enumerate(decoded):
+                images[start + offset] = image
+            images.flush()
+            with open(digest_path, "a", encoding="utf-8") as file:
+                file.write("".join(f"{digest}  {relative}\n" for relative, (digest, _) in zip(chunk, decoded)))
+                file.flush()
+                os.fsync(file.fileno())
+            digests.update((relative, digest) for relative, (digest, _) in zip(chunk, decoded))
+    del images
+    os.replace(partial, final)
+    fsync_path(cache)
+    return digests
+
+
+def _check_disk(cache: Path, listing: dict, image_size: int) -> None:
+    needed = sum(len(listing[split]) for split in SPLITS) * image_size * image_size * 3
+    free = shutil.disk_usage(cache).free
+    if needed > free:
+        raise DatasetError(f"{NAME}: streaming needs {_size(needed)} for the decoded arrays in {cache}, and its disk "
+                           f"has {_size(free)} free: free space there, or use a subset or a smaller image_size")
+
+
+def _write_durably(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text, encoding="utf-8")
+    fsync_path(temporary)
+    os.replace(temporary, path)
+    fsync_path(path.parent)
 
 
 def decode_image(data: bytes, image_size: int = IMAGE_SIZE, resize_to: int | None = None) -> np.ndarray:
@@ -213,23 +371,23 @@ def _list_images(directory: Path, split: str, classes: list[str]) -> list[tuple[
     return listing
 
 
-def _check_memory(directory: Path, count: int, image_size: int, memory_limit: int | None) -> None:
+def _memory_problem(directory: Path, count: int, image_size: int, memory_limit: int | None) -> str | None:
+    """Why `count` images at `image_size` cannot be held in memory, or None when they can."""
     needed = count * image_size * image_size * 3
     if memory_limit is None:
         from normbench.resources import host_memory_available  # imported here: resources imports this package
 
         available = host_memory_available()
         if available is None:
-            return
+            return None
         memory_limit, what = int(available * MEMORY_FRACTION), f"half of the {_size(available)} of memory available"
     else:
         what = f"the limit of {_size(memory_limit)}"
-    if needed > memory_limit:
-        raise DatasetError(
-            f"{NAME}: {directory} holds {count} images: {_size(needed)} as uint8 arrays at "
-            f"{image_size}x{image_size}x3, more than {what}. This loader holds the whole data set in memory: "
-            "use a subset of the folder (check_counts=False) or a smaller image_size"
-        )
+    if needed <= memory_limit:
+        return None
+    return (f"{NAME}: {directory} holds {count} images: {_size(needed)} as uint8 arrays at {image_size}x{image_size}x3, "
+            f"more than {what}. Stream it from disk (streaming=True, the default for a folder this large), use a "
+            "subset of the folder (check_counts=False) or a smaller image_size")
 
 
 def _size(count: int) -> str:

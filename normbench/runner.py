@@ -93,23 +93,52 @@ class RunResult:
 
 @dataclasses.dataclass
 class LoadedData:
-    """A data set as the runner uses it: float inputs (NHWC; 8-bit images scaled to [0, 1]), int labels."""
+    """A data set as the runner uses it: float inputs (NHWC; 8-bit images scaled to [0, 1]), int labels.
+    `streamed`: the images are `ScaledImages`, read from disk a batch at a time."""
     name: str
     train_images: np.ndarray
     train_labels: np.ndarray
     test_images: np.ndarray
     test_labels: np.ndarray
     files: dict
+    streamed: bool = False
+
+
+def _scaled(images: np.ndarray, dtype) -> np.ndarray:
+    # 8-bit images are scaled to [0, 1] in float64, then rounded once to the run dtype:
+    # identical inputs in every backend. Float data (point coordinates) are used as stored.
+    return (images.astype(np.float64) / 255.0 if images.dtype == np.uint8 else images).astype(dtype)
+
+
+class ScaledImages:
+    """A streamed data set's images (a read-only memory map of the stored uint8 arrays, see
+    `datasets.Dataset.streamed`) as the runner uses them: indexing reads those images from
+    disk and scales them as `load_data` scales held ones, so a batch has the same values
+    either way and the whole set is never in memory."""
+
+    def __init__(self, stored: np.ndarray, dtype):
+        self.stored, self.dtype = stored, np.dtype(dtype)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.stored.shape
+
+    def __len__(self) -> int:
+        return len(self.stored)
+
+    def __getitem__(self, index) -> np.ndarray:
+        return _scaled(np.asarray(self.stored[index]), self.dtype)
 
 
 def load_data(spec: ExperimentSpec, data_dir: str | None = None) -> LoadedData:
     ds = datasets.load(spec.dataset, data_dir)
-    # 8-bit images are scaled to [0, 1] in float64, then rounded once to the run dtype:
-    # identical inputs in every backend. Float data (point coordinates) are used as stored.
-    def scale(x):
-        return (x.astype(np.float64) / 255.0 if x.dtype == np.uint8 else x).astype(spec.dtype)
+    if getattr(ds, "streamed", False):
+        scale = lambda images: ScaledImages(images, spec.dtype)  # noqa: E731
+    else:
+        scale = lambda images: _scaled(images, spec.dtype)  # noqa: E731
     return LoadedData(spec.dataset, scale(ds.train_images), ds.train_labels.astype(np.int64),
-                      scale(ds.test_images), ds.test_labels.astype(np.int64), dict(getattr(ds, "files", {})))
+                      scale(ds.test_images), ds.test_labels.astype(np.int64), dict(getattr(ds, "files", {})),
+                      streamed=getattr(ds, "streamed", False))
 
 
 def run_dir_for(out: Path, backend: str, variant: VariantSpec, seed: int) -> Path:
@@ -245,7 +274,7 @@ def make_group(engine, program: Plan, seeds: list[int], train_images, train_labe
 
 def execute_group(engine, program: Plan, seeds: list[int], train_images, train_labels, evaluator: _Evaluator,
                   on_step: Callable[[int], None] | None = None, vectorize: bool = False,
-                  host_train_images: np.ndarray | None = None) -> list[dict]:
+                  host_train_images: np.ndarray | None = None, host_batches: bool = False) -> list[dict]:
     """Train the runs `seeds` of one plan together in memory (`make_group`); one outcome
     per seed, in order: rows, percentile rows, status and timings.
 
@@ -262,11 +291,14 @@ def execute_group(engine, program: Plan, seeds: list[int], train_images, train_l
     is the part of it the first step took (tracing and compilation, where there are any).
     A program that augments (`Plan.augments`) needs `host_train_images`, the training set
     as NumPy: each step's batch is augmented there (`Plan.augmented_batch`, inside the
-    timed steps) and handed to the trainer.
+    timed steps) and handed to the trainer. `host_batches`: every step's batch comes from
+    `host_train_images` so (a streamed data set, whose images are not on the device).
     """
     spec, variant = program.spec, program.variant
-    if program.augments and host_train_images is None:
-        raise ValueError(f"spec {spec.name!r} augments its batches: execute_group needs host_train_images")
+    host_batches = host_batches or program.augments
+    if host_batches and host_train_images is None:
+        raise ValueError(f"spec {spec.name!r} takes its batches from the host (augmented or streamed): "
+                         "execute_group needs host_train_images")
     steps = spec.steps_for(variant)
     group = make_group(engine, program, seeds, train_images, train_labels, vectorize)
     orders = [BatchOrder(seed_streams(seed)[1], int(train_labels.shape[0]), program.batch_size) for seed in seeds]
@@ -329,8 +361,8 @@ def execute_group(engine, program: Plan, seeds: list[int], train_images, train_l
     start = time.perf_counter()
     for step in range(steps if going() else 0):
         indices = np.stack([order.indices(step) for order in orders])
-        images = ([program.augmented_batch(host_train_images[batch], seed, step) for batch, seed in zip(indices, seeds)]
-                  if program.augments else None)
+        images = ([_host_batch(program, host_train_images, batch, seed, step) for batch, seed in zip(indices, seeds)]
+                  if host_batches else None)
         pending.append(group.step(indices, program.learning_rate(step), _group_masks(program, seeds, step), images))
         if on_step is not None:
             on_step(step)
@@ -369,6 +401,13 @@ def execute_group(engine, program: Plan, seeds: list[int], train_images, train_l
             for run in runs]
 
 
+def _host_batch(program: Plan, images, batch: np.ndarray, seed: int, step: int) -> np.ndarray:
+    """Run `seed`'s training batch `batch` at `step`, made on the host: read (and, where the
+    spec augments, augmented) there."""
+    images = images[batch]
+    return program.augmented_batch(images, seed, step) if program.augments else images
+
+
 def _group_masks(program: Plan, seeds: list[int], step: int) -> list[dict] | None:
     """This step's dropout masks of every run of a group (None without dropout)."""
     masks = [program.dropout_masks(seed, step, program.batch_size) for seed in seeds]
@@ -398,8 +437,11 @@ def write_run(run_dir: Path, outcome: dict, record: dict, tracked: bool, columns
 
 
 def place_data(engine, data: LoadedData, spec: ExperimentSpec) -> tuple:
-    """The training set and the evaluation splits on `engine`, placed once and reused by every run there."""
-    return engine.put_images(data.train_images), engine.put_labels(data.train_labels), _Evaluator(engine, data, spec)
+    """The training set and the evaluation splits on `engine`, placed once and reused by every run there.
+    A streamed training set stays on disk: each step's batch comes from the host, and the
+    trainers get an empty stand-in for the images (the labels are small and go whole)."""
+    train_images = data.train_images[:0] if data.streamed else data.train_images
+    return engine.put_images(train_images), engine.put_labels(data.train_labels), _Evaluator(engine, data, spec)
 
 
 def train_run(spec: ExperimentSpec, variant: VariantSpec, seed: int, engine, data: LoadedData, placed: tuple,
@@ -423,7 +465,7 @@ def train_group(spec: ExperimentSpec, variant: VariantSpec, seeds: list[int], en
     started = provenance.now()
     plan = resolve(spec, variant)
     outcomes = execute_group(engine, plan, seeds, train_images, train_labels, evaluator, on_step=on_step,
-                             host_train_images=data.train_images,
+                             host_train_images=data.train_images, host_batches=data.streamed,
                              vectorize=vectorize)
     finished = provenance.now()
     results = []

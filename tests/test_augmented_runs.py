@@ -242,3 +242,50 @@ def test_vectorized_members_train_on_their_own_augmented_batches(vectorizing_bac
         assert rows and all(r.ok for r in rows), [r for r in rows if not r.ok]
     # and the members did train on different batches
     assert not np.allclose(alone[0]["trajectory/loss"], alone[1]["trajectory/loss"])
+
+
+# ----------------------------------------------------------------------------- streamed data sets
+
+
+def test_a_streamed_data_set_trains_as_the_same_data_held_in_memory(tmp_path, monkeypatch, backend_name):
+    """A data set too large for memory is streamed (`Dataset.streamed`: memory maps of its
+    stored arrays; image_folder's decoded cache): the runner reads every step's batch and
+    the evaluation splits from disk, scaled as held images are, and the device never gets
+    the training set. The runs' metrics equal those of the same data held in memory, with
+    and without augmentation."""
+    from normbench import datasets
+
+    real_load = datasets.load
+
+    def streamed_load(name, data_dir=None, **options):
+        held = real_load(name, data_dir, **options)
+        maps = {}
+        for split in ("train_images", "test_images"):
+            np.save(tmp_path / f"{split}.npy", getattr(held, split))
+            maps[split] = np.load(tmp_path / f"{split}.npy", mmap_mode="r")
+        return datasets.Dataset(held.name, maps["train_images"], held.train_labels, maps["test_images"],
+                                held.test_labels, held.num_classes, held.source, held.files, streamed=True)
+
+    placed = []
+
+    def place(engine, data, spec):
+        placed.append((data, real_place(engine, data, spec)))
+        return placed[-1][1]
+
+    real_place = runner.place_data
+    monkeypatch.setattr(runner, "place_data", place)
+    for augmentations_line in ("", AUGMENTED):
+        spec = _spec(augmentations_line, seeds=[0])
+        held = runner.run_sweep(spec, [backend_name], tmp_path / f"held{len(augmentations_line)}", progress=False,
+                                log=lambda *_: None)
+        with monkeypatch.context() as patch:
+            patch.setattr(runner.datasets, "load", streamed_load)
+            streamed = runner.run_sweep(spec, [backend_name], tmp_path / f"streamed{len(augmentations_line)}",
+                                        progress=False, log=lambda *_: None)
+        data, (device_train_images, _, _) = placed[-1]
+        assert data.streamed and isinstance(data.train_images, runner.ScaledImages)
+        assert device_train_images.shape[0] == 0  # the training set stayed on disk
+        for a, b in zip(held, streamed):
+            rows = [[{k: v for k, v in row.items() if k != "wall_time_s"} for row in csv.DictReader(open(r.run_dir / "metrics.csv"))]
+                    for r in (a, b)]
+            assert rows[0] == rows[1] and len(rows[0]) > 2

@@ -6,6 +6,7 @@ real ImageNet is needed.
 
 from __future__ import annotations
 
+import hashlib
 import io
 from pathlib import Path
 
@@ -95,14 +96,82 @@ def test_the_official_counts_are_checked_unless_told_otherwise(root):
         datasets.load("imagenet_folder", root)
 
 
-def test_a_folder_too_large_for_memory_is_refused_before_decoding(root):
+def test_a_folder_too_large_for_memory_is_refused_before_decoding_when_streaming_is_off(root):
     with pytest.raises(DatasetError) as caught:
-        _load(root, image_size=224, memory_limit=1_000_000)
+        _load(root, image_size=224, memory_limit=1_000_000, streaming=False)
     message = str(caught.value)
     assert "holds 7 images: 1.1 MB as uint8 arrays at 224x224x3, more than the limit of 1.0 MB" in message
-    assert "holds the whole data set in memory" in message
+    assert "Stream it from disk (streaming=True" in message
     assert not (root / "imagenet_folder" / "SHA256SUMS").exists()
-    _load(root)  # the default bound: half the memory available
+    assert not _load(root).streamed  # the default bound: half the memory available
+
+
+# --- streaming ----------------------------------------------------------------------
+
+
+def test_a_folder_too_large_for_memory_streams_from_a_decoded_cache(root):
+    folder = root / "imagenet_folder"
+    held = _load(root)
+    streamed = _load(root, memory_limit=1)
+    assert streamed.streamed and isinstance(streamed.train_images, np.memmap)
+    for split in ("train_images", "train_labels", "test_images", "test_labels"):
+        np.testing.assert_array_equal(getattr(streamed, split), getattr(held, split))
+    cache = image_folder.stream_cache_dir(folder, 8, 9)
+    assert sorted(p.name for p in cache.iterdir()) == ["listing.tsv", "train.npy", "train.sha256", "val.npy",
+                                                        "val.sha256"]
+    # One digest pins every image: the manifest's, not one entry per image in each run's provenance.
+    assert streamed.files == {"SHA256SUMS": hashlib.sha256((folder / "SHA256SUMS").read_bytes()).hexdigest()}
+    assert "streamed from its decoded cache" in streamed.source
+    assert _load(root, streaming=True).streamed  # asked for, though it would fit
+
+
+def test_a_streamed_load_reads_its_cache_and_refuses_changed_files(root, monkeypatch):
+    folder = root / "imagenet_folder"
+    first = _load(root, streaming=True)
+    monkeypatch.setattr(image_folder, "decode_image", lambda *_: pytest.fail("the cache was decoded again"))
+    again = _load(root, streaming=True)
+    np.testing.assert_array_equal(again.train_images, first.train_images)
+    _save(folder / "train" / "a" / "x.JPEG", _solid(BLUE, (31, 30)))
+    (folder / "val" / "a" / "v2.JPEG").unlink()
+    with pytest.raises(DatasetError) as caught:
+        _load(root, streaming=True)
+    message = str(caught.value)
+    assert "differ from those its decoded cache" in message and "changed: train/a/x.JPEG; missing: val/a/v2.JPEG" in message
+    assert f"delete {image_folder.stream_cache_dir(folder, 8, 9)}" in message and "\n" not in message
+
+
+def test_an_interrupted_streamed_build_resumes_where_it_stopped(root, monkeypatch):
+    """A build killed part-way (here: a file that cannot be read) keeps its finished chunks;
+    the next load decodes only the rest, and the result is the whole folder."""
+    monkeypatch.setattr(image_folder, "STREAM_CHUNK", 2)
+    real = image_folder._read_and_decode
+    decoded, failures = [], [True]
+
+    def flaky(path, *args):
+        if path.name == "only.JPEG" and failures:  # the fifth training image, in the third chunk, once
+            failures.pop()
+            raise DatasetError(f"{path}: unreadable (simulated)")
+        decoded.append(path.name)
+        return real(path, *args)
+
+    monkeypatch.setattr(image_folder, "_read_and_decode", flaky)
+    with pytest.raises(DatasetError, match="only.JPEG: unreadable"):
+        _load(root, streaming=True)
+    cache = image_folder.stream_cache_dir(root / "imagenet_folder", 8, 9)
+    assert len((cache / "train.sha256").read_text().splitlines()) == 4 and not (cache / "train.npy").exists()
+    decoded.clear()
+    streamed = _load(root, streaming=True)
+    assert decoded == ["only.JPEG", "v2.JPEG", "v1.JPEG"]  # the rest of train/, then val/ (class a, then b)
+    np.testing.assert_array_equal(streamed.train_images, _load(root).train_images)
+
+
+def test_streaming_checks_the_disk_before_decoding(root, monkeypatch):
+    import shutil
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 100, 100))
+    with pytest.raises(DatasetError, match=r"streaming needs .* for the decoded arrays in .* and its disk has 0.0 MB "
+                                           r"free"):
+        _load(root, streaming=True)
 
 
 def test_registry_info_and_cli_listing(capsys):
