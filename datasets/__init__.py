@@ -19,11 +19,11 @@ from types import ModuleType
 
 from normbench.plugins import FolderRegistry
 
-from .base import DataDirError, Dataset, DatasetError, DatasetInfo, SourceError
+from .base import DataDirError, Dataset, DatasetError, DatasetInfo, SourceError, streams_from_disk
 from .idx import IdxFormatError
 
 __all__ = ["DataDirError", "Dataset", "DatasetError", "DatasetInfo", "IdxFormatError", "SourceError", "describe", "info",
-           "load", "names"]
+           "load", "names", "streams_from_disk"]
 
 
 def _collect(module):

@@ -25,6 +25,7 @@ import errno
 import gzip
 import hashlib
 import logging
+import math
 import os
 import shutil
 import sys
@@ -113,6 +114,20 @@ class DatasetInfo:
     # What an example is, for the augmentations a spec may apply: "images" (H, W, C) or
     # "point_clouds" (points, 1, 3), which share the rank and must not be mistaken.
     kind: str = "images"
+    # The loader streams the set from disk (`Dataset.streamed`) when its uint8 arrays would
+    # take more than HELD_MEMORY_FRACTION of the memory available (`streams_from_disk`).
+    streams: bool = False
+
+
+# Of the memory available, the most a data set's uint8 arrays may take to be held in memory.
+HELD_MEMORY_FRACTION = 0.5
+
+
+def streams_from_disk(info: DatasetInfo, available: int | None) -> bool:
+    """Whether a loader that `streams` streams this set, given the bytes of memory
+    `available` (None: unknown, held), as its load decides."""
+    held = (info.train_examples + info.test_examples) * math.prod(info.image_shape)
+    return info.streams and available is not None and held > available * HELD_MEMORY_FRACTION
 
 
 @dataclass(frozen=True, eq=False)

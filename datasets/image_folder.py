@@ -61,6 +61,7 @@ import numpy as np
 from normbench.durable import fsync_path
 
 from .base import (
+    HELD_MEMORY_FRACTION,
     MANIFEST_NAME,
     Dataset,
     DatasetError,
@@ -79,11 +80,10 @@ NAME = "imagenet_folder"
 IMAGE_SIZE = 224
 NUM_CLASSES = 1000
 INFO = DatasetInfo(name=NAME, image_shape=(IMAGE_SIZE, IMAGE_SIZE, 3), num_classes=NUM_CLASSES,
-                   train_examples=1281167, test_examples=50000)
+                   train_examples=1281167, test_examples=50000, streams=True)
 SPLITS = ("train", "val")
 EXTENSIONS = (".jpeg", ".jpg", ".png")
 DOWNLOAD_URL = "https://image-net.org/download.php"
-MEMORY_FRACTION = 0.5  # of the memory available, at most, for the uint8 arrays held in memory
 STREAM_CHUNK = 1024  # images decoded between two durable checkpoints of a streamed build
 
 DESCRIPTION = (
@@ -380,7 +380,8 @@ def _memory_problem(directory: Path, count: int, image_size: int, memory_limit: 
         available = host_memory_available()
         if available is None:
             return None
-        memory_limit, what = int(available * MEMORY_FRACTION), f"half of the {_size(available)} of memory available"
+        memory_limit = int(available * HELD_MEMORY_FRACTION)
+        what = f"{HELD_MEMORY_FRACTION:.0%} of the {_size(available)} of memory available"
     else:
         what = f"the limit of {_size(memory_limit)}"
     if needed <= memory_limit:

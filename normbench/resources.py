@@ -78,8 +78,14 @@ def estimate(spec: ExperimentSpec, backends: int = 1, runs_together: int = 1) ->
     info = datasets.info(spec.dataset)
     image_values = math.prod(info.image_shape)
     dataset_images = info.train_examples + info.test_examples
-    # NumPy copies in the run dtype, plus each backend's train, test and train-subset copies.
-    data = image_values * size * (dataset_images + backends * (dataset_images + spec.train_eval_examples))
+    if datasets.streams_from_disk(info, host_memory_available()):
+        # Read from disk a training batch and an evaluation chunk at a time (the runner's
+        # ScaledImages): one of each, in the run dtype, on the host and on every backend.
+        batch = max(spec.batch_size_for(v) for v in spec.variants)
+        data = image_values * size * (batch + EVALUATION_CHUNK) * (1 + backends)
+    else:
+        # NumPy copies in the run dtype, plus each backend's train, test and train-subset copies.
+        data = image_values * size * (dataset_images + backends * (dataset_images + spec.train_eval_examples))
     slots = OPTIMIZER_SLOTS.get(spec.optimizer.name, 2)
     parameters = backends * runs_together * parameter_count(arch) * size * (3 + slots)
     per_example *= runs_together  # one example of every run of the group

@@ -160,15 +160,37 @@ def is_finished(run_dir: Path, key: str) -> bool:
 
 
 class _Evaluator:
-    """Test set and fixed training subset placed on the backend once per engine."""
+    """Test set and fixed training subset placed on the backend once per engine (a streamed
+    data set's: read from disk a chunk at a time at every evaluation, `_StreamedSplit`)."""
 
     def __init__(self, engine, data: LoadedData, spec: ExperimentSpec):
         subset = train_eval_subset(len(data.train_labels), spec.train_eval_examples)
         test = len(data.test_labels) if spec.test_examples is None else spec.test_examples
+        if data.streamed:
+            train_images, test_images = (_StreamedSplit(engine, data.train_images, subset),
+                                         _StreamedSplit(engine, data.test_images, np.arange(test)))
+        else:
+            train_images, test_images = engine.put_images(data.train_images[subset]), engine.put_images(data.test_images[:test])
         self.splits = {
-            "train": (engine.put_images(data.train_images[subset]), engine.put_labels(data.train_labels[subset]), len(subset)),
-            "test": (engine.put_images(data.test_images[:test]), engine.put_labels(data.test_labels[:test]), test),
+            "train": (train_images, engine.put_labels(data.train_labels[subset]), len(subset)),
+            "test": (test_images, engine.put_labels(data.test_labels[:test]), test),
         }
+
+
+class _StreamedSplit:
+    """An evaluation split of a streamed data set as the engines' evaluations read it: they
+    slice their chunks out of it (`Trainer.evaluate`), and each slice reads those examples
+    (`rows` of `images`) from disk and places them on the engine, so only a chunk is ever
+    in memory."""
+
+    def __init__(self, engine, images: ScaledImages, rows: np.ndarray):
+        self.engine, self.images, self.rows = engine, images, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, chunk: slice):
+        return self.engine.put_images(self.images[self.rows[chunk]])
 
 
 # ----------------------------------------------------------------------------- durable files

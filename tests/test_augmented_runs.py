@@ -250,8 +250,8 @@ def test_vectorized_members_train_on_their_own_augmented_batches(vectorizing_bac
 def test_a_streamed_data_set_trains_as_the_same_data_held_in_memory(tmp_path, monkeypatch, backend_name):
     """A data set too large for memory is streamed (`Dataset.streamed`: memory maps of its
     stored arrays; image_folder's decoded cache): the runner reads every step's batch and
-    the evaluation splits from disk, scaled as held images are, and the device never gets
-    the training set. The runs' metrics equal those of the same data held in memory, with
+    every evaluation chunk from disk, scaled as held images are, and the device never gets
+    a whole split. The runs' metrics equal those of the same data held in memory, with
     and without augmentation."""
     from normbench import datasets
 
@@ -282,9 +282,10 @@ def test_a_streamed_data_set_trains_as_the_same_data_held_in_memory(tmp_path, mo
             patch.setattr(runner.datasets, "load", streamed_load)
             streamed = runner.run_sweep(spec, [backend_name], tmp_path / f"streamed{len(augmentations_line)}",
                                         progress=False, log=lambda *_: None)
-        data, (device_train_images, _, _) = placed[-1]
+        data, (device_train_images, _, evaluator) = placed[-1]
         assert data.streamed and isinstance(data.train_images, runner.ScaledImages)
-        assert device_train_images.shape[0] == 0  # the training set stayed on disk
+        assert device_train_images.shape[0] == 0  # the training set stayed on disk, and so do the evaluated splits
+        assert all(isinstance(images, runner._StreamedSplit) for images, _, _ in evaluator.splits.values())
         for a, b in zip(held, streamed):
             rows = [[{k: v for k, v in row.items() if k != "wall_time_s"} for row in csv.DictReader(open(r.run_dir / "metrics.csv"))]
                     for r in (a, b)]
