@@ -272,7 +272,8 @@ def _build_split(directory: Path, cache: Path, split: str, entries: list, image_
     after its images are flushed, so the digest lines count the images safely written."""
     final, partial, digest_path = cache / f"{split}.npy", cache / f"{split}.npy.partial", cache / f"{split}.sha256"
     shape = (len(entries), image_size, image_size, 3)
-    lines = digest_path.read_text(encoding="utf-8").splitlines() if digest_path.exists() else []
+    text = digest_path.read_text(encoding="utf-8") if digest_path.exists() else ""
+    lines = text[:text.rfind("\n") + 1].splitlines()  # a line torn by a crash counts as not written
     if final.exists():
         return {name: digest for digest, _, name in (line.partition("  ") for line in lines)}
     images = None
@@ -285,8 +286,8 @@ def _build_split(directory: Path, cache: Path, split: str, entries: list, image_
             images = None
     if images is None:  # nothing usable yet: begin this split
         lines = []
-        digest_path.write_text("", encoding="utf-8")
         images = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=shape)
+    _write_durably(digest_path, "".join(f"{line}\n" for line in lines))
     digests = {name: digest for digest, _, name in (line.partition("  ") for line in lines)}
     workers = max(1, min(8, os.cpu_count() or 1))
     # Pillow decodes and resizes without holding the GIL: threads use every core.

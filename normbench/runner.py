@@ -132,13 +132,14 @@ class ScaledImages:
 
 def load_data(spec: ExperimentSpec, data_dir: str | None = None) -> LoadedData:
     ds = datasets.load(spec.dataset, data_dir)
-    if getattr(ds, "streamed", False):
-        scale = lambda images: ScaledImages(images, spec.dtype)  # noqa: E731
-    else:
-        scale = lambda images: _scaled(images, spec.dtype)  # noqa: E731
+    streamed = getattr(ds, "streamed", False)
+
+    def scale(images):
+        return ScaledImages(images, spec.dtype) if streamed else _scaled(images, spec.dtype)
+
     return LoadedData(spec.dataset, scale(ds.train_images), ds.train_labels.astype(np.int64),
                       scale(ds.test_images), ds.test_labels.astype(np.int64), dict(getattr(ds, "files", {})),
-                      streamed=getattr(ds, "streamed", False))
+                      streamed=streamed)
 
 
 def run_dir_for(out: Path, backend: str, variant: VariantSpec, seed: int) -> Path:
@@ -313,8 +314,8 @@ def execute_group(engine, program: Plan, seeds: list[int], train_images, train_l
     is the part of it the first step took (tracing and compilation, where there are any).
     A program that augments (`Plan.augments`) needs `host_train_images`, the training set
     as NumPy: each step's batch is augmented there (`Plan.augmented_batch`, inside the
-    timed steps) and handed to the trainer. `host_batches`: every step's batch comes from
-    `host_train_images` so (a streamed data set, whose images are not on the device).
+    timed steps) and handed to the trainer. `host_batches`: take every step's batch from
+    `host_train_images` (a streamed data set, whose training images are not on the device).
     """
     spec, variant = program.spec, program.variant
     host_batches = host_batches or program.augments

@@ -159,6 +159,8 @@ def test_an_interrupted_streamed_build_resumes_where_it_stopped(root, monkeypatc
         _load(root, streaming=True)
     cache = image_folder.stream_cache_dir(root / "imagenet_folder", 8, 9)
     assert len((cache / "train.sha256").read_text().splitlines()) == 4 and not (cache / "train.npy").exists()
+    with open(cache / "train.sha256", "a") as file:  # a line torn by a crash while it was written
+        file.write("0123abc")
     decoded.clear()
     streamed = _load(root, streaming=True)
     assert decoded == ["only.JPEG", "v2.JPEG", "v1.JPEG"]  # the rest of train/, then val/ (class a, then b)
