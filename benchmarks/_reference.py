@@ -73,6 +73,21 @@ class Network:
     def layer(self, name, x, activation, padding):
         raise NotImplementedError
 
+    def weights(self, name):
+        """(the declared layer, its kernel after the method's hook, its bias or None, the
+        method's parameters of its slot, the slot's state suffixes) of layer `name`, read
+        from `self.layers`, `self.params` (keyed `<layer>/<suffix>`) and `self.suffixes`
+        (`slot_names` of every normalized layer), which a subclass sets."""
+        layer = self.layers[name]
+        kernel, bias = self.params[f"{name}/kernel"], self.params.get(f"{name}/bias")
+        if not layer.normalized:
+            return layer, kernel, bias, {}, ()
+        param_names, state_names = self.suffixes[name]
+        slot_params = {suffix: self.params[f"{name}/{suffix}"] for suffix in param_names}
+        if self.reparameterize is not None:
+            kernel = self.reparameterize(kernel, slot_params, self.method)
+        return layer, kernel, bias, slot_params, state_names
+
     def activation(self, x, kind="relu"):
         raise NotImplementedError
 

@@ -67,13 +67,7 @@ class _Network(_reference.Network):
         return logits, self.new_state, self.taps, self.loss
 
     def layer(self, name, x, activation, padding):
-        layer = self.layers[name]
-        kernel, bias = self.params[f"{name}/kernel"], self.params.get(f"{name}/bias")
-        if layer.normalized:
-            param_names, state_names = self.suffixes[name]
-            slot_params = {s: self.params[f"{name}/{s}"] for s in param_names}
-            if self.reparameterize is not None:
-                kernel = self.reparameterize(kernel, slot_params, self.method)
+        layer, kernel, bias, slot_params, state_names = self.weights(name)
         if layer.kind == "dense":  # NHWC flattens in (h, w, c) order, as normbench's dense layers read it
             z = jnp.dot(x.reshape(x.shape[0], -1), kernel, precision=HIGHEST)
         else:

@@ -80,13 +80,7 @@ class _Network(_reference.Network):
         self.taps, self.loss = [], 0.0  # the slot outputs and the architecture's weighted losses of a step
 
     def layer(self, name, x, activation, padding):
-        layer = self.layers[name]
-        kernel, bias = self.params[f"{name}/kernel"], self.params.get(f"{name}/bias")
-        if layer.normalized:
-            param_names, state_names = self.suffixes[name]
-            slot_params = {s: self.params[f"{name}/{s}"] for s in param_names}
-            if self.reparameterize is not None:
-                kernel = self.reparameterize(kernel, slot_params, self.method)
+        layer, kernel, bias, slot_params, state_names = self.weights(name)
         if layer.kind == "dense":
             z = F.linear(x.flatten(1), kernel, bias)
         else:
