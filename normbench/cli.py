@@ -431,7 +431,8 @@ top level
   rmsprop:  decay in [0, 1) (0.9), momentum in [0, 1) (0), epsilon > 0 (1e-10, inside the sqrt)
   adam:     beta1 (0.9), beta2 (0.999) in [0, 1), epsilon > 0 (1e-8)
 [schedule]             name = constant | step_decay | piecewise; warmup_steps >= 0 (linear ramp from 0)
-  step_decay: decay_rate in (0, 1], decay_every >= 1 (steps)
+  step_decay: decay_rate in (0, 1], decay_every >= 1 (steps), or decay_every_epochs > 0 (epochs of the
+              variant's batch size: a batch-size sweep's variants decay after the same examples)
   piecewise:  boundaries (increasing steps), multipliers (len(boundaries) + 1 factors)
 [[variant]]            one table per method compared:
   name                 letters, digits, - _ .

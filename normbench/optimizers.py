@@ -94,14 +94,19 @@ def build(spec: OptimizerSpec):
     return {"sgd": SGD, "rmsprop": RMSProp, "adam": Adam}[spec.name](spec)
 
 
-def schedule_multiplier(schedule: ScheduleSpec, step: int) -> float:
-    """Learning-rate multiplier for update number `step` (0-based)."""
+def schedule_multiplier(schedule: ScheduleSpec, step: int, steps_per_epoch: float | None = None) -> float:
+    """Learning-rate multiplier for update number `step` (0-based). `steps_per_epoch`
+    (training examples / the batch size) is needed by a decay counted in epochs."""
     if schedule.warmup_steps and step < schedule.warmup_steps:
         return (step + 1) / schedule.warmup_steps
     after = step - schedule.warmup_steps
     if schedule.name == "constant":
         return 1.0
     if schedule.name == "step_decay":
+        if schedule.decay_every_epochs is not None:
+            if steps_per_epoch is None:
+                raise ValueError("a step_decay counted in epochs needs steps_per_epoch")
+            return schedule.decay_rate ** math.floor(after / (schedule.decay_every_epochs * steps_per_epoch))
         return schedule.decay_rate ** (after // schedule.decay_every)
     if schedule.name == "piecewise":
         index = sum(1 for b in schedule.boundaries if step >= b)

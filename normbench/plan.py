@@ -177,7 +177,9 @@ class Plan:
         return None
 
     def learning_rate(self, step: int) -> float:
-        base = self.spec.learning_rate_for(self.variant) * optimizers.schedule_multiplier(self.spec.schedule, step)
+        steps_per_epoch = self.dataset.train_examples / self.batch_size
+        base = (self.spec.learning_rate_for(self.variant)
+                * optimizers.schedule_multiplier(self.spec.schedule, step, steps_per_epoch))
         return self.optimizer.effective_learning_rate(base, step)
 
     # ---- the network

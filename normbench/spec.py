@@ -58,7 +58,7 @@ OPTIMIZER_KEYS = {
 }
 SCHEDULE_KEYS = {
     "constant": ("name", "warmup_steps"),
-    "step_decay": ("name", "warmup_steps", "decay_rate", "decay_every"),
+    "step_decay": ("name", "warmup_steps", "decay_rate", "decay_every", "decay_every_epochs"),
     "piecewise": ("name", "warmup_steps", "boundaries", "multipliers"),
 }
 VARIANT_KEYS = ("name", "model", "normalization", "affine", "auxiliary_losses", "standardization_loss_weight", "steps",
@@ -103,6 +103,9 @@ class ScheduleSpec:
     warmup_steps: int = 0  # linear ramp from 0 to the peak over this many steps
     decay_rate: float = 1.0  # step_decay: multiply by this ...
     decay_every: int = 1  # ... every this many steps (after warm-up)
+    # ... or every this many epochs of the variant's own batch size (a batch-size sweep's
+    # variants then decay after the same examples); set instead of decay_every.
+    decay_every_epochs: float | None = None
     boundaries: tuple[int, ...] = ()  # piecewise: step boundaries ...
     multipliers: tuple[float, ...] = ()  # ... and len(boundaries) + 1 multipliers
 
@@ -413,7 +416,12 @@ def _schedule(source: str, table: Any) -> ScheduleSpec:
     fields = dict(name=name, warmup_steps=c.integer("warmup_steps", 0, minimum=0))
     if name == "step_decay":
         fields["decay_rate"] = c.number("decay_rate", low=0.0, high=1.0, low_open=True)
-        fields["decay_every"] = c.integer("decay_every", minimum=1)
+        if "decay_every_epochs" in c.table:
+            if "decay_every" in c.table:
+                c.fail("decay_every_epochs", "set either decay_every (steps) or decay_every_epochs, not both")
+            fields["decay_every_epochs"] = c.number("decay_every_epochs", low=0.0, low_open=True)
+        else:
+            fields["decay_every"] = c.integer("decay_every", minimum=1)
     elif name == "piecewise":
         boundaries = c.int_list("boundaries", minimum=1)
         multipliers = c.number_list("multipliers")
@@ -736,6 +744,8 @@ def _to_toml_shape(data: dict[str, Any]) -> dict[str, Any]:
                         or (k == "reference_batch_size" and v is not None)}
     sched = dict(out["schedule"])
     keep = {"constant": (), "step_decay": ("decay_rate", "decay_every"), "piecewise": ("boundaries", "multipliers")}[sched["name"]]
+    if sched.get("decay_every_epochs") is not None:  # absent otherwise: the specs written before it keep their hashes
+        keep = ("decay_rate", "decay_every_epochs")
     out["schedule"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in sched.items() if k in ("name", "warmup_steps") + keep}
     for table, fields in out.pop("plugin_defaults"):
         out[table] = {k: v for k, v in fields}

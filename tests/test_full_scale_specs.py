@@ -81,6 +81,13 @@ def test_mobilenet_sweeps_the_papers_per_core_batches_with_the_same_examples():
         examples = {round(spec.steps_for(v) * spec.batch_size_for(v), -5) for v in variants}
         assert len(examples) == 1  # every batch size sees the same number of examples
         for v in variants:
-            assert resolve(spec, v.name).learning_rate(0) == pytest.approx(0.165 * spec.batch_size_for(v) / 1024)
+            plan, batch = resolve(spec, v.name), spec.batch_size_for(v)
+            peak = 0.165 * batch / 1024
+            assert plan.learning_rate(0) == pytest.approx(peak)
+            # x0.94 every 3 epochs, whatever the batch size (Appendix A.6)
+            three_epochs = 3 * EPOCH / batch
+            assert plan.learning_rate(int(three_epochs) - 1) == pytest.approx(peak)
+            assert plan.learning_rate(int(three_epochs) + 1) == pytest.approx(peak * 0.94)
+            assert plan.learning_rate(int(6 * EPOCH / batch) + 1) == pytest.approx(peak * 0.94 ** 2)
     assert _variant(spec, "group-norm-b2")[0].normalization.option("groups") == 32
     assert _variant(spec, "standardization-b2")[0].auxiliary_losses[0].option("weight") == 1e-4

@@ -212,6 +212,18 @@ def test_step_decay_counts_after_warmup():
     assert _multipliers(schedule, range(9)) == pytest.approx([0.5, 1.0, 1.0, 1.0, 1.0, 0.1, 0.1, 0.1, 0.01])
 
 
+def test_step_decay_counted_in_epochs_follows_the_batch_size():
+    """decay_every_epochs: the decay comes after the same examples at every batch size (a
+    batch-size sweep's variants), at the first step past each multiple of the epochs."""
+    schedule = ScheduleSpec(name="step_decay", decay_rate=0.5, decay_every_epochs=1.5)
+    # 100 examples: 10 steps an epoch at batch 10 (decays at steps 15, 30), 2.5 at batch 40 (at 3.75, 7.5).
+    small = [optimizers.schedule_multiplier(schedule, step, 100 / 10) for step in (0, 14, 15, 29, 30)]
+    large = [optimizers.schedule_multiplier(schedule, step, 100 / 40) for step in (0, 3, 4, 7, 8)]
+    assert small == large == [1.0, 1.0, 0.5, 0.5, 0.25]
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        optimizers.schedule_multiplier(schedule, 3)
+
+
 def test_piecewise():
     schedule = ScheduleSpec(name="piecewise", boundaries=(10, 20), multipliers=(1.0, 0.1, 0.01))
     assert _multipliers(schedule, [0, 9, 10, 19, 20, 1000]) == [1.0, 1.0, 0.1, 0.1, 0.01, 0.01]

@@ -97,6 +97,14 @@ BAD_SPECS = [
     ("negative-bn-epsilon", changed(batch_norm={"epsilon": -1e-3}), "batch_norm.epsilon", "> 0.0"),
     ("decay-rate-above-one", changed(schedule={"name": "step_decay", "decay_rate": 1.5, "decay_every": 10}),
      "schedule.decay_rate", "<= 1.0"),
+    ("decay-in-steps-and-epochs", changed(schedule={"name": "step_decay", "decay_rate": 0.5, "decay_every": 10,
+                                                    "decay_every_epochs": 2}),
+     "schedule.decay_every_epochs", "either decay_every (steps) or decay_every_epochs"),
+    ("decay-every-zero-epochs", changed(schedule={"name": "step_decay", "decay_rate": 0.5, "decay_every_epochs": 0}),
+     "schedule.decay_every_epochs", "> 0.0"),
+    ("decay-epochs-on-piecewise", changed(schedule={"name": "piecewise", "boundaries": [5], "multipliers": [1, 0.1],
+                                                    "decay_every_epochs": 2}),
+     "schedule.decay_every_epochs", ""),
     ("zero-seeds", changed(seeds=0), "seeds", "1..10000"),
     ("absurd-seed-count", changed(seeds=10**9), "seeds", "1..10000"),
     ("negative-seed", changed(seeds=[-1, 0]), "seeds", ">= 0"),
@@ -339,6 +347,17 @@ def test_eval_resolution_validates_round_trips_and_leaves_old_hashes_alone():
     for bad in (0, 1, -0.1, 2.0, "5%"):
         with pytest.raises(spec_module.SpecError, match="eval_resolution"):
             base.replace(eval_resolution=bad)
+
+
+def test_decay_every_epochs_round_trips_and_leaves_old_hashes_alone():
+    base = spec_module.load("inception-fashion")  # step_decay every 1125 steps
+    by_epochs = base.replace(schedule=spec_module.ScheduleSpec(name="step_decay", decay_rate=0.98,
+                                                               decay_every_epochs=2.4))
+    assert by_epochs.hash() != base.hash() and "decay_every_epochs = 2.4" in spec_module.to_toml(by_epochs)
+    assert "decay_every =" not in spec_module.to_toml(by_epochs)
+    assert spec_module.loads(spec_module.to_toml(by_epochs)) == by_epochs
+    assert "decay_every_epochs" not in spec_module.to_toml(base)
+    assert base.hash() == spec_module.loads(spec_module.to_toml(base)).hash()
 
 
 def test_test_examples_is_optional_bounded_and_leaves_old_hashes_alone():
