@@ -238,6 +238,8 @@ class ExperimentSpec:
             out.pop("augmentations")  # likewise
         if out["optimizer"]["reference_batch_size"] is None:
             out["optimizer"].pop("reference_batch_size")  # likewise
+        if out["schedule"]["decay_every_epochs"] is None:
+            out["schedule"].pop("decay_every_epochs")  # likewise
         for variant in out["variants"]:
             if variant["batch_size"] is None:
                 variant.pop("batch_size")  # likewise

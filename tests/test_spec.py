@@ -357,7 +357,7 @@ def test_decay_every_epochs_round_trips_and_leaves_old_hashes_alone():
     assert "decay_every =" not in spec_module.to_toml(by_epochs)
     assert spec_module.loads(spec_module.to_toml(by_epochs)) == by_epochs
     assert "decay_every_epochs" not in spec_module.to_toml(base)
-    assert base.hash() == spec_module.loads(spec_module.to_toml(base)).hash()
+    assert base.hash() == "9c15ea60688e506d"  # the published inception-fashion runs' spec hash
 
 
 def test_test_examples_is_optional_bounded_and_leaves_old_hashes_alone():
