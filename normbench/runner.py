@@ -48,6 +48,7 @@ import math
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -380,41 +381,47 @@ def execute_group(engine, program: Plan, seeds: list[int], train_images, train_l
 
     evaluate(0)
     first, pending = 0, []  # steps [first, first + len(pending)) ran; their losses are not read yet
+    ahead = _BatchesAhead(program, host_train_images, seeds, orders, steps) if host_batches and going() else None
     engine.synchronize()
     start = time.perf_counter()
-    for step in range(steps if going() else 0):
-        indices = np.stack([order.indices(step) for order in orders])
-        images = ([_host_batch(program, host_train_images, batch, seed, step) for batch, seed in zip(indices, seeds)]
-                  if host_batches else None)
-        pending.append(group.step(indices, program.learning_rate(step), _group_masks(program, seeds, step), images))
-        if on_step is not None:
-            on_step(step)
-        if step == 0:  # one extra sync: the first step's time, compilation included, on its own
+    try:
+        for step in range(steps if going() else 0):
+            if ahead is None:
+                indices, images = np.stack([order.indices(step) for order in orders]), None
+            else:
+                indices, images = ahead.take(step)
+            pending.append(group.step(indices, program.learning_rate(step), _group_masks(program, seeds, step), images))
+            if on_step is not None:
+                on_step(step)
+            if step == 0:  # one extra sync: the first step's time, compilation included, on its own
+                engine.synchronize()
+                first_step = time.perf_counter() - start
+            at_evaluation = step + 1 in evaluations
+            if not (at_evaluation or len(pending) == LOSS_CHECK_EVERY):
+                continue
+            # One sync and one transfer per interval: the timer covers the steps only.
             engine.synchronize()
-            first_step = time.perf_counter() - start
-        at_evaluation = step + 1 in evaluations
-        if not (at_evaluation or len(pending) == LOSS_CHECK_EVERY):
-            continue
-        # One sync and one transfer per interval: the timer covers the steps only.
-        engine.synchronize()
-        train_time += time.perf_counter() - start
-        losses = group.read_losses(pending)  # (steps, runs, losses)
-        for k, run in enumerate(runs):
-            bad = ~np.isfinite(losses[:, k])
-            if run["status"] == "ok" and bad.any():
-                # Keep the metrics of the last finite evaluation; never record a NaN model.
-                row = int(np.argmax(bad.any(axis=1)))
-                run.update(status="diverged", diverged_at_step=first + row + 1,
-                           non_finite=[f"training-step {name}" for name, b in zip(program.step_loss_names, bad[row]) if b])
-        first, pending = step + 1, []
-        if not going():
-            break
-        if at_evaluation:
-            evaluate(step + 1, evaluations[step + 1])
+            train_time += time.perf_counter() - start
+            losses = group.read_losses(pending)  # (steps, runs, losses)
+            for k, run in enumerate(runs):
+                bad = ~np.isfinite(losses[:, k])
+                if run["status"] == "ok" and bad.any():
+                    # Keep the metrics of the last finite evaluation; never record a NaN model.
+                    row = int(np.argmax(bad.any(axis=1)))
+                    names = [f"training-step {name}" for name, b in zip(program.step_loss_names, bad[row]) if b]
+                    run.update(status="diverged", diverged_at_step=first + row + 1, non_finite=names)
+            first, pending = step + 1, []
             if not going():
                 break
-        engine.synchronize()
-        start = time.perf_counter()
+            if at_evaluation:
+                evaluate(step + 1, evaluations[step + 1])
+                if not going():
+                    break
+            engine.synchronize()
+            start = time.perf_counter()
+    finally:
+        if ahead is not None:
+            ahead.close()
     return [{"rows": run["rows"], "percentile_rows": run["percentile_rows"], "status": run["status"],
              "diverged_at_step": run["diverged_at_step"], "non_finite": run["non_finite"],
              "last_finite_step": run["rows"][-1]["step"] if run["rows"] else None, "train_time_s": train_time,
@@ -422,6 +429,37 @@ def execute_group(engine, program: Plan, seeds: list[int], train_images, train_l
              "steps_completed": steps if run["diverged_at_step"] is None else run["diverged_at_step"],
              "group_size": len(seeds), "vectorized": not isinstance(group, LoopedGroup)}
             for run in runs]
+
+
+class _BatchesAhead:
+    """A group's host batches (read from a streamed set, augmented), each made one step
+    ahead on a thread while the device runs the step before. A step's batch depends only on
+    its indices, drawn here in step order, and the runs' seeds: the same batches as made in
+    line, the reading and augmenting hidden behind the device's work."""
+
+    def __init__(self, program: Plan, images, seeds: list[int], orders: list, steps: int):
+        self.program, self.images, self.seeds, self.orders, self.steps = program, images, seeds, orders, steps
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="normbench-batches")
+        self.queued = self._submit(0) if steps else None
+
+    def _submit(self, step: int):
+        indices = np.stack([order.indices(step) for order in self.orders])
+        return step, indices, self.pool.submit(self._make, indices, step)
+
+    def _make(self, indices: np.ndarray, step: int) -> list[np.ndarray]:
+        return [_host_batch(self.program, self.images, batch, seed, step) for batch, seed in zip(indices, self.seeds)]
+
+    def take(self, step: int) -> tuple[np.ndarray, list[np.ndarray]]:
+        """(indices, images) of `step`, and the next step's batch queued."""
+        queued, indices, future = self.queued
+        if queued != step:
+            raise RuntimeError(f"batches are taken in order: step {step} asked, {queued} queued")
+        images = future.result()
+        self.queued = self._submit(step + 1) if step + 1 < self.steps else None
+        return indices, images
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _host_batch(program: Plan, images, batch: np.ndarray, seed: int, step: int) -> np.ndarray:
