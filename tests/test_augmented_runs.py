@@ -290,3 +290,24 @@ def test_a_streamed_data_set_trains_as_the_same_data_held_in_memory(tmp_path, mo
             rows = [[{k: v for k, v in row.items() if k != "wall_time_s"} for row in csv.DictReader(open(r.run_dir / "metrics.csv"))]
                     for r in (a, b)]
             assert rows[0] == rows[1] and len(rows[0]) > 2
+
+
+def test_host_batches_are_made_a_step_ahead_and_equal_the_ones_made_in_line():
+    spec = _spec(seeds=[0, 1])
+    plan = resolve(spec, spec.variants[0].name)
+    images = np.random.default_rng(0).random((64, 28, 28, 1)).astype(np.float32)
+    orders = [BatchOrder(seed_streams(seed)[1], 64, plan.batch_size) for seed in (0, 1)]
+    ahead = runner._BatchesAhead(plan, images, [0, 1], orders, steps=3)
+    try:
+        for step in range(3):
+            indices, batches = ahead.take(step)
+            assert ahead.queued is None if step == 2 else ahead.queued[0] == step + 1  # the next one is under way
+            for k, seed in enumerate((0, 1)):
+                np.testing.assert_array_equal(indices[k], orders[k].indices(step))
+                np.testing.assert_array_equal(batches[k], plan.augmented_batch(images[indices[k]], seed, step))
+    finally:
+        ahead.close()
+    skipping = runner._BatchesAhead(plan, images, [0], orders[:1], steps=3)
+    with pytest.raises(RuntimeError, match="in order"):
+        skipping.take(1)
+    skipping.close()
