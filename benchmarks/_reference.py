@@ -107,6 +107,14 @@ class Network:
         return self.activation(x, "relu")
 
 
+def scaled_dropout_masks(plan, seed: int, step: int, dtype) -> dict[str, np.ndarray]:
+    """Step `step`'s dropout keep masks of run `seed`, drawn as normbench draws them
+    (`Plan.dropout_masks`), scaled by 1 / (1 - rate) so that a step multiplies once, in
+    `dtype`, by dropout name; empty for a network without dropout."""
+    masks = plan.dropout_masks(seed, step, plan.spec.batch_size) or {}
+    return {d.name: (masks[d.name] / (1.0 - d.rate)).astype(dtype) for d in plan.dropouts}
+
+
 def dense_input_shapes(plan) -> dict[str, tuple[int, ...]]:
     """One example's canonical input shape of every dense layer, by name: a dense layer
     after a convolution reads an (H, W, C) map flattened in (h, w, c) order, which a loop in

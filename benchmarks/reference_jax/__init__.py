@@ -187,13 +187,7 @@ def make_reference_step(plan, device=None, seed: int = 0, data=None):
     order = BatchOrder(seed_streams(seed)[1], int(train_labels.shape[0]), batch_size)
 
     def dropout_masks(i):
-        # Drawn on the host from the run's dropout stream, as normbench draws them; scaled
-        # there so that the step multiplies once.
-        masks = plan.dropout_masks(seed, i, batch_size)
-        if masks is None:
-            return {}
-        return {name: jax.device_put((mask / (1.0 - dropout.rate)).astype(dtype), device)
-                for (name, mask), dropout in zip(masks.items(), plan.dropouts)}
+        return jax.device_put(_reference.scaled_dropout_masks(plan, seed, i, dtype), device)
 
     start = time.perf_counter()
     compiled = jax.jit(train_step, donate_argnums=(0, 1)).lower(

@@ -233,11 +233,9 @@ def make_reference_step(plan, device=None, seed=0, data=None, *, jit_compile: bo
             *(tf.TensorSpec([batch_size, *d.shape], dtype) for d in dropouts))
 
     def step(i: int):
-        # Drawn on the host each step, as normbench draws them.
-        masks = plan.dropout_masks(seed, i, batch_size) or {}
+        masks = _reference.scaled_dropout_masks(plan, seed, i, dtype)
         with tf.device(tf_device):
-            return compiled(tf.constant(order.indices(i), tf.int64),
-                            *(tf.constant((masks[d.name] / (1.0 - d.rate)).astype(dtype)) for d in dropouts))
+            return compiled(tf.constant(order.indices(i), tf.int64), *(tf.constant(masks[d.name]) for d in dropouts))
 
     def synchronize() -> None:
         if tf_device.startswith("/GPU"):

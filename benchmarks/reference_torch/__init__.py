@@ -185,14 +185,11 @@ def make_reference_step(plan, device=None, seed: int = 0, data=None, *, same_ali
 
     network = _Network(plan, params, state, method, hand_written, same_alignment)
     order = BatchOrder(seed_streams(seed)[1], int(labels.shape[0]), plan.spec.batch_size)
-    batch_size = plan.spec.batch_size
 
     def step(i: int):
         index = torch.from_numpy(order.indices(i)).to(device)
-        masks = plan.dropout_masks(seed, i, batch_size)
-        if masks is not None:
-            network.masks = {name: torch.from_numpy((mask / (1.0 - d.rate)).astype(dtype)).to(device)
-                             for (name, mask), d in zip(masks.items(), plan.dropouts)}
+        network.masks = {name: torch.from_numpy(mask).to(device)
+                         for name, mask in _reference.scaled_dropout_masks(plan, seed, i, dtype).items()}
         network.taps, network.loss = [], 0.0
         logits = plan.arch.build(network, images.index_select(0, index))
         loss = F.cross_entropy(logits, labels.index_select(0, index)) + network.loss
