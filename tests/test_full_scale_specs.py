@@ -36,11 +36,10 @@ def test_reference_networks_on_imagenet_with_per_core_moments(name):
         batch = spec.batch_size_for(variant)
         assert plan.check_batch(batch) is None
         per_core = batch // 8 if name.startswith("mobilenet") else 128  # the paper's TPU cores: 8, or 128 images each
-        method = variant.normalization
-        if method.name in ("batch_norm", "batch_renorm"):
-            assert method.option("replica_batch_size") == per_core
-        for loss in variant.auxiliary_losses:
-            assert loss.option("replica_batch_size") == per_core
+        # Every plugin with per-replica moments takes them per core.
+        for plugin in (variant.normalization, *variant.auxiliary_losses):
+            if "replica_batch_size" in dict(plugin.options):
+                assert plugin.option("replica_batch_size") == per_core, (variant.name, plugin.name)
         # The linear scaling rule from the paper's rate at its total batch of 1024.
         assert spec.optimizer.reference_batch_size == 1024
 
