@@ -115,6 +115,16 @@ class Ops(abc.ABC):
     @abc.abstractmethod
     def normalize(self, x, mean, var, epsilon: float):
         """(x - mean) / sqrt(var + epsilon), per channel."""
+    def batch_norm_infer(self, x, mean, var, scale, shift, epsilon: float):
+        """Inference-mode batch norm with given (running) statistics: (x - mean) /
+        sqrt(var + epsilon) * scale + shift per channel; `scale` and `shift` may be None.
+        Composed here; a backend may use its fused kernel (PyTorch does); the parity
+        tests hold it to this formula."""
+        y = self.normalize(x, mean, var, epsilon)
+        if scale is not None:
+            y = self.scale_channels(y, scale)
+        return y if shift is None else self.add_channel_bias(y, shift)
+
     def batch_norm_train(self, x, scale, shift, epsilon: float):
         """Training-mode batch norm. Returns (y, mean, var): y = (x - mean) / sqrt(var +
         epsilon) * scale + shift with the batch's per-channel mean and *biased* variance,

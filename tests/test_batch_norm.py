@@ -213,6 +213,28 @@ def test_batch_norm_train_returns_the_batch_statistics_it_used(engine, rng, shap
     np.testing.assert_allclose(e.activation_to_numpy(y), expected, rtol=tol * 10, atol=tol * 10 if e.dtype == "float64" else 3e-5)
 
 
+@pytest.mark.parametrize("shape", [(64, 10), (16, 5, 5, 4)])
+@pytest.mark.parametrize("affine", ["scale_shift", "shift", "none"])
+def test_batch_norm_infer_is_the_running_statistics_formula(engine, rng, shape, affine):
+    """The inference primitive (PyTorch fuses it in float32) is (x - mean) / sqrt(var +
+    epsilon) * scale + shift with the given statistics, in every backend and dtype, with
+    or without a scale and shift."""
+    e = engine
+    channels = shape[-1]
+    as_backend = lambda a: a.astype(e.dtype).astype(np.float64)  # the reference sees the backend's values
+    x = as_backend(rng.standard_normal(shape) * 2.0 + 0.5)
+    mean, var = as_backend(rng.standard_normal(channels)), as_backend(rng.random(channels) * 3 + 0.1)
+    scale = as_backend(rng.random(channels) + 0.5) if affine == "scale_shift" else None
+    shift = as_backend(rng.standard_normal(channels)) if affine != "none" else None
+    tree = e.import_tree({k: v for k, v in {"mean": mean, "var": var, "scale": scale, "shift": shift}.items()
+                          if v is not None})
+    x_in = e.put_images(x.astype(e.dtype)) if len(shape) == 4 else e.import_tree({"x": x})["x"]
+    y = e.ops.batch_norm_infer(x_in, tree["mean"], tree["var"], tree.get("scale"), tree.get("shift"), 1e-3)
+    expected = (x - mean) / np.sqrt(var + 1e-3) * (1.0 if scale is None else scale) + (0.0 if shift is None else shift)
+    tol = 1e-12 if e.dtype == "float64" else 2e-6
+    np.testing.assert_allclose(e.activation_to_numpy(y), expected, rtol=tol, atol=tol * 10)
+
+
 def test_moving_average_is_decay_times_running_plus_the_rest(engine, rng):
     e = engine
     running, value = (a.astype(e.dtype).astype(np.float64) for a in (rng.random(7), rng.standard_normal(7)))

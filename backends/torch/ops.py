@@ -173,6 +173,15 @@ class Ops(base.Ops):
     def normalize(self, x, mean, var, epsilon):
         return (x - _channel_view(mean, x)) * _channel_view(torch.rsqrt(var + epsilon), x)
 
+    def batch_norm_infer(self, x, mean, var, scale, shift, epsilon):
+        # One fused pass (F.batch_norm in inference mode: x * a + b per channel, a = scale /
+        # sqrt(var + eps)) instead of three elementwise passes: the largest single cost of
+        # a batch-norm network's evaluation besides its convolutions. Float64 composes the
+        # formula, for the reason batch_norm_train gives below.
+        if x.dtype == torch.float64:
+            return super().batch_norm_infer(x, mean, var, scale, shift, epsilon)
+        return F.batch_norm(x, mean, var, scale, shift, False, 0.0, epsilon)
+
     def batch_norm_train(self, x, scale, shift, epsilon):
         # Fused kernel (the one F.batch_norm calls on CPU): normalizes with the biased
         # batch variance, as the contract asks, and hands back the mean and 1/sqrt(var +

@@ -83,12 +83,8 @@ class BatchNorm(Normalization):
                    "running_var": ops.moving_average(state["running_var"], var, decay)}
 
     def infer(self, ops, z, params, state, slot):
-        y = ops.normalize(z, state["running_mean"], state["running_var"], self.epsilon)
-        if "scale" in params:
-            y = ops.scale_channels(y, params["scale"])
-        if "shift" in params:
-            y = ops.add_channel_bias(y, params["shift"])
-        return y
+        return ops.batch_norm_infer(z, state["running_mean"], state["running_var"], params.get("scale"),
+                                    params.get("shift"), self.epsilon)
 
     def inference_affine(self, params, state, slot):
         return running_affine(params, state, self.epsilon)

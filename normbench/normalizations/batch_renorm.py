@@ -134,8 +134,8 @@ class BatchRenorm(Normalization):
                    "step": state["step"] + 1.0}
 
     def infer(self, ops, z, params, state, slot):
-        y = ops.normalize(z, state["running_mean"], state["running_var"], self.epsilon)
-        return ops.add_channel_bias(ops.scale_channels(y, params["scale"]), params["shift"])
+        return ops.batch_norm_infer(z, state["running_mean"], state["running_var"], params["scale"], params["shift"],
+                                    self.epsilon)
 
     def inference_affine(self, params, state, slot):
         return running_affine(params, state, self.epsilon)  # inference is batch norm's
