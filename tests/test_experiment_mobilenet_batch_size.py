@@ -23,8 +23,16 @@ def test_every_variant_trains_eight_replicas_of_its_batch_for_two_epochs():
         replica += [loss.option("replica_batch_size") for loss in v.auxiliary_losses]
         assert all(r == batch for r in replica)
         assert spec.learning_rate_for(v) == 0.165 * experiment.REPLICAS * batch / 1024  # the linear rule
-    assert set(seen) == {"none", "batch-norm", "batch-renorm", "group-norm", "layer-norm", "standardization"}
-    assert all(sizes == [2, 4, 8, 16, 32, 64, 128] for sizes in seen.values())
+    # The sweep: six methods at every size; and the standardization loss at heavier
+    # weights (`standardization-w<weight>`, the weight its loss is given) at some sizes.
+    sweep = {"none", "batch-norm", "batch-renorm", "group-norm", "layer-norm", "standardization"}
+    assert sweep <= set(seen)
+    assert all(seen[method] == [2, 4, 8, 16, 32, 64, 128] for method in sweep)
+    for v in spec.variants:
+        method, _ = experiment.method_and_batch(v.name)
+        if method not in sweep:
+            assert method.startswith("standardization-w"), method
+            assert [loss.option("weight") for loss in v.auxiliary_losses] == [float(method[len("standardization-w"):])]
 
 
 def _table(rows):
@@ -70,3 +78,17 @@ def test_a_loss_constant_at_chance_is_not_robust_to_the_batch_size():
     rows = [("batch-norm", b, a) for b, a in zip(sizes, (60.0, 70.0, 85.0))] + [("standardization", b, 10.0) for b in sizes]
     ranged = next(s for s in experiment.verdicts(_table(rows)) if "range" in s)
     assert "does not hold" in ranged and "constant at chance" in ranged
+
+
+def test_a_heavier_weight_is_listed_and_a_full_row_of_it_is_held_to_the_claims():
+    sizes = [2, 4, 32]
+    rows = [("batch-norm", b, a) for b, a in zip(sizes, (60.0, 70.0, 85.0))] + [("standardization", b, 10.0) for b in sizes]
+    rows += [("standardization-w1e-2", b, a) for b, a in zip(sizes, (78.0, 79.0, 80.0))]  # every size
+    rows += [("standardization-w1", 4, 12.0)]  # one size only
+    said = experiment.verdicts(_table(rows))
+    listed = [s for s in said if s.startswith("The standardization loss at heavier weights")]
+    assert [s.split(",")[1].strip() for s in listed] == ["b = 2", "b = 4", "b = 32"]
+    assert "1e-2: 78.0%" in listed[0] and "1: 12.0%" in listed[1] and "1: " not in listed[0]
+    heavier = [s for s in said if "the loss at weight 1e-2" in s]
+    assert len(heavier) == 3 and all("**holds**" in s for s in heavier), heavier  # 80 >= 0.9 * 85, range 2 < 25, beats 60 / 70
+    assert not any("weight 1 " in s or "weight 1:" in s for s in said)  # no claims on a partial row

@@ -23,6 +23,11 @@ runs):
 - at batch sizes 2 and 4 the standardization loss beats batch norm;
 - group norm is robust to batch size (its range smaller than batch norm's) and beats the
   standardization loss (higher mean accuracy over the batch sizes).
+
+The loss at heavier weights (variants `standardization-w<weight>-b<batch>`, added after
+the first sweep left the paper's scaled weight at chance): each batch size they were run
+at lists every weight's accuracy beside the paper weight's, and a weight run at every
+batch size is held to the same three claims as the paper's weight.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ CHANCE_MARGIN = 5.0  # points above chance that still count as "not above chance
 RESTORED = 0.9  # the paper's 66.6 / 70.6 = 0.94 at batch 32
 PAPER_BATCH = 32  # where the paper compares the standardization loss with batch norm
 FIGURE_STEM = "accuracy_vs_batch_size"
+HEAVIER_PREFIX = "standardization-w"  # the loss at a heavier weight: standardization-w<weight>-b<batch>
 _NAME = re.compile(r"^(?P<method>.+)-b(?P<batch>\d+)$")
 
 
@@ -98,31 +104,65 @@ def verdicts(table: pd.DataFrame) -> list[str]:
         out.append(f"Paper: MobileNet without normalization does not train above chance. Here ({backend}): best "
                    f"{fmt(top)}% over the batch sizes (chance {CHANCE:g}%, read as at most {CHANCE + CHANCE_MARGIN:g}%): "
                    f"{_verdict(not math.isnan(top) and top <= CHANCE + CHANCE_MARGIN)}.")
-    if {"batch-norm", "standardization"} <= set(by) and PAPER_BATCH in by["batch-norm"].index:
-        bn, std = by["batch-norm"].get(PAPER_BATCH, math.nan), by["standardization"].get(PAPER_BATCH, math.nan)
-        out.append(f"Paper: the standardization loss largely restores accuracy (66.6% vs batch norm's 70.6% at batch "
-                   f"{PAPER_BATCH}; read as at least {RESTORED:.0%} of batch norm's). Here: {fmt(std)}% vs {fmt(bn)}%: "
-                   f"{_verdict(not math.isnan(std) and not math.isnan(bn) and std >= RESTORED * bn)}.")
-        bn_range, std_range = _spread(by["batch-norm"], batches), _spread(by["standardization"], batches)
-        trains = by["standardization"].min() > CHANCE + CHANCE_MARGIN
-        out.append(f"Paper: batch norm's accuracy varies with the batch size, the standardization loss's is roughly "
-                   f"constant (66.5-66.9%). Here, the range across batch sizes: standardization loss {fmt(std_range)} "
-                   f"points (lowest {fmt(by['standardization'].min())}%), batch norm {fmt(bn_range)}: "
-                   f"{_range_verdict(trains and std_range < bn_range, std_range, bn_range)}"
-                   + ("" if trains else " (constant at chance is not the paper's claim: the loss must train at every "
-                                        "size)") + ".")
-        small = [b for b in (2, 4) if b in by["batch-norm"].index and b in by["standardization"].index]
-        if small:
-            beats = all(by["standardization"][b] > by["batch-norm"][b] for b in small)
-            cells = ", ".join(f"batch {b}: {fmt(by['standardization'][b])}% vs {fmt(by['batch-norm'][b])}%" for b in small)
-            out.append(f"Paper: at batch sizes 2 and 4 the standardization loss beats batch norm. Here ({cells}): "
-                       f"{_verdict(beats)}.")
+    if "batch-norm" in by and "standardization" in by:
+        out += _loss_claims(by, batches, "standardization")
+    out += _heavier_weights(by, batches)
     if {"group-norm", "standardization", "batch-norm"} <= set(by):
         gn_range, bn_range = _spread(by["group-norm"], batches), _spread(by["batch-norm"], batches)
         gn_mean, std_mean = by["group-norm"].mean(), by["standardization"].mean()
         out.append(f"Paper: group norm is robust to the batch size and beats the standardization loss. Here: its range "
                    f"{fmt(gn_range)} points (batch norm {fmt(bn_range)}), its mean over batch sizes {fmt(gn_mean)}% vs "
                    f"{fmt(std_mean)}%: {_range_verdict(gn_range < bn_range and gn_mean > std_mean, gn_range, bn_range)}.")
+    return out
+
+
+def _loss_claims(by: dict, batches, method: str) -> list[str]:
+    """The paper's claims about the standardization loss, read on `method`'s row (the
+    paper's weight, or a heavier one: `standardization-w<weight>`) against batch norm's."""
+    label = "the standardization loss" if method == "standardization" else f"the loss at weight {_weight(method)}"
+    loss, bn = by[method], by["batch-norm"]
+    out = []
+    if PAPER_BATCH in bn.index:
+        std, bn_at = loss.get(PAPER_BATCH, math.nan), bn.get(PAPER_BATCH, math.nan)
+        out.append(f"Paper: the standardization loss largely restores accuracy (66.6% vs batch norm's 70.6% at batch "
+                   f"{PAPER_BATCH}; read as at least {RESTORED:.0%} of batch norm's). Here, {label}: {fmt(std)}% vs "
+                   f"{fmt(bn_at)}%: {_verdict(not math.isnan(std) and not math.isnan(bn_at) and std >= RESTORED * bn_at)}.")
+    bn_range, std_range = _spread(bn, batches), _spread(loss, batches)
+    trains = loss.min() > CHANCE + CHANCE_MARGIN
+    out.append(f"Paper: batch norm's accuracy varies with the batch size, the standardization loss's is roughly "
+               f"constant (66.5-66.9%). Here, the range across batch sizes: {label} {fmt(std_range)} "
+               f"points (lowest {fmt(loss.min())}%), batch norm {fmt(bn_range)}: "
+               f"{_range_verdict(trains and std_range < bn_range, std_range, bn_range)}"
+               + ("" if trains else " (constant at chance is not the paper's claim: the loss must train at every "
+                                    "size)") + ".")
+    small = [b for b in (2, 4) if b in bn.index and b in loss.index]
+    if small:
+        beats = all(loss[b] > bn[b] for b in small)
+        cells = ", ".join(f"batch {b}: {fmt(loss[b])}% vs {fmt(bn[b])}%" for b in small)
+        out.append(f"Paper: at batch sizes 2 and 4 the standardization loss beats batch norm. Here, {label} "
+                   f"({cells}): {_verdict(beats)}.")
+    return out
+
+
+def _weight(method: str) -> str:
+    return method[len(HEAVIER_PREFIX):]
+
+
+def _heavier_weights(by: dict, batches) -> list[str]:
+    """The rows of the loss at heavier weights: the paper's claims on every full row, and
+    at each batch size they share, every weight's accuracy beside the paper weight's."""
+    heavier = sorted((m for m in by if m.startswith(HEAVIER_PREFIX)), key=lambda m: float(_weight(m)))
+    if not heavier:
+        return []
+    out = []
+    for batch in sorted({b for m in heavier for b in by[m].index}):
+        cells = [f"{_weight(m)}: {fmt(by[m][batch])}%" for m in heavier if batch in by[m].index]
+        paper = by.get("standardization", pd.Series(dtype=float)).get(batch, math.nan)
+        out.append(f"The standardization loss at heavier weights, b = {batch}, after 2 epochs: {', '.join(cells)} "
+                   f"(the scaled paper weight, 3.9e-4: {fmt(paper)}%).")
+    for method in heavier:
+        if "batch-norm" in by and set(batches) <= set(by[method].index):
+            out += _loss_claims(by, batches, method)
     return out
 
 
