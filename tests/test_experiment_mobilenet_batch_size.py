@@ -86,9 +86,24 @@ def test_a_heavier_weight_is_listed_and_a_full_row_of_it_is_held_to_the_claims()
     rows += [("standardization-w1e-2", b, a) for b, a in zip(sizes, (78.0, 79.0, 80.0))]  # every size
     rows += [("standardization-w1", 4, 12.0)]  # one size only
     said = experiment.verdicts(_table(rows))
-    listed = [s for s in said if s.startswith("The standardization loss at heavier weights")]
-    assert [s.split(",")[1].strip() for s in listed] == ["b = 2", "b = 4", "b = 32"]
-    assert "1e-2: 78.0%" in listed[0] and "1: 12.0%" in listed[1] and "1: " not in listed[0]
+    swept = [s for s in said if s.startswith("The standardization loss's weight, swept")]
+    assert len(swept) == 1 and "b = 4" in swept[0], said  # the one size where two weights ran
+    assert "1e-2: 79.0%, 1: 12.0%; the scaled paper weight: 10.0%" in swept[0], swept
     heavier = [s for s in said if "the loss at weight 1e-2" in s]
     assert len(heavier) == 3 and all("**holds**" in s for s in heavier), heavier  # 80 >= 0.9 * 85, range 2 < 25, beats 60 / 70
     assert not any("weight 1 " in s or "weight 1:" in s for s in said)  # no claims on a partial row
+
+
+def test_where_the_weight_was_swept_the_loss_values_are_read_from_the_test_metrics():
+    table = _table([("standardization", 16, 10.0), ("standardization-w1e-2", 16, 36.0), ("standardization-w1", 16, 11.0),
+                    ("standardization-w1e-2", 32, 28.0)])
+    rows = []
+    for variant, weight, first, last in (("standardization-b16", 3.9e-4, 23910.0, 889.0),
+                                         ("standardization-w1e-2-b16", 1e-2, 23910.0, 17.7),
+                                         ("standardization-w1-b16", 1.0, 23910.0, 1313.0)):
+        rows += [{"backend": "torch", "variant": variant, "split": split, "step": step, "std_loss": value,
+                  "std_loss_weight": weight, "seed": 0} for step, value in ((0, first), (937, last))
+                 for split in ("train", "test")]
+    said = experiment.loss_values(pd.DataFrame(rows), table)
+    assert len(said) == 1 and "b = 16" in said[0]  # b = 32 has one weight only
+    assert "0.00039: 23,910 -> 889; 0.01: 23,910 -> 17.7; 1: 23,910 -> 1.31e+03" in said[0], said
