@@ -20,6 +20,7 @@ from normbench.backends import base
 from normbench.backends.jax.ops import Ops
 
 _DTYPES = {"float32": np.float32, "float64": np.float64}
+STEP_FUNCTIONS_KEPT = 8  # programs whose compiled functions an engine keeps (Engine.step_functions)
 
 
 def _find_device(requested: str):
@@ -53,6 +54,7 @@ class Engine(base.Engine):
         self.np_dtype = _DTYPES[dtype]
         self.ops = Ops()
         self._trainers: weakref.WeakSet = weakref.WeakSet()
+        self._step_functions: dict[tuple, StepFunctions] = {}
 
     def versions(self):
         import jaxlib
@@ -93,6 +95,20 @@ class Engine(base.Engine):
         for trainer in list(self._trainers):
             jax.block_until_ready((trainer.params, trainer.opt_state, trainer.state))
 
+    def step_functions(self, program, track=()) -> StepFunctions:
+        """`program`'s StepFunctions, made once per program: a program is a variant (the
+        whole VariantSpec: a plan may carry one its spec does not list, as folding's plain
+        network does) of a spec (its hash covers every field) on a network (the same
+        Architecture object for every seed of a sweep)."""
+        key = (program.spec.hash(), program.variant, id(program.arch), tuple(track))
+        functions = self._step_functions.pop(key, None) or StepFunctions(self.ops, program, tuple(track))
+        self._step_functions[key] = functions  # the most recently used last
+        while len(self._step_functions) > STEP_FUNCTIONS_KEPT:
+            # A sweep trains a variant's seeds one after another: the last few programs
+            # are all it reuses, and each holds compiled executables in memory.
+            self._step_functions.pop(next(iter(self._step_functions)))
+        return functions
+
     def trainer(self, program, params, state, train_images, train_labels, track=()):
         trainer = Trainer(self, program, params, state, train_images, train_labels, track)
         self._trainers.add(trainer)
@@ -111,19 +127,15 @@ class Engine(base.Engine):
         return 1 if self.jax_device.platform == "cpu" else 10
 
 
-class Trainer(base.Trainer):
-    # cnn3, 10,000 test images (see base.Trainer): 0.31 / 0.30 / 0.35 / 0.61 s at chunks of
-    # 100 / 250 / 500 / 1000 (mean over none, standardization loss and batch norm).
-    evaluation_chunk_size = 250
+class StepFunctions:
+    """The jitted functions of one program (a spec's variant on its network) and their
+    compiled executables, shared by every trainer of it on an engine: the seeds of a
+    sweep trace and compile their step and evaluation once, not once per run (2-3 s per
+    run on cnn3 on the 2-core CPU). Parameters, state and data are arguments, never
+    captured, so one executable serves every seed."""
 
-    def __init__(self, engine, program, params, state, train_images, train_labels, track):
-        super().__init__(engine, program, track)
-        ops = self.ops = engine.ops
-        self.params = engine.import_tree(params)
-        self.state = engine.import_tree(state)
-        self.opt_state = program.optimizer.init(ops, self.params)
-        self.train_images, self.train_labels = train_images, train_labels
-        self.compile_seconds: dict[int, float] = {}
+    def __init__(self, ops, program, track):
+        self.program = program  # held: the key's id(program.arch) stays this network's
 
         def objective(params, state, images, labels, masks):
             return program.loss(ops, params, state, images, labels, masks)
@@ -157,12 +169,30 @@ class Trainer(base.Trainer):
 
         # Donating the old params / optimizer state / BN state lets XLA update them in
         # place (no second copy of every buffer per step).
-        self._train_steps = {augmented: jax.jit(body, donate_argnums=(0, 1, 2))
-                             for augmented, body in ((False, train_step), (True, augmented_step))}
-        self._compiled: dict[tuple[int, bool], object] = {}
-        self._gradients = jax.jit(gradients)
-        self._evaluation = jax.jit(evaluation)
-        self._logits = jax.jit(logits)
+        self.train_steps = {augmented: jax.jit(body, donate_argnums=(0, 1, 2))
+                            for augmented, body in ((False, train_step), (True, augmented_step))}
+        self.compiled: dict[tuple, object] = {}  # Trainer._compiled_key -> executable
+        self.gradients = jax.jit(gradients)
+        self.evaluation = jax.jit(evaluation)
+        self.logits = jax.jit(logits)
+
+
+class Trainer(base.Trainer):
+    # cnn3, 10,000 test images (see base.Trainer): 0.31 / 0.30 / 0.35 / 0.61 s at chunks of
+    # 100 / 250 / 500 / 1000 (mean over none, standardization loss and batch norm).
+    evaluation_chunk_size = 250
+
+    def __init__(self, engine, program, params, state, train_images, train_labels, track):
+        super().__init__(engine, program, track)
+        ops = self.ops = engine.ops
+        self.params = engine.import_tree(params)
+        self.state = engine.import_tree(state)
+        self.opt_state = program.optimizer.init(ops, self.params)
+        self.train_images, self.train_labels = train_images, train_labels
+        self.compile_seconds: dict[int, float] = {}
+        functions = engine.step_functions(program, track)
+        self._train_steps, self._compiled = functions.train_steps, functions.compiled
+        self._gradients, self._evaluation, self._logits = functions.gradients, functions.evaluation, functions.logits
 
     def _arguments(self, indices, learning_rate, dropout_masks, images=None):
         e = self.engine
@@ -179,7 +209,7 @@ class Trainer(base.Trainer):
         """Compile the training step for batches of `batch_size` (taking augmented images
         from the host when `augmented`) ahead of time (idempotent). Returns the seconds
         spent tracing, lowering and compiling (0.0 if already done)."""
-        key = (batch_size, augmented)
+        key = self._compiled_key(batch_size, augmented)
         if key in self._compiled:
             return 0.0
         start = time.perf_counter()
@@ -189,11 +219,16 @@ class Trainer(base.Trainer):
         self.compile_seconds[batch_size] = time.perf_counter() - start
         return self.compile_seconds[batch_size]
 
+    def _compiled_key(self, batch_size: int, augmented: bool) -> tuple:
+        # The executables are shared by the program's trainers (StepFunctions), which may
+        # hold training sets of other sizes: an executable is specialized to its shapes.
+        return batch_size, augmented, tuple(self.train_images.shape), tuple(self.train_labels.shape)
+
     def step(self, indices, learning_rate, dropout_masks=None, images=None):
         augmented = images is not None
         self.compile(len(indices), augmented)
         arguments = self._arguments(indices, learning_rate, dropout_masks, images)
-        self.params, self.opt_state, self.state, losses = self._compiled[len(indices), augmented](*arguments)
+        self.params, self.opt_state, self.state, losses = self._compiled[self._compiled_key(len(indices), augmented)](*arguments)
         return losses
 
     def export(self):
