@@ -153,7 +153,7 @@ def _heavier_weights(by: dict, batches) -> list[str]:
     """The rows of the loss at heavier weights: at each batch size where several weights
     ran (a sweep of the weight), every weight's accuracy beside the paper weight's; and
     the paper's claims on every full row."""
-    heavier = sorted((m for m in by if m.startswith(HEAVIER_PREFIX)), key=lambda m: float(_weight(m)))
+    heavier = sorted((m for m in by if m.startswith(HEAVIER_PREFIX)), key=_weight_value)
     out = []
     for batch in sorted({b for m in heavier for b in by[m].index}):
         cells = [f"{_weight(m)}: {fmt(by[m][batch])}%" for m in heavier if batch in by[m].index]
