@@ -4,7 +4,9 @@ arrays); one `jax.jit`-compiled function per training step.
 Compile cost: `Trainer.compile(batch_size)` compiles the training step ahead of time
 and returns the seconds it took; `step` compiles lazily on first use otherwise, so a
 timer around the first `step` measures compile + run. Evaluation compiles once per
-chunk shape on first use.
+chunk shape on first use. The trainers of one program (the seeds of a variant) share
+these compiled functions (`Engine.step_functions`), so only a sweep's first seed of each
+variant pays for compilation.
 """
 
 from __future__ import annotations
