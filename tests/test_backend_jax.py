@@ -93,3 +93,38 @@ def test_an_engine_keeps_the_last_few_programs_only(spec_factory, monkeypatch):
     engine.step_functions(plans[2])  # evicts v1, the least recently used
     assert engine.step_functions(plans[0]) is kept[0]
     assert engine.step_functions(plans[1]) is not kept[1]
+
+
+@pytest.mark.parametrize("stride,kernel,size,pads", [
+    (2, 5, 14, ((1, 2), (1, 2))),  # cnn3's second layer: TensorFlow SAME, the odd pixel below
+    (2, 5, 7, ((2, 2), (2, 2))),  # cnn3's third: symmetric
+    (2, 7, 16, ((2, 3), (3, 2))),  # a 7x7 stem, different pads per axis
+    (2, 4, 9, ((0, 0), (1, 0))),  # VALID rows: the last input row is read by no window
+    (3, 5, 11, ((1, 1), (0, 2))),  # stride 3: the kernel grows to 6, nine phases
+    (2, 3, 10, ((0, 1), (0, 1))),  # a cost ratio past the bound: the direct call, for reference
+])
+def test_the_phase_split_input_gradient_is_xlas_gradient_of_the_strided_convolution(stride, kernel, size, pads):
+    """`_phase_input_gradient` (used on CPU for strided convolutions whose kernel grows
+    little, `_phase_gradient_pays`) against XLA's own input gradient of the same
+    convolution, in float64 (the same sums in another order: only rounding may differ),
+    and the kernel gradient of `_strided_conv` against XLA's, too."""
+    import jax
+    import jax.numpy as jnp
+
+    from normbench.backends.jax import ops as jax_ops
+
+    jax.config.update("jax_enable_x64", True)
+    rng = np.random.default_rng(stride * 100 + kernel)
+    x = jnp.asarray(rng.normal(size=(3, size, size, 4)))
+    weights = jnp.asarray(rng.normal(size=(kernel, kernel, 4, 5)))
+    direct = lambda x, k: jax_ops._conv(x, k, stride, pads)
+    upstream = jnp.asarray(rng.normal(size=direct(x, weights).shape))
+    want_x, want_k = jax.vjp(direct, x, weights)[1](upstream)
+    got_x = jax_ops._phase_input_gradient(upstream, weights, x.shape, stride, pads)
+    np.testing.assert_allclose(np.asarray(got_x), np.asarray(want_x), rtol=0, atol=1e-12 * float(jnp.abs(want_x).max()))
+    got_k = jax.vjp(lambda x, k: jax_ops._strided_conv(x, k, stride, pads), x, weights)[1](upstream)[1]
+    np.testing.assert_allclose(np.asarray(got_k), np.asarray(want_k), rtol=1e-12)
+    ops = jax_ops.Ops("cpu")
+    uses_phases = ops.phase_gradients and jax_ops._phase_gradient_pays(weights, stride, 1)
+    assert uses_phases == (kernel != 3)  # 3x3 stride 2 grows to 4x4: 1.78x the multiply-adds
+    assert not jax_ops.Ops("gpu").phase_gradients

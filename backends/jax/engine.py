@@ -54,7 +54,7 @@ class Engine(base.Engine):
         self.jax_device = _find_device((device or "cpu").lower())
         self.device = f"{self.jax_device.platform}:{self.jax_device.id}"
         self.np_dtype = _DTYPES[dtype]
-        self.ops = Ops()
+        self.ops = Ops(self.jax_device.platform)
         self._trainers: weakref.WeakSet = weakref.WeakSet()
         self._step_functions: dict[tuple, StepFunctions] = {}
 
