@@ -197,6 +197,59 @@ def test_a_local_cluster_sweep_equals_the_local_sweep(tmp_path, local_reference)
     assert reused_count(again.stdout) == SMOKE_RUNS and f"resuming: {SMOKE_RUNS} of {SMOKE_RUNS}" in again.stderr
 
 
+@pytest.mark.parametrize("workers,cores,expected", [
+    (2, [0, 1], [[0], [1]]),
+    (2, [0, 1, 2, 3], [[0, 1], [2, 3]]),
+    (3, [0, 1, 2, 3], [[0], [1], [2]]),  # the fourth core stays free rather than be shared unevenly
+    (3, [4, 7], [[4], [7], [4]]),  # more workers than cores: round-robin, within the allowed ones
+    (1, [2, 5], [[2, 5]]),
+])
+def test_local_workers_get_disjoint_equal_shares_of_the_cores(workers, cores, expected):
+    from normbench.executors import processes
+
+    assert [processes.worker_cores(i, workers, cores) for i in range(workers)] == expected
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs Linux and two cores")
+def test_local_cluster_workers_are_bound_to_their_own_cores(monkeypatch):
+    """XLA and TensorFlow size their thread pools by the cores a process may run on, so
+    each worker must be bound before they start: every thread of every worker, the
+    threads that run tasks included. A thread count the user chose (OMP_NUM_THREADS)
+    leaves the binding to them."""
+    from normbench.executors import processes
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    allowed = sorted(os.sched_getaffinity(0))
+    with processes.open(workers=2, log=lambda _: None) as executor:
+        bound = executor.client.run(lambda: sorted({tuple(sorted(os.sched_getaffinity(int(t))))
+                                                    for t in os.listdir("/proc/self/task")}))
+        in_task = executor.client.submit(lambda: sorted(os.sched_getaffinity(0)), pure=False).result()
+    shares = sorted(cores for per_worker in bound.values() for cores in per_worker)
+    assert all(len(per_worker) == 1 for per_worker in bound.values()), bound  # every thread alike
+    assert shares == [tuple(processes.worker_cores(i, 2, allowed)) for i in range(2)]
+    assert tuple(in_task) in shares
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    with processes.open(workers=2, log=lambda _: None) as executor:
+        assert all(sorted(a) == allowed for a in executor.client.run(lambda: os.sched_getaffinity(0)).values())
+
+
+@pytest.mark.parametrize("backend", backends.names())
+def test_every_cpu_engine_keeps_freed_memory_in_the_heap(backend, monkeypatch):
+    """Dask's nannies start workers with MALLOC_TRIM_THRESHOLD_=65536, which turns glibc's
+    rising mmap threshold off: every large temporary is then mmapped and zeroed afresh
+    (JAX's mnist-cnn step 17 -> 38 ms on one core). Every CPU engine raises the
+    thresholds itself (base.keep_freed_memory), whichever process creates it."""
+    if not backends.is_available(backend):
+        pytest.skip(f"backend {backend!r} unavailable")
+    from normbench.backends import base
+
+    calls = []
+    monkeypatch.setattr(base, "keep_freed_memory", lambda: calls.append(backend))
+    backends.get_engine(backend, device="cpu", dtype="float32")
+    assert calls == [backend]
+
+
 @needs_torch
 def test_a_run_that_diverges_on_a_worker_is_recorded_as_diverged(tmp_path):
     spec_path = tmp_path / "diverge.toml"

@@ -55,6 +55,8 @@ class Engine(base.Engine):
         self.device = f"{self.jax_device.platform}:{self.jax_device.id}"
         self.np_dtype = _DTYPES[dtype]
         self.ops = Ops(self.jax_device.platform)
+        if self.jax_device.platform == "cpu":
+            base.keep_freed_memory()
         self._trainers: weakref.WeakSet = weakref.WeakSet()
         self._step_functions: dict[tuple, StepFunctions] = {}
 

@@ -66,6 +66,8 @@ class Engine(base.Engine):
         self.tf_dtype = _DTYPES[dtype]
         self.jit_compile = XLA_BY_DEVICE_TYPE[self.device_type] if jit_compile is None else bool(jit_compile)
         self.ops = Ops()
+        if self.device_type == "cpu":
+            base.keep_freed_memory()
 
     def versions(self):
         return {"tensorflow": tf.__version__}

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
-import os
-import sys
-
 import numpy as np
 import torch
 from torch.func import grad_and_value, vmap
@@ -15,27 +11,7 @@ from normbench.backends.torch.ops import Ops
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
-# glibc's malloc serves every block above its mmap threshold (128 KiB, rising to what was
-# last freed) with a fresh mmap and returns it on free, so each of eager PyTorch's large
-# temporaries costs page faults and the kernel's zeroing of its pages, every step. Raised
-# to glibc's maximum, freed blocks stay in the heap and are reused. It changes no value.
-# cnn3 on the 2-core machine, steps alternating in one process: 8.6 -> 6.6 ms without
-# normalization, 12.5 -> 8.7 ms with the standardization loss. Left alone where the user
-# set MALLOC_MMAP_THRESHOLD_, or where the C library is not glibc.
 _RECOMPILE_LIMIT = 256  # variants one process may compile (see Engine.training_loss)
-_MMAP_THRESHOLD = 32 << 20  # glibc's largest on 64-bit systems
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
-
-
-def _keep_freed_memory() -> None:
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is not None or not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
-        libc.mallopt(_M_TRIM_THRESHOLD, 2 * _MMAP_THRESHOLD)  # keep freed memory at the heap's top too
-    except (OSError, AttributeError):
-        pass
 
 
 class Engine(base.Engine):
@@ -65,7 +41,7 @@ class Engine(base.Engine):
         self.torch_dtype = _DTYPES[dtype]
         self.ops = Ops()
         if self.torch_device.type == "cpu":
-            _keep_freed_memory()
+            base.keep_freed_memory()
 
     def versions(self):
         return {"torch": torch.__version__}

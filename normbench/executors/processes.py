@@ -3,7 +3,11 @@ processes (one thread each) on this machine, started for the sweep and stopped a
 
 Each worker's frameworks get cores / N intra-op threads, or $OMP_NUM_THREADS when it is
 set: runs compared bit for bit need the same thread count (see tests/test_reliability.py),
-and the provenance `device` field records it."""
+and the provenance `device` field records it. Each worker is also bound to its own
+cores / N of the cores this process may use (`dask_setup`, run as the worker starts):
+PyTorch reads $OMP_NUM_THREADS, but JAX's XLA and TensorFlow size their thread pools by
+the cores they may run on, and two of them each spinning two threads on two cores ran
+mnist-cnn's steps 3-4x slower than one alone (JAX; TensorFlow 1.7x)."""
 
 from __future__ import annotations
 
@@ -15,6 +19,29 @@ from normbench.executors import ExecutorError
 from normbench.executors.dask_sweep import ALLOWED_FAILURES, DaskExecutor, import_distributed
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+WORKERS_VARIABLE = "NORMBENCH_LOCAL_WORKERS"  # set for the workers: how many share the cores
+
+
+def worker_cores(index: int, workers: int, cores: list[int]) -> list[int]:
+    """The cores worker `index` of `workers` is bound to: an equal share of `cores`, or one
+    core each (shared round-robin) when there are more workers than cores."""
+    if workers > len(cores):
+        return [cores[index % len(cores)]]
+    share = len(cores) // workers
+    return cores[index * share:(index + 1) * share]
+
+
+def dask_setup(worker):
+    """Run by each worker process as it starts (a Dask preload), before any framework is
+    imported: binds every thread of the process, and so every thread it starts later, to
+    this worker's share of the cores. LocalCluster names its workers 0, 1, ..."""
+    workers = os.environ.get(WORKERS_VARIABLE)
+    if not workers or not hasattr(os, "sched_setaffinity") or not str(worker.name).isdigit():
+        return
+    cores = worker_cores(int(worker.name), int(workers), sorted(os.sched_getaffinity(0)))
+    for thread in os.listdir("/proc/self/task"):
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            os.sched_setaffinity(int(thread), cores)
 
 
 @contextlib.contextmanager
@@ -23,12 +50,16 @@ def open(workers=None, scheduler=None, log=print):  # noqa: A001
     import dask
 
     n = workers or os.cpu_count() or 1
-    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // n))
+    chosen = os.environ.get("OMP_NUM_THREADS")
+    threads = chosen or str(max(1, (os.cpu_count() or 1) // n))
     env = {name: threads for name in THREAD_VARIABLES}
+    if not chosen:  # a thread count the user chose is theirs to place
+        env[WORKERS_VARIABLE] = str(n)
     with dask.config.set({"distributed.scheduler.allowed-failures": ALLOWED_FAILURES}):
         try:
             cluster = distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
-                                               dashboard_address=":0", silence_logs=logging.ERROR, env=env)
+                                               dashboard_address=":0", silence_logs=logging.ERROR, env=env,
+                                               preload=[__name__])
         except Exception as exc:
             raise ExecutorError(f"--executor processes --workers {n}: cannot start a local Dask cluster "
                                 f"({type(exc).__name__}: {exc}); try fewer --workers or --executor local") from None
