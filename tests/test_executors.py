@@ -17,6 +17,7 @@ killed and waited for, whatever the outcome.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -219,11 +220,17 @@ def test_local_cluster_workers_are_bound_to_their_own_cores(monkeypatch):
     leaves the binding to them."""
     from normbench.executors import processes
 
+    def thread_affinities():  # nested, so Dask ships it by value (workers cannot import tests)
+        found = set()
+        for thread in os.listdir("/proc/self/task"):
+            with contextlib.suppress(OSError):  # a thread that ended meanwhile
+                found.add(tuple(sorted(os.sched_getaffinity(int(thread)))))
+        return sorted(found)
+
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     allowed = sorted(os.sched_getaffinity(0))
     with processes.open(workers=2, log=lambda _: None) as executor:
-        bound = executor.client.run(lambda: sorted({tuple(sorted(os.sched_getaffinity(int(t))))
-                                                    for t in os.listdir("/proc/self/task")}))
+        bound = executor.client.run(thread_affinities)
         in_task = executor.client.submit(lambda: sorted(os.sched_getaffinity(0)), pure=False).result()
     shares = sorted(cores for per_worker in bound.values() for cores in per_worker)
     assert all(len(per_worker) == 1 for per_worker in bound.values()), bound  # every thread alike
