@@ -1,6 +1,7 @@
 """PyTorch's fused fast paths (backends/torch/ops.py) against the compositions they
-replace, in float64: the bias inside the convolution, TensorFlow's SAME alignment through
-a zero-rowed kernel instead of a padded input, the channel moments' written-out
+replace, in float64: the bias inside the convolution, TensorFlow's SAME alignment in the
+reversed layout (symmetric pads, zero kernel rows, a cropped or padded input) against
+the canonical padded input, the channel moments' written-out
 gradient, and F.group_norm for layer, group and instance norm. The parity tests hold the whole network to the other backends; these name the
 primitive that broke."""
 
@@ -26,20 +27,75 @@ def _leaves(*shapes, seed=0):
     return [torch.tensor(rng.normal(size=shape), dtype=torch.float64, requires_grad=True) for shape in shapes]
 
 
-@pytest.mark.parametrize("kernel_size,pads", [(5, ((1, 2), (1, 2))), (7, ((2, 3), (2, 3))), (5, ((1, 2), (2, 2)))],
-                         ids=["5x5-(1,2)", "7x7-(2,3)", "5x5-rows-only"])
-def test_same_alignment_through_a_zero_rowed_kernel_equals_the_padded_input(ops, kernel_size, pads):
+# (input size, kernel size, stride, canonical pads, groups) -> the path conv2d_bias takes
+# in the reversed layout, each against the canonical padded input.
+CONVOLUTIONS = {
+    "SAME 5x5 stride 2: symmetric": (10, 5, 2, ((1, 2), (1, 2)), 1, "symmetric"),
+    "SAME 3x3 stride 2, depthwise: symmetric": (10, 3, 2, ((0, 1), (0, 1)), 3, "symmetric"),
+    "SAME 7x7 stride 2: symmetric": (10, 7, 2, ((2, 3), (2, 3)), 1, "symmetric"),
+    "7x7 stride 2 padded 3 around, leaving a row: zero rows ahead": (10, 7, 2, ((3, 3), (3, 3)), 1, "kernel"),
+    "SAME 6x6 stride 1: zero rows behind": (10, 6, 1, ((2, 3), (2, 3)), 1, "kernel"),
+    "VALID 3x3 stride 2 leaving a row: cropped": (10, 3, 2, ((0, 0), (0, 0)), 1, "symmetric"),
+    "VALID 1x1 stride 2 leaving a row: subsampled": (10, 1, 2, ((0, 0), (0, 0)), 1, "symmetric"),
+    "VALID 1x1 stride 3, depthwise: subsampled": (10, 1, 3, ((0, 0), (0, 0)), 3, "symmetric"),
+    "SAME 4x4 stride 1: padded input": (10, 4, 1, ((1, 2), (1, 2)), 1, "padded"),
+    "SAME 3x3 stride 1 on one channel: padded input": (10, 3, 1, ((0, 2), (1, 1)), 1, "padded"),
+}
+
+
+def _path(x, kernel, stride, pads, groups):
+    size, window = tuple(x.shape[2:]), tuple(kernel.shape[2:])
+    (_, front_h, back_h), (_, front_w, back_w) = torch_ops._reversed_pads(size, window, stride, pads)
+    *_, ahead_h, behind_h = torch_ops._symmetric(front_h, back_h, stride)
+    *_, ahead_w, behind_w = torch_ops._symmetric(front_w, back_w, stride)
+    extra_h, extra_w = ahead_h + behind_h, ahead_w + behind_w
+    if not (extra_h or extra_w):
+        return "symmetric"
+    return "kernel" if torch_ops._kernel_padding_pays(x, kernel, extra_h, extra_w, groups) else "padded"
+
+
+@pytest.mark.parametrize("case", list(CONVOLUTIONS))
+def test_convolutions_in_the_reversed_layout_equal_the_canonical_padded_input(ops, case):
+    """The reversed layout's convolution (ops.py: symmetric pads, zero kernel rows or a
+    padded input) gives the canonical padded input's outputs and gradients, in float64."""
+    size, k, stride, pads, groups, path = CONVOLUTIONS[case]
+    channels = 1 if "one channel" in case else 3
     (top, bottom), (left, right) = pads
-    x, kernel, bias = _leaves((2, 3, 10, 10), (4, 3, kernel_size, kernel_size), (4,))
-    assert torch_ops._kernel_padding_pays(x, kernel, bottom - top, right - left, 1)  # the path under test
-    ours = ops.conv2d_bias(x, kernel, bias, 2, pads)
-    padded = F.conv2d(F.pad(x, (left, right, top, bottom)), kernel, bias, stride=2)
+    x, kernel, bias = _leaves((2, channels, size, size), (6, channels // groups, k, k), (6,))
+    assert _path(x, kernel, stride, pads, groups) == path  # the path under test
+    reverse = lambda t: t.flip((2, 3))
+    ours = reverse(ops.conv2d_bias(reverse(x), reverse(kernel), bias, stride, pads, groups))
+    padded = F.conv2d(F.pad(x, (left, right, top, bottom)), kernel, bias, stride=stride, groups=groups)
     assert ours.shape == padded.shape
     torch.testing.assert_close(ours, padded, rtol=1e-12, atol=1e-12)
     upstream = torch.randn(ours.shape, dtype=torch.float64)
     for a, b in zip(torch.autograd.grad((ours * upstream).sum(), (x, kernel, bias)),
                     torch.autograd.grad((padded * upstream).sum(), (x, kernel, bias))):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("pads,window,stride", [(((0, 1), (0, 1)), (3, 3), 2), (((1, 1), (1, 1)), (3, 3), 2),
+                                                (((0, 0), (0, 0)), (3, 3), 2), (((0, 2), (1, 1)), (3, 3), 1)],
+                         ids=["SAME-odd-pixel", "symmetric", "VALID-cropped", "padded"])
+def test_average_pooling_in_the_reversed_layout_counts_the_canonical_windows(ops, pads, window, stride):
+    (x,) = _leaves((2, 3, 10, 10))
+    (top, bottom), (left, right) = pads
+    reverse = lambda t: t.flip((2, 3))
+    ours = reverse(ops.avg_pool2d(reverse(x), window, stride, pads))
+    sums = F.avg_pool2d(F.pad(x, (left, right, top, bottom)), window, stride, divisor_override=1)
+    counts = torch.from_numpy(base.valid_counts((10, 10), window, stride, pads))
+    torch.testing.assert_close(ours, sums / counts, rtol=1e-12, atol=1e-12)
+
+
+def test_max_pooling_ties_send_the_gradient_to_the_first_canonical_position(ops):
+    """The contract's tie rule (base.Ops.max_pool2d) holds in canonical order, not in the
+    reversed order the activations are stored in."""
+    x = torch.zeros(1, 1, 4, 4, dtype=torch.float64, requires_grad=True)  # every window a tie
+    out = ops.max_pool2d(x.flip((2, 3)), (2, 2), 2, ((0, 0), (0, 0))).flip((2, 3))
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    expected = torch.zeros(4, 4, dtype=torch.float64)
+    expected[::2, ::2] = 1.0
+    torch.testing.assert_close(grad[0, 0], expected)
 
 
 def test_small_kernels_and_single_channels_keep_the_padded_input():

@@ -10,6 +10,7 @@ from normbench.backends import base
 from normbench.backends.torch.ops import Ops
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
+_NUMPY_DTYPES = {"float32": np.float32, "float64": np.float64}
 
 _RECOMPILE_LIMIT = 256  # variants one process may compile (see Engine.training_loss)
 
@@ -52,11 +53,13 @@ class Engine(base.Engine):
         return f"cpu ({torch.get_num_threads()} threads)"
 
     def put_images(self, images_nhwc):
-        # clone() with an explicit format: for a single channel, the transposed NumPy view
-        # counts as contiguous, but its strides look channels-last to PyTorch, whose fused
-        # batch norm then takes a path ~1e-3 off float64 in float32.
-        nchw = torch.from_numpy(images_nhwc.transpose(0, 3, 1, 2))
-        return nchw.to(self.torch_device, self.torch_dtype).clone(memory_format=torch.contiguous_format)
+        # One copy on the host into this backend's layout (NCHW, height and width reversed:
+        # backends/torch/ops.py), with standard contiguous strides: a single-channel view
+        # counts as contiguous either way, and one whose strides look channels-last sends
+        # PyTorch's fused batch norm down a path ~1e-3 off float64 in float32.
+        nchw = np.array(np.asarray(images_nhwc).transpose(0, 3, 1, 2)[:, :, ::-1, ::-1], dtype=_NUMPY_DTYPES[self.dtype],
+                        order="C")
+        return torch.from_numpy(nchw).to(self.torch_device)
 
     def put_labels(self, labels):
         return torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(self.torch_device)
@@ -65,21 +68,23 @@ class Engine(base.Engine):
         out = {}
         for name, value in tree.items():
             value = np.asarray(value)
-            if value.ndim == 4:  # HWIO -> OIHW
-                value = value.transpose(3, 2, 0, 1)
-            out[name] = torch.from_numpy(np.ascontiguousarray(value)).to(self.torch_device, self.torch_dtype)
+            if value.ndim == 4:  # HWIO -> OIHW, its window reversed as the activations are
+                value = value.transpose(3, 2, 0, 1)[:, :, ::-1, ::-1]
+            # A fresh C-ordered copy: a reversed axis of size 1 leaves NumPy's flags contiguous
+            # with a negative stride, which torch.from_numpy refuses.
+            out[name] = torch.from_numpy(np.array(value, order="C")).to(self.torch_device, self.torch_dtype)
         return out
 
     def export_tree(self, tree):
         out = {}
         for name, value in tree.items():
             value = value.detach().cpu().numpy()
-            out[name] = value.transpose(2, 3, 1, 0) if value.ndim == 4 else value
+            out[name] = np.ascontiguousarray(value[:, :, ::-1, ::-1].transpose(2, 3, 1, 0)) if value.ndim == 4 else value
         return out
 
     def activation_to_numpy(self, x):
         x = x.detach().cpu().numpy()
-        return x.transpose(0, 2, 3, 1) if x.ndim == 4 else x
+        return np.ascontiguousarray(x[:, :, ::-1, ::-1].transpose(0, 2, 3, 1)) if x.ndim == 4 else x
 
     def to_numpy(self, x):
         return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)

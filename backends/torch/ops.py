@@ -1,7 +1,19 @@
-"""PyTorch primitives. Activations are NCHW (PyTorch's native layout) or (batch, features)."""
+"""PyTorch primitives. Activations are NCHW (PyTorch's native layout) with both spatial
+axes stored in reverse, or (batch, features); convolution kernels are OIHW, reversed alike.
+
+Why reversed: PyTorch pads a convolution symmetrically, and TensorFlow's SAME rule, the
+architectures' contract, puts the odd padding pixel at the bottom/right. Read backwards,
+the odd pixel is at the top/left, where a symmetric pad by the larger amount puts it too:
+the extra row it adds at the end is one no window reaches (a stride of 2 or more steps
+over it). So a stride-2 SAME convolution is PyTorch's plain `padding=p` call on reversed
+activations and kernels, with the same windows and sums, where canonical order needs
+the input padded beforehand or the kernel grown by a row of zeros. Canonical order comes
+back where an activation leaves the layout: `reshape` and `flatten` (the (h, w, c)
+feature order), the engine's `activation_to_numpy` and `export_tree`."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -12,9 +24,21 @@ def _channel_view(v, x):
     return v.view(1, -1, 1, 1) if x.dim() == 4 else v
 
 
-# Rank-4 activations are NCHW inside this backend (PyTorch's native layout); every other
-# rank is stored in canonical order. Canonical axis k of a rank-4 tensor is torch axis _NCHW[k].
+# Rank-4 activations are NCHW inside this backend (PyTorch's native layout), height and
+# width reversed (the module docstring says why); every other rank is stored in canonical
+# order. Canonical axis k of a rank-4 tensor is torch axis _NCHW[k].
 _NCHW = (0, 2, 3, 1)
+_SPATIAL = (2, 3)
+
+
+def to_canonical(x):
+    """A rank-4 activation of this layout -> canonical (N, H, W, C) order, a new tensor."""
+    return x.flip(_SPATIAL).permute(0, 2, 3, 1)
+
+
+def from_canonical(x):
+    """A canonical (N, H, W, C) tensor -> this backend's rank-4 layout."""
+    return x.permute(0, 3, 1, 2).flip(_SPATIAL)
 
 
 def _dims(x, axes):
@@ -53,20 +77,50 @@ class _ChannelMoments(torch.autograd.Function):
                              _channel_view(grad_var * (2.0 / count), centred))
 
 
-# Where the zero-rowed kernel beats the padded input. oneDNN convolves an input with its
-# own symmetric padding much faster than the same input padded to an odd size beforehand:
-# cnn3's stride-2 5x5 convolution of 128 x 32 x 14 x 14 (SAME pads (1, 2)), forward and
-# backward on the 2-core machine: F.pad 9.0 ms, a 6 x 6 kernel with padding 2 4.9 ms, the
-# symmetric (misaligned) idiom 4.6 ms. The bigger kernel costs (6 / 5)^2 = 1.44x the
+# Where the zero-rowed kernel beats the padded input, for the windows a symmetric pad
+# cannot give (a stride-1 SAME convolution with an even kernel, or a VALID one whose
+# windows leave rows unread). oneDNN convolves an input with its own symmetric padding
+# much faster than the same input padded to an odd size beforehand: cnn3's stride-2 5x5
+# convolution of 128 x 32 x 14 x 14 with pads (1, 2), forward and backward on the 2-core
+# machine: F.pad 9.0 ms, a 6 x 6 kernel with padding 2 4.9 ms, the symmetric pad (what
+# the reversed layout computes) 4.6 ms. The bigger kernel costs (6 / 5)^2 = 1.44x the
 # multiply-adds; a 3 x 3 kernel grown to 4 x 4 costs 1.78x and lost to F.pad at 32-64
-# channels, plain and depthwise; and one input channel is cheap to pad (cnn3's first
-# layer: F.pad 4.8 ms, the 6 x 6 kernel 7.4 ms).
+# channels, plain and depthwise; and one input channel is cheap to pad (F.pad 4.8 ms, the
+# 6 x 6 kernel 7.4 ms).
 KERNEL_PADDING_MAX_COST = 1.5
 
 
 def _kernel_padding_pays(x, kernel, extra_h, extra_w, groups):
     kh, kw = kernel.shape[2:]
     return groups == 1 and x.shape[1] > 1 and (kh + extra_h) * (kw + extra_w) <= KERNEL_PADDING_MAX_COST * kh * kw
+
+
+def _reversed_pads(size, window, stride, pads):
+    """Canonical ((top, bottom), (left, right)) pads of a window operation (convolution,
+    pooling) over an input of canonical spatial `size`, read in this layout's reversed
+    order: per axis (crop, front, back), the input rows to drop in front and the zero rows
+    to add in front and behind, for the same windows with the last one ending on the
+    last row. Canonically the windows leave `slack` padded rows unread at the end
+    (stride - 1 at most); reversed, those rows come first, so the front pad loses them,
+    and where the bottom pad is shorter than the slack, unread input rows go too."""
+    axes = []
+    for n, k, (top, bottom) in zip(size, window, pads):
+        slack = (n + top + bottom - k) % stride
+        front = bottom - slack
+        axes.append((max(-front, 0), max(front, 0), top))
+    return axes
+
+
+def _symmetric(front, back, stride):
+    """(pad, zero kernel rows ahead, zero kernel rows behind): a symmetric pad with the
+    windows of (front, back) on an input they fit exactly. With front >= back, the pad is
+    front: the rows it adds behind start no window while they are fewer than a stride (the
+    reversed SAME case: front = back + 1, stride 2), and zero kernel rows behind absorb
+    the rest. With front < back, the pad is back and front's windows start back - front
+    rows later: as many zero kernel rows ahead move every window there."""
+    if front >= back:
+        return front, 0, max(front - back - stride + 1, 0)
+    return back, back - front, 0
 
 
 def _reduced_dims(x):
@@ -85,9 +139,9 @@ class Ops(base.Ops):
 
     def reshape(self, x, shape):
         if x.dim() == 4:
-            x = x.permute(0, 2, 3, 1)
+            x = to_canonical(x)
         out = x.reshape(shape)
-        return out.permute(0, 3, 1, 2) if len(shape) == 4 else out
+        return from_canonical(out) if len(shape) == 4 else out
 
     def _canonical_result(self, kept, x, axes, keepdims):
         """A reduction computed with keepdim=True -> the contract's result."""
@@ -115,35 +169,52 @@ class Ops(base.Ops):
         return self.conv2d_bias(x, kernel, None, stride, pads, groups)
 
     def conv2d_bias(self, x, kernel, bias, stride, pads, groups=1):
-        (top, bottom), (left, right) = pads
-        if top == bottom and left == right:
-            return F.conv2d(x, kernel, bias, stride=stride, padding=(top, left), groups=groups)
-        # PyTorch's conv padding is symmetric; TensorFlow's SAME puts the odd pixel at the
-        # bottom/right. Exact either way: pad the input explicitly, or pad symmetrically by
-        # the larger amount and give the kernel as many zero rows (columns) in front, which
-        # moves every window by that much (same outputs, same count of them).
-        extra_h, extra_w = bottom - top, right - left
-        if extra_h >= 0 and extra_w >= 0 and _kernel_padding_pays(x, kernel, extra_h, extra_w, groups):
-            return F.conv2d(x, F.pad(kernel, (extra_w, 0, extra_h, 0)), bias, stride=stride, padding=(bottom, right),
-                            groups=groups)
-        return F.conv2d(F.pad(x, (left, right, top, bottom)), kernel, bias, stride=stride, groups=groups)
+        kh, kw = kernel.shape[2:]
+        (crop_h, front_h, back_h), (crop_w, front_w, back_w) = _reversed_pads(
+            self.shape(x)[1:3], (kh, kw), stride, pads)
+        if (kh, kw) == (1, 1) and stride > 1 and not (front_h or back_h or front_w or back_w):
+            # A strided 1 x 1 convolution (ResNet's shortcuts) reads every stride-th pixel:
+            # taking them first costs a copy of those only, where the cropped view would be
+            # copied whole (128 x 64 x 32 x 32, forward and backward: 44 ms, against 59-99
+            # ms for the canonical strided call and 71-92 ms for the cropped view).
+            return F.conv2d(x[:, :, crop_h::stride, crop_w::stride], kernel, bias, groups=groups)
+        if crop_h or crop_w:
+            x = x[:, :, crop_h:, crop_w:]
+        pad_h, ahead_h, behind_h = _symmetric(front_h, back_h, stride)
+        pad_w, ahead_w, behind_w = _symmetric(front_w, back_w, stride)
+        if ahead_h or behind_h or ahead_w or behind_w:
+            if not _kernel_padding_pays(x, kernel, ahead_h + behind_h, ahead_w + behind_w, groups):
+                return F.conv2d(F.pad(x, (front_w, back_w, front_h, back_h)), kernel, bias, stride=stride, groups=groups)
+            kernel = F.pad(kernel, (ahead_w, behind_w, ahead_h, behind_h))
+        return F.conv2d(x, kernel, bias, stride=stride, padding=(pad_h, pad_w), groups=groups)
 
     def dense_bias(self, x, kernel, bias):
         return x @ kernel if bias is None else torch.addmm(bias, x, kernel)
 
     def max_pool2d(self, x, window, stride, pads):
+        # In canonical order: a window's ties send the gradient to their first position in
+        # canonical row-major order (the contract), which reversed would be the last.
+        # (Ties are common: a constant background gives equal activations.)
+        x = x.flip(_SPATIAL)
         (top, bottom), (left, right) = pads
         if top == bottom and left == right and 2 * top <= window[0] and 2 * left <= window[1]:
-            return F.max_pool2d(x, window, stride, padding=(top, left))  # its padding is -inf
-        return F.max_pool2d(F.pad(x, (left, right, top, bottom), value=float("-inf")), window, stride)
+            out = F.max_pool2d(x, window, stride, padding=(top, left))  # its padding is -inf
+        else:
+            out = F.max_pool2d(F.pad(x, (left, right, top, bottom), value=float("-inf")), window, stride)
+        return out.flip(_SPATIAL)
 
     def avg_pool2d(self, x, window, stride, pads):
-        (top, bottom), (left, right) = pads
-        if top == bottom and left == right and 2 * top <= window[0] and 2 * left <= window[1]:
-            return F.avg_pool2d(x, window, stride, padding=(top, left), count_include_pad=False)
-        # Asymmetric (SAME's odd pixel): window sums over zero padding / positions inside.
-        sums = F.avg_pool2d(F.pad(x, (left, right, top, bottom)), window, stride, divisor_override=1)
-        counts = base.valid_counts(tuple(x.shape[2:]), window, stride, pads)
+        size = self.shape(x)[1:3]
+        (crop_h, front_h, back_h), (crop_w, front_w, back_w) = _reversed_pads(size, window, stride, pads)
+        if crop_h or crop_w:
+            x = x[:, :, crop_h:, crop_w:]
+        pad_h, ahead_h, behind_h = _symmetric(front_h, back_h, stride)
+        pad_w, ahead_w, behind_w = _symmetric(front_w, back_w, stride)
+        if not (ahead_h or behind_h or ahead_w or behind_w) and 2 * pad_h <= window[0] and 2 * pad_w <= window[1]:
+            return F.avg_pool2d(x, window, stride, padding=(pad_h, pad_w), count_include_pad=False)
+        # Otherwise: window sums over zero padding / positions inside (reversed, as the sums are).
+        sums = F.avg_pool2d(F.pad(x, (front_w, back_w, front_h, back_h)), window, stride, divisor_override=1)
+        counts = np.ascontiguousarray(base.valid_counts(size, window, stride, pads)[::-1, ::-1])
         return sums / torch.from_numpy(counts).to(sums.device, sums.dtype)
 
     def max(self, x, axes, keepdims=False):
@@ -160,8 +231,8 @@ class Ops(base.Ops):
         return x @ kernel
 
     def flatten(self, x):
-        if x.dim() == 4:  # NCHW -> canonical (h, w, c) feature order
-            x = x.permute(0, 2, 3, 1)
+        if x.dim() == 4:  # -> canonical (h, w, c) feature order
+            x = to_canonical(x)
         return x.reshape(x.shape[0], -1)
 
     def add_channel_bias(self, x, bias):
