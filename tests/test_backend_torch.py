@@ -113,8 +113,11 @@ def test_dense_bias_is_the_matrix_product_plus_the_bias(ops):
     torch.testing.assert_close(ops.dense_bias(x, kernel, None), x @ kernel)
 
 
+@pytest.mark.parametrize("used", ["both", "mean", "var"])
 @pytest.mark.parametrize("shape", [(6, 3, 4, 5), (7, 4)], ids=["nchw", "dense"])
-def test_channel_moments_are_the_two_pass_formula_with_its_gradient(ops, shape):
+def test_channel_moments_are_the_two_pass_formula_with_its_gradient(ops, shape, used):
+    """Also where the loss reads only one of the two (the gradient of the other is None:
+    the centred output's gradient is not materialized, nor are unused ones)."""
     (x,) = _leaves(shape)
     dims = (0, 2, 3) if len(shape) == 4 else (0,)
     view = (1, -1, 1, 1) if len(shape) == 4 else (1, -1)
@@ -123,8 +126,9 @@ def test_channel_moments_are_the_two_pass_formula_with_its_gradient(ops, shape):
     composed_var = (x - composed_mean.view(view)).square().mean(dim=dims)
     assert torch.equal(mean, composed_mean) and torch.equal(var, composed_var)  # the same reductions, bit for bit
     weights = torch.randn(2, shape[1], dtype=torch.float64)
-    ours = torch.autograd.grad((weights[0] * mean + weights[1] * var).sum(), x)[0]
-    autograd = torch.autograd.grad((weights[0] * composed_mean + weights[1] * composed_var).sum(), x)[0]
+    read = lambda m, v: (weights[0] * m if used != "var" else 0.0) + (weights[1] * v if used != "mean" else 0.0)
+    ours = torch.autograd.grad(read(mean, var).sum(), x)[0]
+    autograd = torch.autograd.grad(read(composed_mean, composed_var).sum(), x)[0]
     torch.testing.assert_close(ours, autograd, rtol=1e-12, atol=1e-14)
 
 

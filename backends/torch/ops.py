@@ -68,13 +68,23 @@ class _ChannelMoments(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(output[2])
         ctx.mark_non_differentiable(output[2])
+        # No gradient flows into the centred output; materialized, autograd fills a zero
+        # tensor of the input's size for it at every backward (cnn3 with the loss: 13 fills
+        # per step, 0.08 ms of its 9 ms on the 2-core machine).
+        ctx.set_materialize_grads(False)
 
     @staticmethod
     def backward(ctx, grad_mean, grad_var, _):
         (centred,) = ctx.saved_tensors
         count = centred.numel() // centred.shape[1]
-        return torch.addcmul(_channel_view(grad_mean / count, centred), centred,
-                             _channel_view(grad_var * (2.0 / count), centred))
+        if grad_var is None:  # only the mean was used (or nothing)
+            if grad_mean is None:
+                return None
+            return _channel_view(grad_mean / count, centred).expand_as(centred).clone(memory_format=torch.contiguous_format)
+        spread = _channel_view(grad_var * (2.0 / count), centred)
+        if grad_mean is None:
+            return centred * spread
+        return torch.addcmul(_channel_view(grad_mean / count, centred), centred, spread)
 
 
 # Where the zero-rowed kernel beats the padded input, for the windows a symmetric pad
