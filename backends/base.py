@@ -7,7 +7,8 @@ A backend implements only what differs between frameworks:
 
 Canonical formats at the edge (see normbench.models): images NHWC, conv kernels HWIO,
 dense kernels (in, out), activations NHWC, all as NumPy arrays. Each backend converts
-once on import/export; inside, it may use whatever layout is natural (PyTorch: NCHW).
+once on import/export; inside, it may use whatever layout is natural (PyTorch: NCHW,
+height and width stored reversed).
 
 Every backend package has the same files: `ops.py` (class Ops) and `engine.py`
 (classes Engine and Trainer), with the same public names.

@@ -96,7 +96,7 @@ CONVS = {  # input NHWC, kernel HWIO (I = C_in / groups), stride, groups
     "grouped-1x3": ((2, 5, 5, 6), (1, 3, 2, 9), 1, 3),
     "depthwise": ((2, 6, 6, 4), (3, 3, 1, 4), 1, 4),
     "depthwise-x2-stride2": ((2, 7, 7, 3), (3, 3, 1, 6), 2, 3),
-    # SAME pads (1, 2) each way: PyTorch's zero-rowed-kernel path (backends/torch/ops.py)
+    # SAME pads (1, 2) each way: a symmetric pad in PyTorch's reversed layout (backends/torch/ops.py)
     "5x5-stride2-even": ((2, 8, 8, 3), (5, 5, 3, 4), 2, 1),
 }
 
