@@ -114,6 +114,15 @@ def record(commit: str, machine: str, args, benches=None) -> int:
     return _asv(*command, env=env)
 
 
+def _combination_regex(benchmark: str, params) -> str:
+    """asv --bench regex of one benchmark's one parameter combination. asv names a
+    combination `name(p1, p2)`, and an unparameterized benchmark by its name alone (with
+    `()` appended, the regex selected nothing and the flag stood unmeasured)."""
+    if not params:
+        return f"^{re.escape(benchmark)}$"
+    return f"^{re.escape(benchmark)}\\({re.escape(', '.join(repr(p) for p in params))}\\)$"
+
+
 def confirm_regressions(rows: list[dict], remeasure) -> list[dict]:
     """Re-measure every noisy result (CONFIRMED_UNITS) flagged as a regression (once, in a
     fresh asv run) and keep the flag only where the new measurement exceeds it too.
@@ -125,7 +134,7 @@ def confirm_regressions(rows: list[dict], remeasure) -> list[dict]:
     flagged = [r for r in rows if r["status"] == "REGRESSION" and r["unit"] in CONFIRMED_UNITS]
     if not flagged:
         return rows
-    regexes = [f"^{re.escape(r['benchmark'])}\\({re.escape(', '.join(repr(p) for p in r['params']))}\\)$" for r in flagged]
+    regexes = [_combination_regex(r["benchmark"], r["params"]) for r in flagged]
     print(f"re-measuring {len(flagged)} timing or memory result(s) flagged as regressions, to tell them from noise",
           file=sys.stderr)
     again = {(r["benchmark"], r["params"]): r for r in remeasure(regexes)}

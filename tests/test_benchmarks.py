@@ -346,6 +346,15 @@ def test_nightly_keeps_a_timing_regression_only_when_a_second_measurement_confir
     assert nightly.confirm_regressions(nightly.compare(base, base, units, everything), remeasure) and len(asked) == 3
 
 
+def test_nightly_re_measures_an_unparameterized_benchmark_by_its_name_alone():
+    """asv names an unparameterized benchmark without `()`: the regex must select it."""
+    nightly = _load_nightly()
+    regex = nightly._combination_regex("bench_throughput.JaxRun.track_run_to_flop_floor", ())
+    assert re.search(regex, "bench_throughput.JaxRun.track_run_to_flop_floor")
+    assert not re.search(regex, "bench_throughput.JaxRun.track_run_to_flop_floor_gpu")
+    assert nightly._combination_regex("t", ("torch", "cpu")) == r"^t\('torch',\ 'cpu'\)$"
+
+
 def test_steps_to_target_reads_the_baselines_best_accuracy_and_never_reports_the_budget():
     harness = importlib.import_module("benchmarks._harness")
 
