@@ -44,10 +44,8 @@ CONVOLUTIONS = {
 
 
 def _path(x, kernel, stride, pads, groups):
-    size, window = tuple(x.shape[2:]), tuple(kernel.shape[2:])
-    (_, front_h, back_h), (_, front_w, back_w) = torch_ops._reversed_pads(size, window, stride, pads)
-    *_, ahead_h, behind_h = torch_ops._symmetric(front_h, back_h, stride)
-    *_, ahead_w, behind_w = torch_ops._symmetric(front_w, back_w, stride)
+    _, _, ((_, ahead_h, behind_h), (_, ahead_w, behind_w)) = torch_ops._reversed_window(
+        x, tuple(kernel.shape[2:]), stride, pads)
     extra_h, extra_w = ahead_h + behind_h, ahead_w + behind_w
     if not (extra_h or extra_w):
         return "symmetric"
