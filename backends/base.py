@@ -291,13 +291,13 @@ class Engine(abc.ABC):
     name: str = ""
     framework: str = ""  # import name of the framework, for availability checks
 
-    # Whether the training step runs compiled (traced once, then executed as a graph): JAX
-    # and TensorFlow always; PyTorch when asked (`compile`), eager otherwise.
+    # Whether the training step and the evaluation run compiled (traced once, then executed
+    # as a graph): JAX and TensorFlow always; PyTorch when asked (`compile`), eager otherwise.
     compiled_step: bool = True
 
     def __init__(self, device: str | None = None, dtype: str = "float32", compile: bool = False):  # noqa: A002
-        """`compile`: compile the training step where the framework would otherwise run it
-        eagerly (PyTorch); the frameworks that always compile ignore it."""
+        """`compile`: compile the training step and the evaluation where the framework would
+        otherwise run them eagerly (PyTorch); the frameworks that always compile ignore it."""
         self.dtype = dtype
         self.device = device
 

@@ -96,20 +96,22 @@ def counted_flops(plan, batch: int, training: bool) -> int:
     return int(counter.get_total_flops())
 
 
-def measure(backend: str, device: str = "cpu") -> dict:
-    """The body of `setup_cache`: step and evaluation times of every group size and variant."""
+def measure(backend: str, device: str = "cpu", compile: bool = False) -> dict:  # noqa: A002
+    """The body of `setup_cache`: step and evaluation times of every group size and variant.
+    With `compile` (PyTorch's `--compile`: the training loss and the evaluation compiled),
+    runs alone only: a vectorized group is not compiled, so it would time the eager one."""
     import numpy as np
 
     from normbench import runner
     from normbench.plan import resolve
 
-    engine = h.engine(backend, device)
+    engine = h.engine(backend, device, compile)
     spec = _main_job_spec()
     data = h.mnist()
     train_images, train_labels = engine.put_images(data.train_images), engine.put_labels(data.train_labels)
     evaluator = runner._Evaluator(engine, data, spec)
     cells, steppers = [], []
-    for size in _group_sizes():
+    for size in [1] if compile else _group_sizes():
         for variant in spec.variants:
             plan = resolve(spec, variant)
             seeds = list(range(size))
@@ -146,8 +148,9 @@ def measure(backend: str, device: str = "cpu") -> dict:
         cell["group_run_s"] = spec.steps_for(variant) * cell["step_s"] + full * cell["evaluation_s"]
         cell["run_s"] = cell["group_run_s"] / cell["group_size"]
         cell["evaluation_share"] = full * cell["evaluation_s"] / cell["group_run_s"]
-    result = {"backend": backend, "quick": h.quick(), "cells": cells, "seeds": len(spec.seeds),
-              "fastest_group_size": engine.fastest_group_size(), "device_description": engine.device_description()}
+    result = {"backend": backend, "compiled": compile, "quick": h.quick(), "cells": cells, "seeds": len(spec.seeds),
+              "fastest_group_size": 1 if compile else engine.fastest_group_size(),
+              "device_description": engine.device_description()}
     try:
         result["matmul_flops_per_s"] = matmul_rate()
         evaluated = sum(n for _, _, n in evaluator.splits.values())
@@ -186,9 +189,9 @@ class _Throughput:
             raise NotImplementedError(cache["skipped"])
 
 
-def _measured(backend: str) -> dict:
+def _measured(backend: str, compile: bool = False) -> dict:  # noqa: A002
     try:
-        return measure(backend)
+        return measure(backend, compile=compile)
     except NotImplementedError as exc:
         return {"skipped": str(exc)}
 
@@ -249,6 +252,17 @@ class TorchRun(_Run):
 
 class TorchRunTime(_RunTime):
     setup_cache = TorchRun.setup_cache  # shared on purpose: one measurement
+
+
+class TorchCompiledRun(_Run):
+    """TorchRun with `--compile` (torch.compile of the training loss and the evaluation),
+    runs alone. The projection leaves compilation out (once per variant in a process:
+    TimeFirstCompiledStep in bench_step_time.py times it)."""
+
+    def setup_cache(self):
+        return _measured("torch", compile=True)
+
+    setup_cache.timeout = SETUP_TIMEOUT_S
 
 
 class JaxRun(_Run):

@@ -63,7 +63,7 @@ def _add_run_options(p: argparse.ArgumentParser, default_out: str) -> None:
     p.add_argument("--data-dir", help="data cache directory (default: $NORMBENCH_DATA_DIR or ~/.cache/normbench)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--compile", action="store_true",
-                   help="torch: compile the training step with torch.compile (its first step then takes seconds; "
+                   help="torch: compile the training step and the evaluation with torch.compile (the first of each then takes seconds; "
                         "JAX and TensorFlow always compile theirs); recorded in each run's provenance")
     p.add_argument("--group-size", type=_positive_int, metavar="N",
                    help="train up to N seeds of a variant together, in one vectorized step where the backend can "

@@ -573,8 +573,8 @@ def run_sweep(spec: ExperimentSpec, backend_names: list[str], out: str | Path, *
     Up to `group_size` unfinished seeds of a variant train together, vectorized where the
     backend can (`execute_group`); None: each engine's `fastest_group_size`. A group
     holds only unfinished runs, and each run is written, resumed and keyed as alone.
-    `compile`: compile the training step where the backend runs eagerly otherwise
-    (PyTorch: torch.compile), recorded in each run's provenance.
+    `compile`: compile the training step and the evaluation where the backend runs them
+    eagerly otherwise (PyTorch: torch.compile), recorded in each run's provenance.
 
     Every check that can fail (unknown backend, a conflicting run in `out`, an
     unwritable `out`, an absent device, not enough memory, unusable data) runs before

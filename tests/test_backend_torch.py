@@ -152,9 +152,11 @@ def test_fused_group_norm_is_the_composed_formula(ops, shape, groups):
                                       "auxiliary_losses": [{"name": "standardization", "weight": 1.0}]}],
                          ids=lambda v: v["name"])
 def test_the_compiled_step_follows_the_eager_trajectory(variant, spec_factory):
-    """`--compile` (torch.compile of the loss, forward and backward) is held to the float32
-    trajectory tolerances of the parity tests against the eager step, on the batches,
-    schedule and optimizer a real run takes."""
+    """`--compile` (torch.compile of the loss, forward and backward, and of the evaluation)
+    is held to the float32 trajectory tolerances of the parity tests against the eager
+    step, on the batches, schedule and optimizer a real run takes; its evaluation of the
+    trained network (two chunk shapes: two compilations) agrees with the eager one to
+    float32 rounding."""
     from normbench import backends, parity
     from normbench.data_order import BatchOrder, seed_streams
     from normbench.plan import resolve
@@ -165,13 +167,14 @@ def test_the_compiled_step_follows_the_eager_trajectory(variant, spec_factory):
     rng = np.random.default_rng(11)
     images, labels = rng.random((64, 28, 28, 1)).astype(np.float32), rng.integers(0, 10, 64)
     order = BatchOrder(seed_streams(0)[1], 64, plan.batch_size)
-    outputs = {}
+    outputs, evaluations = {}, {}
     for compiled in (False, True):
         engine = backends.get_engine("torch", dtype="float32", compile=compiled)
         assert engine.compiled_step == compiled
         trainer = engine.trainer(plan, *plan.initial_parameters(0), engine.put_images(images), engine.put_labels(labels))
         losses = trainer.read_losses([trainer.step(order.indices(t), plan.learning_rate(t)) for t in range(10)])
         params, state = trainer.export()
+        evaluations[compiled] = trainer.evaluate(engine.put_images(images), engine.put_labels(labels), 64, chunk_size=48)
         outputs["compiled" if compiled else "eager"] = {
             **{f"trajectory/{name}": losses[:, k].astype(np.float64) for k, name in enumerate(plan.step_loss_names)},
             **{f"final/{k}": v.astype(np.float64) for k, v in params.items()},
@@ -179,3 +182,10 @@ def test_the_compiled_step_follows_the_eager_trajectory(variant, spec_factory):
     rows = parity.compare_outputs(outputs, "float32", plan.variant.name, plan.std_metric.log_epsilon)
     failed = [r for r in rows if not r.ok]
     assert rows and not failed, parity.format_table(failed)
+    eager, compiled = evaluations[False], evaluations[True]
+    assert abs(eager["accuracy"] - compiled["accuracy"]) <= 1 / 64  # at most one argmax tie broken otherwise
+    assert compiled["cross_entropy"] == pytest.approx(eager["cross_entropy"], rel=1e-5)
+    assert eager["moments"].keys() == compiled["moments"].keys() and eager["moments"]
+    for layer, moments in eager["moments"].items():
+        for a, b in zip(moments, compiled["moments"][layer]):
+            np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6, err_msg=layer)

@@ -77,6 +77,7 @@ def test_discovery_finds_the_suite():
           for m in ("track_evaluation_seconds_per_10k_images", "track_evaluation_share", "track_run_to_flop_floor",
                     "track_main_job_seconds")),
         *(f"bench_throughput.{b}RunTime.track_seconds_per_run" for b in ("Torch", "Jax", "Tensorflow")),
+        "bench_throughput.TorchCompiledRun.track_main_job_seconds",
     }
     assert expected <= set(BENCHMARKS), sorted(expected - set(BENCHMARKS))
     assert all(b.check(str(BENCHMARK_DIR)) for b in BENCHMARKS.values())
@@ -100,12 +101,13 @@ def test_training_caches_one_per_backend():
 
 
 def test_throughput_measures_once_per_backend():
-    """Each backend's throughput is measured once and read by both of its classes."""
+    """Each backend's throughput is measured once and read by both of its classes;
+    PyTorch's compiled runs are one more measurement of their own."""
     keys = {name: get_setup_cache_key(b._setup_cache) for name, b in BENCHMARKS.items()
             if name.startswith("bench_throughput.")}
-    for backend in ("Torch", "Jax", "Tensorflow"):
-        assert len({k for n, k in keys.items() if f".{backend}" in n}) == 1, backend
-    assert len(set(keys.values())) == 3
+    for backend in ("Torch", "Jax", "Tensorflow", "TorchCompiled"):
+        assert len({k for n, k in keys.items() if re.match(rf"bench_throughput\.{backend}Run(Time)?\.", n)}) == 1, backend
+    assert len(set(keys.values())) == 4
 
 
 def test_full_budgets_follow_the_paper(monkeypatch):
@@ -353,6 +355,23 @@ def test_nightly_re_measures_an_unparameterized_benchmark_by_its_name_alone():
     assert re.search(regex, "bench_throughput.JaxRun.track_run_to_flop_floor")
     assert not re.search(regex, "bench_throughput.JaxRun.track_run_to_flop_floor_gpu")
     assert nightly._combination_regex("t", ("torch", "cpu")) == r"^t\('torch',\ 'cpu'\)$"
+
+
+def test_the_main_jobs_wall_time_sums_one_share_per_framework():
+    """PyTorch's compiled runs are a column "torch --compile" of their own; the main job's
+    total counts each framework once: its default mode, and then its fastest mode."""
+    nightly = _load_nightly()
+    share = "track_main_job_seconds"
+    records = [{"benchmark": f"bench_throughput.{cls}Run.{share}", "value": value}
+               for cls, value in (("Torch", 600.0), ("Jax", 900.0), ("Tensorflow", 300.0), ("TorchCompiled", 480.0))]
+    assert [nightly._backend_of(r) for r in records] == ["torch", "jax", "tensorflow", "torch --compile"]
+    lines = nightly._throughput_summary(records)
+    assert lines[0].startswith("The main job's wall time (the backends one after another): 30.0 minutes (torch 10.0")
+    assert lines[2].startswith("The main job's wall time with each framework's fastest option (the backends one after "
+                               "another): 28.0 minutes (torch --compile 8.0, jax 15.0, tensorflow 5.0)")
+    # Compiled slower than eager: the fastest total is the default one, printed once.
+    records[-1]["value"] = 700.0
+    assert [line for line in nightly._throughput_summary(records) if line] == [lines[0]]
 
 
 def test_steps_to_target_reads_the_baselines_best_accuracy_and_never_reports_the_budget():

@@ -22,7 +22,7 @@ class Engine(base.Engine):
     def __init__(self, device: str | None = None, dtype: str = "float32", compile: bool = False):  # noqa: A002
         super().__init__(device, dtype, compile)
         self.compiled_step = compile
-        self._compiled_losses: dict[tuple, object] = {}  # (spec hash, variant) -> compiled `program.loss`
+        self._compiled_functions: dict[tuple, object] = {}  # (what, spec hash, variant, ...) -> its torch.compile
         requested = device or "cpu"
         try:
             self.torch_device = torch.device(requested)
@@ -104,18 +104,30 @@ class Engine(base.Engine):
         torch.compile of it (forward and, through AOTAutograd, backward), compiled once per
         spec and variant and shared by every trainer of them (a sweep's seeds)."""
         ops = self.ops
+        return self._compiled(("loss", program.spec.hash(), program.variant.name),
+                              lambda params, state, images, labels, masks: program.loss(ops, params, state, images, labels, masks))
+
+    def evaluation_function(self, program, track=()):
+        """`program.evaluation` of one chunk: eager, or with `compile` its torch.compile,
+        shared as `training_loss` is. Compiled, a chunk's convolutions, activations and
+        pre-activation moments run as a few fused kernels: on cnn3 an evaluation of 10,000
+        images took 206 / 221 / 161 ms against 281 / 348 / 218 eager (none / batch norm /
+        standardization loss; 2-core machine, alternating in one process), the moments
+        aggregated across chunks exactly as before."""
+        ops, track = self.ops, tuple(track)
+        return self._compiled(("evaluation", program.spec.hash(), program.variant.name, track),
+                              lambda params, state, images, labels: program.evaluation(ops, params, state, images, labels, track))
+
+    def _compiled(self, key, function):
         if not self.compiled_step:
-            return lambda params, state, images, labels, masks: program.loss(ops, params, state, images, labels, masks)
-        key = (program.spec.hash(), program.variant.name)
-        if key not in self._compiled_losses:
+            return function
+        if key not in self._compiled_functions:
             # Dynamo guards on the plan the closure holds, so every variant is a recompile
             # of this one code object; its default limit (8) would silently fall back to
             # eager from the ninth variant of a sweep on.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, _RECOMPILE_LIMIT)
-            self._compiled_losses[key] = torch.compile(
-                lambda params, state, images, labels, masks: program.loss(ops, params, state, images, labels, masks),
-                dynamic=False)
-        return self._compiled_losses[key]
+            self._compiled_functions[key] = torch.compile(function, dynamic=False)
+        return self._compiled_functions[key]
 
     def vectorized_group(self, program, members, train_images, train_labels, track=()):
         return VectorizedGroup(self, program, members, train_images, train_labels, track)
@@ -139,6 +151,7 @@ class Trainer(base.Trainer):
         self.opt_state = program.optimizer.init(self.ops, self.params)
         self.train_images, self.train_labels = train_images, train_labels
         self._loss = engine.training_loss(program)
+        self._evaluation = engine.evaluation_function(program, track)
 
     def _batch(self, indices, images=None):
         index = torch.from_numpy(np.ascontiguousarray(indices, dtype=np.int64)).to(self.engine.torch_device)
@@ -186,7 +199,7 @@ class Trainer(base.Trainer):
 
     def _evaluate_chunk(self, images, labels):
         with torch.inference_mode():
-            return self._chunk_to_numpy(self.program.evaluation(self.ops, self.params, self.state, images, labels, self.track))
+            return self._chunk_to_numpy(self._evaluation(self.params, self.state, images, labels))
 
 
 def _stacked(trees: list[dict]) -> dict:
