@@ -20,7 +20,10 @@ then the `track_` methods read it), with real MNIST placed once:
 - The FLOP floor: the multiply-adds of one training step and one evaluated image, counted
   with PyTorch's FlopCounterMode (matrix multiplies and convolutions, forward and
   backward; the network is the same in every backend), over the matrix-multiply rate
-  measured in the same process (float32 2048 x 2048 products with torch).
+  (float32 2048 x 2048 products with torch) timed as one more callable in the steps'
+  side-by-side rounds, so it sees the machine the steps saw. Timed on its own for a
+  second, it measured 1.7x slower in one process than in another minutes later (at
+  3097b59: torch --compile's run took 0.87x eager's, its floor ratio read 0.52x).
 
 Under NORMBENCH_BENCH_QUICK every count is tiny (the same code path, in seconds).
 """
@@ -59,19 +62,15 @@ def _main_job_spec():
     return spec
 
 
-def matmul_rate() -> float:
-    """Float32 multiply-adds x 2 per second of a square matrix product on this machine (torch, the median of ten)."""
+def matrix_product():
+    """(a float32 square matrix product with torch, its FLOPs): the callable whose median
+    time gives the machine's matrix-multiply rate. ImportError without torch."""
     import torch
 
     n = QUICK_MATMUL_SIZE if h.quick() else MATMUL_SIZE
     a, b = torch.randn(n, n), torch.randn(n, n)
     torch.mm(a, b)
-    samples = []
-    for _ in range(10):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        samples.append(time.perf_counter() - start)
-    return 2.0 * n**3 / statistics.median(samples)
+    return (lambda: torch.mm(a, b)), 2.0 * n**3
 
 
 def counted_flops(plan, batch: int, training: bool) -> int:
@@ -138,8 +137,13 @@ def measure(backend: str, device: str = "cpu", compile: bool = False) -> dict:  
                           "evaluated_images": sum(n for _, _, n in evaluator.splits.values())})
             steppers.append(step)
             print(f"{backend}: group {size} {variant.name} ready", file=sys.stderr, flush=True)
+    try:
+        product, product_flops = matrix_product()
+    except ImportError:  # no torch to count with: the floor ratios are skipped
+        product = None
     rounds, seconds = h.ratio_rounds()
-    for cell, median in zip(cells, h.side_by_side_medians(steppers, rounds, seconds)):
+    medians = h.side_by_side_medians(steppers + ([product] if product else []), rounds, seconds)
+    for cell, median in zip(cells, medians):
         cell["step_s"] = median
     for cell in cells:
         variant = spec.variant(cell["variant"])
@@ -151,12 +155,10 @@ def measure(backend: str, device: str = "cpu", compile: bool = False) -> dict:  
     result = {"backend": backend, "compiled": compile, "quick": h.quick(), "cells": cells, "seeds": len(spec.seeds),
               "fastest_group_size": 1 if compile else engine.fastest_group_size(),
               "device_description": engine.device_description()}
-    try:
-        result["matmul_flops_per_s"] = matmul_rate()
+    if product:
+        result["matmul_flops_per_s"] = product_flops / medians[-1]
         evaluated = sum(n for _, _, n in evaluator.splits.values())
         result["run_flops"] = {v.name: _run_flops(spec, v, evaluated) for v in spec.variants}
-    except ImportError:  # no torch to count with: the floor ratios are skipped
-        pass
     return result
 
 
