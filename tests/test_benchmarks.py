@@ -372,6 +372,7 @@ def test_the_main_jobs_wall_time_sums_one_share_per_framework():
     # Compiled slower than eager: the fastest total is the default one, printed once.
     records[-1]["value"] = 700.0
     assert [line for line in nightly._throughput_summary(records) if line] == [lines[0]]
+    assert len([line for line in nightly._throughput_summary(records[::-1]) if line]) == 1  # whatever the order
 
 
 def test_steps_to_target_reads_the_baselines_best_accuracy_and_never_reports_the_budget():
