@@ -23,6 +23,7 @@ import sys
 
 import numpy as np
 
+from normbench import resources
 from normbench.auxiliary_losses import combine_moments
 from normbench.plan import Plan
 
@@ -431,14 +432,24 @@ class Trainer(abc.ABC):
     # Images per evaluated chunk, the fastest measured for the backend: evaluating 10,000
     # test images on cnn3 on the 2-core machine (seconds at chunks of 100 / 250 / 500 /
     # 1000 / 2000; none, standardization loss, batch norm alike): PyTorch 0.24 / 0.20 /
-    # 0.17 / 0.36 / 0.47, TensorFlow 0.28 / 0.22 / 0.18 / 0.19 / 0.20; JAX's are below.
-    # Larger chunks stop fitting the CPU caches.
+    # 0.17 / 0.36 / 0.47; larger chunks stop fitting the CPU caches. JAX's and
+    # TensorFlow's are in their engines.
     evaluation_chunk_size = 500
+    # Where set, chunks grow past evaluation_chunk_size to hold about this many bytes of
+    # activations (`resources.evaluation_chunk`): for a backend whose fixed cost per call
+    # outweighs the caches, and only for a run evaluated alone (a vectorized group's
+    # chunks are `RunGroup.evaluation_chunk_size`).
+    evaluation_chunk_bytes: int | None = None
+
+    def default_chunk_size(self) -> int:
+        """Images per evaluated chunk when `evaluate` is given none."""
+        return resources.evaluation_chunk(self.program.arch, self.engine.dtype, self.evaluation_chunk_size,
+                                          self.evaluation_chunk_bytes)
 
     def evaluate(self, images, labels, num_examples: int, chunk_size: int | None = None) -> dict:
         """Inference-mode metrics over a whole split, aggregated exactly across chunks of
-        `chunk_size` images (default: the backend's `evaluation_chunk_size`)."""
-        chunk_size = chunk_size or self.evaluation_chunk_size
+        `chunk_size` images (default: `default_chunk_size`)."""
+        chunk_size = chunk_size or self.default_chunk_size()
         chunks = [(stop - start, self._evaluate_chunk(images[start:stop], labels[start:stop]))
                   for start, stop in _chunk_bounds(num_examples, chunk_size)]
         return aggregate_evaluation(self.program, self.track, chunks, num_examples)

@@ -7,7 +7,8 @@ small machine), never ones that merely come close:
     parameters   (kernels, biases, shifts, scales) x (value + gradient + optimizer slots + update temporary)
     activations  per example: the input, and each hidden layer's output x TRAINING_COPIES
                  (pre-activation, normalized value, ReLU output, and their gradients),
-                 times batch_size; evaluation chunks of EVALUATION_CHUNK examples likewise
+                 times batch_size; evaluation chunks likewise (EVALUATION_CHUNK examples, or
+                 a chunk sized by bytes, `evaluation_chunk`)
     data         the scaled training and test images as NumPy arrays, plus each backend's
                  copy of them (placed once per engine)
 
@@ -29,6 +30,11 @@ BYTES_PER_VALUE = {"float32": 4, "float64": 8}
 TRAINING_COPIES = 6  # values kept per activation in a training step (see the module docstring)
 EVALUATION_COPIES = 3  # inference: pre-activation, normalized value, ReLU output
 EVALUATION_CHUNK = 500  # the largest of the trainers' evaluation_chunk_size (a test holds it)
+# A trainer that sizes its chunks by bytes (`evaluation_chunk`) holds at most this much
+# activation memory per chunk, and at most EVALUATION_CHUNK_MAX images (a test holds
+# every trainer's evaluation_chunk_bytes to it).
+EVALUATION_CHUNK_BYTES = 512 << 20
+EVALUATION_CHUNK_MAX = 5000
 OPTIMIZER_SLOTS = {"sgd": 1, "rmsprop": 2, "adam": 2}  # state tensors per parameter (sgd: momentum)
 
 
@@ -60,6 +66,18 @@ def _activation_values(arch: architectures.Architecture) -> tuple[int, int]:
     return math.prod(arch.input_shape), hidden
 
 
+def evaluation_chunk(arch: architectures.Architecture, dtype: str, images: int = EVALUATION_CHUNK,
+                     budget_bytes: int | None = None) -> int:
+    """Images per evaluation chunk of one run of `arch`: `images`, or with a budget, as many
+    as fit its activations (the input and EVALUATION_COPIES of every layer's output) in
+    `budget_bytes`, never fewer than `images` nor more than EVALUATION_CHUNK_MAX."""
+    if budget_bytes is None:
+        return images
+    inputs, hidden = _activation_values(arch)
+    per_example = (inputs + EVALUATION_COPIES * hidden) * BYTES_PER_VALUE[dtype]
+    return max(images, min(EVALUATION_CHUNK_MAX, budget_bytes // per_example))
+
+
 def parameter_count(arch: architectures.Architecture) -> int:
     """Kernels plus two per-channel vectors (bias or shift, and a scale) per layer (an upper bound for most methods)."""
     return sum(math.prod(layer.kernel_shape) + 2 * layer.kernel_shape[-1] for layer in arch.layers())
@@ -76,23 +94,28 @@ def estimate(spec: ExperimentSpec, backends: int = 1, runs_together: int = 1) ->
     inputs, hidden = _activation_values(arch)
     per_example = (inputs + TRAINING_COPIES * hidden) * size
     info = datasets.info(spec.dataset)
+    examples = max(spec.train_eval_examples, info.test_examples)
+    # A run evaluated alone may take a chunk sized by bytes; a vectorized group's chunk
+    # holds EVALUATION_CHUNK images of every member. The larger of the two counts.
+    largest_chunk = min(evaluation_chunk(arch, spec.dtype, budget_bytes=EVALUATION_CHUNK_BYTES), examples)
+    grouped_chunk = min(EVALUATION_CHUNK, examples)
     image_values = math.prod(info.image_shape)
     dataset_images = info.train_examples + info.test_examples
     if datasets.streams_from_disk(info, host_memory_available()):
         # Read from disk a training batch and an evaluation chunk at a time (the runner's
         # ScaledImages): one of each, in the run dtype, on the host and on every backend.
         batch = max(spec.batch_size_for(v) for v in spec.variants)
-        data = image_values * size * (batch + EVALUATION_CHUNK) * (1 + backends)
+        data = image_values * size * (batch + largest_chunk) * (1 + backends)
     else:
         # NumPy copies in the run dtype, plus each backend's train, test and train-subset copies.
         data = image_values * size * (dataset_images + backends * (dataset_images + spec.train_eval_examples))
     slots = OPTIMIZER_SLOTS.get(spec.optimizer.name, 2)
     parameters = backends * runs_together * parameter_count(arch) * size * (3 + slots)
     per_example *= runs_together  # one example of every run of the group
-    chunk = min(EVALUATION_CHUNK, max(spec.train_eval_examples, info.test_examples))
     batch = max(spec.batch_size_for(v) for v in spec.variants)  # the largest, where variants set their own
-    return MemoryEstimate(parameters=parameters, activations=batch * per_example,
-                          evaluation=chunk * (inputs + runs_together * EVALUATION_COPIES * hidden) * size, data=data,
+    evaluation = max(grouped_chunk * (inputs + runs_together * EVALUATION_COPIES * hidden),
+                     largest_chunk * (inputs + EVALUATION_COPIES * hidden)) * size
+    return MemoryEstimate(parameters=parameters, activations=batch * per_example, evaluation=evaluation, data=data,
                           per_example=per_example)
 
 

@@ -525,6 +525,25 @@ def test_an_absent_device_fails_before_data_loads(tmp_path, monkeypatch, capsys,
     assert not (tmp_path / "out").exists()
 
 
+def test_an_evaluation_chunk_sized_by_bytes_fills_its_budget_within_the_bounds():
+    budget = resources.EVALUATION_CHUNK_BYTES
+    cnn3, resnet, pointnet = (architectures.get(m) for m in ("cnn3", "resnet-small", "pointnet-small"))
+    assert resources.evaluation_chunk(cnn3, "float32") == resources.EVALUATION_CHUNK  # no budget: the images given
+    assert resources.evaluation_chunk(cnn3, "float32", budget_bytes=budget) == resources.EVALUATION_CHUNK_MAX
+    inputs, hidden = resources._activation_values(resnet)
+    per_example = (inputs + resources.EVALUATION_COPIES * hidden) * 4
+    chunk = resources.evaluation_chunk(resnet, "float32", budget_bytes=budget)
+    assert resources.EVALUATION_CHUNK < chunk < resources.EVALUATION_CHUNK_MAX
+    assert chunk * per_example <= budget < (chunk + 1) * per_example
+    assert resources.evaluation_chunk(resnet, "float64", budget_bytes=budget) == chunk // 2
+    # Never below the fixed chunk the trainers evaluated with before (a network too large for the budget).
+    assert resources.evaluation_chunk(pointnet, "float32", budget_bytes=budget) == resources.EVALUATION_CHUNK
+    # The memory estimate counts the larger chunk a run evaluated alone may take.
+    estimate = resources.estimate(spec_module.load("mnist-cnn"))
+    inputs, hidden = resources._activation_values(cnn3)
+    assert estimate.evaluation == resources.EVALUATION_CHUNK_MAX * (inputs + resources.EVALUATION_COPIES * hidden) * 4
+
+
 def test_the_estimates_evaluation_chunk_bounds_every_backends():
     """The memory estimate sizes an evaluation chunk at the largest any trainer uses."""
     import importlib
@@ -532,8 +551,8 @@ def test_the_estimates_evaluation_chunk_bounds_every_backends():
     from normbench import backends
     from normbench.backends import base
 
-    chunks = [base.Trainer.evaluation_chunk_size]
-    for name in backends.names():
-        if backends.is_available(name):
-            chunks.append(importlib.import_module(f"normbench.backends.{name}.engine").Trainer.evaluation_chunk_size)
-    assert resources.EVALUATION_CHUNK == max(chunks)
+    trainers = [base.Trainer] + [importlib.import_module(f"normbench.backends.{name}.engine").Trainer
+                                 for name in backends.names() if backends.is_available(name)]
+    assert resources.EVALUATION_CHUNK == max(t.evaluation_chunk_size for t in trainers)
+    budgets = [t.evaluation_chunk_bytes for t in trainers if t.evaluation_chunk_bytes is not None]
+    assert all(b <= resources.EVALUATION_CHUNK_BYTES for b in budgets)

@@ -23,6 +23,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from normbench import resources  # noqa: E402
 from normbench.backends import base  # noqa: E402
 from normbench.backends.tensorflow.ops import Ops  # noqa: E402
 
@@ -123,6 +124,15 @@ class Engine(base.Engine):
 
 
 class Trainer(base.Trainer):
+    # Each call of a traced function costs TensorFlow a fixed ~2 ms (the call, slicing the
+    # chunk, a dozen tensors read back), which small networks feel and the caches do not
+    # repay: 10,000 test images on the 2-core machine, chunks of 500 / 1000 / 2500 / 5000
+    # / 10000 images, cnn3 none 247 / 221 / 213 / 213 / 202 ms, batch norm 310 / 262 / 257 /
+    # 234 / 240, standardization loss 210 / 212 / 191 / 183 / 172; mlp3 at 500 / 1000 /
+    # 5000 36 / 31 / 18 ms; resnet-small 78 / 81 ms at 500 / 1000 (neutral). So chunks hold
+    # up to EVALUATION_CHUNK_BYTES of activations (cnn3: 5000 images, resnet-small: 1347).
+    evaluation_chunk_bytes = resources.EVALUATION_CHUNK_BYTES
+
     def __init__(self, engine, program, params, state, train_images, train_labels, track):
         super().__init__(engine, program, track)
         self.ops = engine.ops
