@@ -20,10 +20,16 @@ then the `track_` methods read it), with real MNIST placed once:
 - The FLOP floor: the multiply-adds of one training step and one evaluated image, counted
   with PyTorch's FlopCounterMode (matrix multiplies and convolutions, forward and
   backward; the network is the same in every backend), over the matrix-multiply rate
-  (float32 2048 x 2048 products with torch) timed as one more callable in the steps'
-  side-by-side rounds, so it sees the machine the steps saw. Timed on its own for a
-  second, it measured 1.7x slower in one process than in another minutes later (at
-  3097b59: torch --compile's run took 0.87x eager's, its floor ratio read 0.52x).
+  (float32 2048 x 2048 products with the framework's own matmul) timed as one more
+  callable in the steps' side-by-side rounds, so it sees the machine the steps saw.
+  Timed on its own for a second, it measured 1.7x slower in one process than in another
+  minutes later (at 3097b59: torch --compile's run took 0.87x eager's, its floor ratio
+  read 0.52x). Timed with torch in every process, the same FLOPs gave floors of 7.3 s in
+  torch's, 7.6 s in TensorFlow's and 10.2 s in JAX's (at 143490d); with the framework the
+  steps use, the product runs on the threads the steps run on, and no second framework's
+  threads share the cores with the steps. On the 2-core machine, 2048 x 2048 products
+  alternating in one process: JAX 188 GFLOP/s (torch beside it 178), TensorFlow 187-190
+  (torch 171-177), torch alone 129-185 in four processes.
 
 Under NORMBENCH_BENCH_QUICK every count is tiny (the same code path, in seconds).
 """
@@ -62,15 +68,22 @@ def _main_job_spec():
     return spec
 
 
-def matrix_product():
-    """(a float32 square matrix product with torch, its FLOPs): the callable whose median
-    time gives the machine's matrix-multiply rate. ImportError without torch."""
-    import torch
+def matrix_product(engine):
+    """(a float32 square matrix product with the engine's own `ops.matmul`, its FLOPs): the
+    callable whose median time gives the machine's matrix-multiply rate. Each call reads
+    one value of the product back, so that an asynchronous framework (JAX) has finished
+    it."""
+    import numpy as np
 
     n = QUICK_MATMUL_SIZE if h.quick() else MATMUL_SIZE
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)
-    return (lambda: torch.mm(a, b)), 2.0 * n**3
+    rng = np.random.default_rng(0)
+    arrays = engine.import_tree({"a": rng.standard_normal((n, n)), "b": rng.standard_normal((n, n))})
+
+    def product():
+        return float(engine.to_numpy(engine.ops.matmul(arrays["a"], arrays["b"])[0, 0]))
+
+    product()
+    return product, 2.0 * n**3
 
 
 def counted_flops(plan, batch: int, training: bool) -> int:
@@ -137,12 +150,9 @@ def measure(backend: str, device: str = "cpu", compile: bool = False) -> dict:  
                           "evaluated_images": sum(n for _, _, n in evaluator.splits.values())})
             steppers.append(step)
             print(f"{backend}: group {size} {variant.name} ready", file=sys.stderr, flush=True)
-    try:
-        product, product_flops = matrix_product()
-    except ImportError:  # no torch to count with: the floor ratios are skipped
-        product = None
+    product, product_flops = matrix_product(engine)
     rounds, seconds = h.ratio_rounds()
-    medians = h.side_by_side_medians(steppers + ([product] if product else []), rounds, seconds)
+    medians = h.side_by_side_medians(steppers + [product], rounds, seconds)
     for cell, median in zip(cells, medians):
         cell["step_s"] = median
     for cell in cells:
@@ -155,10 +165,13 @@ def measure(backend: str, device: str = "cpu", compile: bool = False) -> dict:  
     result = {"backend": backend, "compiled": compile, "quick": h.quick(), "cells": cells, "seeds": len(spec.seeds),
               "fastest_group_size": 1 if compile else engine.fastest_group_size(),
               "device_description": engine.device_description()}
-    if product:
-        result["matmul_flops_per_s"] = product_flops / medians[-1]
+    result["matrix_product_s"] = medians[-1]
+    result["matmul_flops_per_s"] = product_flops / medians[-1]
+    try:
         evaluated = sum(n for _, _, n in evaluator.splits.values())
         result["run_flops"] = {v.name: _run_flops(spec, v, evaluated) for v in spec.variants}
+    except ImportError:  # no torch to count with: the floor ratios are skipped
+        pass
     return result
 
 
@@ -235,6 +248,12 @@ class _Run(_Throughput):
         return statistics.mean(c["run_s"] / (cache["run_flops"][c["variant"]] / cache["matmul_flops_per_s"])
                                for c in cells)
     track_run_to_flop_floor.unit = "ratio"
+
+    def track_matrix_product_seconds(self, cache):
+        """One float32 2048 x 2048 matrix product with the framework's own matmul, timed
+        side by side with the steps: the rate of the FLOP floor above."""
+        return cache["matrix_product_s"]
+    track_matrix_product_seconds.unit = "seconds"
 
     def track_main_job_seconds(self, cache):
         """This backend's share of the main job (every variant x the spec's seeds) at its

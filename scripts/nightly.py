@@ -311,6 +311,7 @@ EXPORTED = [
     ("track_evaluation_seconds_per_10k_images", "Evaluation time per 10,000 images (one run)", "seconds"),
     ("track_evaluation_share", "Evaluation's share of a run's time at eval_every = 50", "fraction"),
     ("track_run_to_flop_floor", "A run's time / its FLOPs at the matrix-multiply rate measured in the same run", "ratio"),
+    ("track_matrix_product_seconds", "The FLOP floor's rate: one float32 2048 x 2048 matrix product with the framework's own matmul, timed beside the steps", "seconds"),
 ]
 
 

@@ -75,7 +75,7 @@ def test_discovery_finds_the_suite():
         *(f"bench_training.{b}DeviceMemory.track_device_peak_memory" for b in ("Torch", "Jax", "Tensorflow")),
         *(f"bench_throughput.{b}Run.{m}" for b in ("Torch", "Jax", "Tensorflow")
           for m in ("track_evaluation_seconds_per_10k_images", "track_evaluation_share", "track_run_to_flop_floor",
-                    "track_main_job_seconds")),
+                    "track_matrix_product_seconds", "track_main_job_seconds")),
         *(f"bench_throughput.{b}RunTime.track_seconds_per_run" for b in ("Torch", "Jax", "Tensorflow")),
         "bench_throughput.TorchCompiledRun.track_main_job_seconds",
     }
