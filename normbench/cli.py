@@ -119,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                    help="precision (default: %(default)s; float32 also compares each backend with a float64 run)")
     p.add_argument("--backend", action="append", dest="backends", help="backend to include (repeatable; default: all available)")
+    p.add_argument("--device", help="device of every backend, e.g. cpu, cuda, cuda:1 (default: cpu)")
 
     p = sub.add_parser("specs", help="list bundled specs, or print one to copy")
     p.add_argument("name", nargs="?", help="print this bundled spec's TOML")
@@ -233,7 +234,7 @@ def _cmd_parity(args) -> int:
     chosen = [backends.canonical_name(b) for b in args.backends] if args.backends else backends.available()
     if len(chosen) < 2:
         raise UsageError(f"parity needs at least two installed backends, have {chosen}; install more with pip install 'normbench[all]'")
-    ok, text = parity.run_parity(spec, steps=args.steps, dtype=args.dtype, backends=chosen)
+    ok, text = parity.run_parity(spec, steps=args.steps, dtype=args.dtype, backends=chosen, device=args.device)
     print(text)
     if not ok:
         print("normbench: parity: at least one quantity exceeded its tolerance (marked FAIL above)", file=sys.stderr)

@@ -78,6 +78,19 @@ def test_absent_device_exits_2(backend_name, tmp_path, capsys):
     assert not (tmp_path / "out").exists()  # checked before anything is written
 
 
+@pytest.mark.skipif(Path("/dev/nvidia0").exists(), reason="a GPU is present: --device cuda is not absent here")
+def test_parity_on_an_absent_device_exits_2(capsys):
+    from normbench import backends
+
+    installed = backends.available()
+    if len(installed) < 2:
+        pytest.skip("parity needs two installed backends")
+    argv = ["parity", "smoke", "--device", "cuda", "--steps", "1"] + [a for b in installed[:2] for a in ("--backend", b)]
+    code, out, err = _main(argv, capsys)
+    _assert_usage_error(code, err, "cuda")
+    assert out == ""  # refused before any step ran
+
+
 @pytest.mark.parametrize("argv", [["run", "smoke", "--backend", "nosuchbackend"],
                                   ["run", "smoke", "--backend", "torch", "--steps", "0"]], ids=["usage", "argparse"])
 def test_console_script_errors(argv, tmp_path):
