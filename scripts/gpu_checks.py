@@ -236,15 +236,18 @@ def _per_run(m: dict) -> dict:
     """A run alone (group size 1): evaluation per 10k images, evaluation share, the FLOP
     floor's ratio and rate; and the main job at the engine's default group size and at the
     fastest group size measured."""
-    alone = [c for c in m["cells"] if c["group_size"] == 1]
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import bench_throughput
+
+    run = bench_throughput._Run()  # the CPU record's formulas, read from the same measurement
     figures = {
-        "evaluation_s_per_10k": statistics.mean(c["evaluation_s"] * 10_000 / c["evaluated_images"] for c in alone),
-        "evaluation_share": statistics.mean(c["evaluation_share"] for c in alone),
+        "evaluation_s_per_10k": run.track_evaluation_seconds_per_10k_images(m),
+        "evaluation_share": run.track_evaluation_share(m),
         "matmul_gflop_s": m["matmul_flops_per_s"] / 1e9,
     }
     if "run_flops" in m:
-        figures["run_to_flop_floor"] = statistics.mean(
-            c["run_s"] / (m["run_flops"][c["variant"]] / m["matmul_flops_per_s"]) for c in alone)
+        figures["run_to_flop_floor"] = run.track_run_to_flop_floor(m)
+    # The main job at every group size measured (the asv figure takes the default's only).
     by_size = {}
     for c in m["cells"]:
         by_size.setdefault(c["group_size"], []).append(c["run_s"] * m["seeds"])
