@@ -429,6 +429,25 @@ def inference_cases() -> list[str]:
             for form in (("unfolded", "folded") if folds[(arch, variant)] else ("unfolded",))]
 
 
+def inference_baseline(case: str) -> str:
+    """The unfolded case of `case`'s architecture without normalization, auxiliary loss or
+    `affine` (the plain network: the denominator of an inference overhead)."""
+    architecture, variant, _ = case.split(":")
+    if architecture not in ARCHITECTURE_SPECS:
+        return f"{architecture}:{method_baseline(variant)}:unfolded"
+    for v in specs.load(ARCHITECTURE_SPECS[architecture]).variants:
+        if v.normalization.name == "none" and not v.auxiliary_losses and not v.affine:
+            return f"{architecture}:{v.name}:unfolded"
+    raise NotImplementedError(f"{ARCHITECTURE_SPECS[architecture]} has no variant without normalization")
+
+
+def inference_overhead_cases() -> list[str]:
+    """`inference_cases` less the plain networks themselves (their ratio is 1 by definition);
+    under NORMBENCH_BENCH_QUICK the first of them (each case builds four predictors)."""
+    cases = [case for case in inference_cases() if inference_baseline(case) != case]
+    return cases[:1] if quick() else cases
+
+
 _WARM_PREDICTORS: dict[tuple, Predictor] = {}
 
 

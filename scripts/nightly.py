@@ -302,6 +302,8 @@ EXPORTED = [
     ("bench_architectures.ResNet50PeakMemory.track_peak_step_memory", "Host memory of one ResNet-50 training step at batch 8", "bytes"),
     ("bench_inference.InferenceLatency.time_predict", "Inference: time to predict one image (batch norm unfolded and folded into the layers)", "seconds"),
     ("bench_inference.InferenceThroughput.track_seconds_per_image", "Inference: time per image of a large batch (batch norm unfolded and folded into the layers)", "seconds"),
+    ("bench_inference.InferenceOverhead.track_latency_vs_plain", "Inference: time to predict one image / the plain network's (the same architecture without normalization), side by side", "ratio"),
+    ("bench_inference.InferenceOverhead.track_per_image_vs_plain", "Inference: time per image of a large batch / the plain network's, side by side", "ratio"),
     ("track_steps_to_target", "Steps to the baseline's best test accuracy within 1000 steps (speed-up = the baseline's steps / a method's; n/a = not reached)", "steps"),
     ("track_final_test_error", "Test error after 1000 steps", "fraction"),
     ("track_host_rss_growth", "Host RSS growth during a 1000-step run", "bytes"),

@@ -70,6 +70,7 @@ def test_discovery_finds_the_suite():
         "bench_step_time.TimeStep.time_step", "bench_step_time.TimeFirstStep.time_first_step",
         "bench_ratios.NormalizationOverhead.track_overhead_vs_none", "bench_ratios.ReferenceRatio.track_ratio_to_reference",
         "bench_inference.InferenceLatency.time_predict", "bench_inference.InferenceThroughput.track_seconds_per_image",
+        "bench_inference.InferenceOverhead.track_latency_vs_plain", "bench_inference.InferenceOverhead.track_per_image_vs_plain",
         *(f"bench_training.{b}Training.{m}" for b in ("Torch", "Jax", "Tensorflow")
           for m in ("track_steps_to_target", "track_final_test_error", "track_host_rss_growth")),
         *(f"bench_training.{b}DeviceMemory.track_device_peak_memory" for b in ("Torch", "Jax", "Tensorflow")),
@@ -320,6 +321,22 @@ def test_the_inference_grid_is_every_valid_case_once():
     folded = {c.rsplit(":", 1)[0] for c in cases if c.endswith(":folded")}
     assert folded and folded <= {c.rsplit(":", 1)[0] for c in cases if c.endswith(":unfolded")}
     assert not any("group" in c or "layer-norm" in c for c in folded)
+
+
+def test_every_inference_overhead_divides_by_the_plain_network_of_its_own_architecture(monkeypatch):
+    monkeypatch.delenv("NORMBENCH_BENCH_QUICK")
+    harness = importlib.import_module("benchmarks._harness")
+    cases, overhead = harness.inference_cases(), harness.inference_overhead_cases()
+    plains = {harness.inference_baseline(c) for c in cases}
+    # Each plain network is measured on its own (InferenceLatency) and is never its own numerator.
+    assert plains <= set(cases) and not plains & set(overhead)
+    assert set(overhead) | plains == set(cases)
+    assert len(plains) == len(harness.ARCHITECTURES) + 1  # cnn3 and each small architecture
+    for case in overhead:
+        plain = harness.inference_baseline(case)
+        assert plain.split(":")[0] == case.split(":")[0] and plain.endswith(":unfolded")
+        variant = harness.inference_plan(*plain.split(":")[:2]).variant
+        assert variant.normalization.name == "none" and not variant.auxiliary_losses and not variant.affine, case
 
 
 def test_nightly_keeps_a_timing_regression_only_when_a_second_measurement_confirms_it():
