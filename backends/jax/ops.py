@@ -106,6 +106,7 @@ class Ops(base.Ops):
         # The phase-split input gradient answers XLA's CPU convolutions; GPUs keep their
         # own strided gradients (cuDNN's), unmeasured against it.
         self.phase_gradients = platform == "cpu"
+        self.platform = platform
 
     def ndim(self, x):
         return x.ndim
