@@ -128,3 +128,34 @@ def test_the_phase_split_input_gradient_is_xlas_gradient_of_the_strided_convolut
     uses_phases = ops.phase_gradients and jax_ops._phase_gradient_pays(weights, stride, 1)
     assert uses_phases == (kernel != 3)  # 3x3 stride 2 grows to 4x4: 1.78x the multiply-adds
     assert not jax_ops.Ops("gpu").phase_gradients
+
+
+def test_inference_on_cpu_takes_the_fusion_option_only_where_jaxlib_accepts_it(monkeypatch):
+    jax_engine._inference_options.cache_clear()
+    monkeypatch.setattr(jax_engine, "CPU_INFERENCE_COMPILER_OPTIONS", {"xla_cpu_no_such_option_anywhere": True})
+    assert jax_engine._inference_options("cpu") == {}  # refused: XLA's defaults
+    jax_engine._inference_options.cache_clear()
+    monkeypatch.undo()
+    assert jax_engine._inference_options("gpu") == {}
+    assert jax_engine._inference_options("cpu") in ({}, jax_engine.CPU_INFERENCE_COMPILER_OPTIONS)
+    jax_engine._inference_options.cache_clear()
+
+
+@pytest.mark.parametrize("normalization", ["none", "batch_norm"])
+def test_evaluation_with_the_fusion_option_is_evaluation_with_xlas_defaults(spec_factory, monkeypatch, normalization):
+    """The inference compiler options change how the forward pass is scheduled, not what it
+    computes: every evaluated quantity agrees with XLA's defaults to float32 rounding."""
+    spec = spec_factory(model="cnn-tiny", batch_size=16, steps=STEPS, seeds=1,
+                        variants=[{"name": normalization, "normalization": normalization}])
+    images, labels = _data(64)
+    evaluated = {}
+    for name, options in (("defaults", lambda platform: {}), ("fused", jax_engine._inference_options)):
+        monkeypatch.setattr(jax_engine, "_inference_options", options)
+        evaluated[name] = _trajectory(backends.get_engine("jax", dtype="float32"), resolve(spec, spec.variants[0]), 0,
+                                      images, labels)[3]
+    a, b = evaluated["defaults"], evaluated["fused"]
+    assert a["accuracy"] == b["accuracy"]
+    np.testing.assert_allclose(a["cross_entropy"], b["cross_entropy"], rtol=1e-6)
+    for layer, (mean, var) in a["moments"].items():
+        np.testing.assert_allclose(b["moments"][layer][0], mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(b["moments"][layer][1], var, rtol=1e-5, atol=1e-6)
