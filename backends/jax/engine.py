@@ -28,9 +28,9 @@ STEP_FUNCTIONS_KEPT = 8  # programs whose compiled functions an engine keeps (En
 # XLA:CPU hands each convolution and matrix product to YNNPACK on its own, and the bias add
 # and ReLU between two convolutions run as XLA loops of their own. With elementwise ops
 # admitted into YNNPACK's fusions, a convolution takes its bias, and the ReLU before the
-# next one, into one YNNPACK graph: cnn3's evaluation of 250 images measured 1.27-1.35x
-# faster (every mnist-cnn variant, alternating in one process on the 2-core machine, values
-# equal to 4e-8). Training steps gained nothing and batch norm's lost (1.37x slower), so only
+# next one, into one YNNPACK graph: cnn3's evaluation of 250 images measured 1.25-1.35x
+# faster, of the 10,000 test images through Trainer.evaluate 1.23-1.37x (every mnist-cnn
+# variant, alternating in one process on the 2-core machine, values equal to 9e-9). Training steps gained nothing and batch norm's lost (1.37x slower), so only
 # the inference-mode functions (evaluation, predict) take it. The option is experimental: a
 # jaxlib that refuses it compiles them with XLA's defaults (`_inference_options`).
 CPU_INFERENCE_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_ELTWISE"}
@@ -209,7 +209,8 @@ class StepFunctions:
 
 class Trainer(base.Trainer):
     # cnn3, 10,000 test images (see base.Trainer): 0.31 / 0.30 / 0.35 / 0.61 s at chunks of
-    # 100 / 250 / 500 / 1000 (mean over none, standardization loss and batch norm).
+    # 100 / 250 / 500 / 1000 (mean over none, standardization loss and batch norm), measured
+    # before CPU_INFERENCE_COMPILER_OPTIONS.
     evaluation_chunk_size = 250
 
     def __init__(self, engine, program, params, state, train_images, train_labels, track):
