@@ -13,8 +13,9 @@ forward pass on synthetic inputs, its logits read back to the host.
 `InferenceOverhead` puts the paper's claim as a ratio: each case's time over the plain
 network's (the same architecture without normalization), the two predictors alternating
 in one process. Absolute times of a millisecond drift by a third between processes on a
-shared 2-core machine (the latency table's plain cnn3 read 543 and 358 µs in two cases
-that run the same network); the side-by-side ratio does not carry that drift.
+shared 2-core machine (results/benchmarks/cpu/inference: PyTorch's plain cnn3 read 436 µs
+as cnn3-none and 334 µs as cnn3-standardization, the same network, side by side 0.998);
+the side-by-side ratio does not carry that drift.
 """
 
 from . import _harness as h
