@@ -208,10 +208,14 @@ class StepFunctions:
 
 
 class Trainer(base.Trainer):
-    # cnn3, 10,000 test images (see base.Trainer): 0.31 / 0.30 / 0.35 / 0.61 s at chunks of
-    # 100 / 250 / 500 / 1000 (mean over none, standardization loss and batch norm), measured
-    # before CPU_INFERENCE_COMPILER_OPTIONS.
-    evaluation_chunk_size = 250
+    # cnn3, 10,000 test images (see base.Trainer), compiled with CPU_INFERENCE_COMPILER_OPTIONS,
+    # the chunks alternating in one process (none / batch norm / standardization loss, ms):
+    # 125: 412 / 388 / 414, 250: 352 / 355 / 345, 500: 305 / 322 / 318, 1000: 276 / 303 /
+    # 287; a second process gave 500: 301 / 307 / 324, 1000: 287 / 319 / 292, 2000: 458 /
+    # 478 / 447. Before the option, 250 was the fastest (0.30 s, with 500 at 0.35 s).
+    # 500, not 1000: the gain past 500 is within the noise, and 500 is the largest chunk
+    # resources.EVALUATION_CHUNK budgets for.
+    evaluation_chunk_size = 500
 
     def __init__(self, engine, program, params, state, train_images, train_labels, track):
         super().__init__(engine, program, track)
