@@ -30,8 +30,9 @@ STEP_FUNCTIONS_KEPT = 8  # programs whose compiled functions an engine keeps (En
 # admitted into YNNPACK's fusions, a convolution takes its bias, and the ReLU before the
 # next one, into one YNNPACK graph: cnn3's evaluation of 250 images measured 1.25-1.35x
 # faster, of the 10,000 test images through Trainer.evaluate 1.23-1.37x (every mnist-cnn
-# variant, alternating in one process on the 2-core machine, values equal to 9e-9). Training steps gained nothing and batch norm's lost (1.37x slower), so only
-# the inference-mode functions (evaluation, predict) take it. The option is experimental: a
+# variant, alternating in one process on the 2-core machine, values equal to 9e-9).
+# Training steps gained nothing and batch norm's lost (1.37x slower), so only the
+# inference-mode functions (evaluation, predict) take it. The option is experimental: a
 # jaxlib that refuses it compiles them with XLA's defaults (`_inference_options`).
 CPU_INFERENCE_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_ELTWISE"}
 
@@ -328,7 +329,7 @@ class VectorizedGroup(base.VectorizedGroup):
         # Augmented runs: each member's batch comes from the host (members, batch, ...).
         self._augmented_step = jax.jit(jax.vmap(batch_step, in_axes=(0, 0, 0, 0, 0, None, 0)), donate_argnums=(0, 1, 2))
         self._evaluation = jax.jit(jax.vmap(evaluation, in_axes=(0, 0, None, None)),
-                                   compiler_options=_inference_options(engine.jax_device.platform))
+                                   compiler_options=_inference_options(ops.platform))
 
     def step(self, indices, learning_rate, dropout_masks=None, images=None):
         e = self.engine
