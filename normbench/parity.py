@@ -658,16 +658,93 @@ def compare_trajectory(spec: ExperimentSpec, variant_name: str, backends: list[s
     parameters and batch-norm state, compared for every pair of `backends`; with
     `reference_backend` (float32 only), each backend also against that backend's float64
     run. Failing rows are re-checked across ReLU ties and against the trajectory's own
-    conditioning (`recheck_trajectories`)."""
+    conditioning (`recheck_trajectories`). A trajectory whose loss turns non-finite must
+    do so alike everywhere (`divergence_rows`) and is compared over the steps before."""
     outputs = {b: trajectory_outputs(spec, variant_name, b, steps, dtype, seed, device) for b in backends}
-    log_epsilon = resolve(spec, variant_name).std_metric.log_epsilon
-    rows = compare_outputs(outputs, dtype, variant_name, log_epsilon)
+    reference = None
     if reference_backend is not None and dtype != REFERENCE_DTYPE:
         reference = trajectory_outputs(spec, variant_name, reference_backend, steps, REFERENCE_DTYPE, seed, device)
+    onset = _first_onset([*outputs.values(), *([] if reference is None else [reference])])
+    if onset is not None:  # the training diverges: see "divergence" below
+        rows = divergence_rows(outputs, reference, variant_name)
+        if onset > 1:
+            note = f"compared over steps 1-{onset - 1}, before the first non-finite loss"
+            rows += [dataclasses.replace(r, detail="; ".join(x for x in (r.detail, note) if x))
+                     for r in compare_trajectory(spec, variant_name, backends, onset - 1, dtype, seed, device,
+                                                 reference_backend)]
+        return rows
+    log_epsilon = resolve(spec, variant_name).std_metric.log_epsilon
+    rows = compare_outputs(outputs, dtype, variant_name, log_epsilon)
+    if reference is not None:
         rows += compare_with_reference(outputs, reference, variant_name, log_epsilon)
         return recheck_trajectories(rows, spec, variant_name, backends, steps, dtype, seed, device, reference_backend,
                                     reference_outputs=reference)
     return recheck_trajectories(rows, spec, variant_name, backends, steps, dtype, seed, device, reference_backend)
+
+
+# ----------------------------------------------------------------------------- divergence
+#
+# A spec may train unstably: a learning rate or a loss weight too large for the network
+# makes the loss grow step by step until it overflows, and a run of it is recorded as
+# diverged (normbench.runner). The backends must then diverge together: every one's loss
+# becomes non-finite at the same step. Against the float64 reference, float32 overflows
+# first, so there the float32 side must stop at a step where float64's loss has left
+# float32's range; a float32 loss that turns non-finite while float64's is representable
+# is a formula failing (an overflow or a log of zero the exact computation does not have).
+# The steps before the first non-finite loss anywhere are compared as any trajectory is,
+# by running every computation again for that many steps: the final parameters of a
+# diverged run hold nothing left to compare.
+
+DIVERGENCE = "divergence"  # the rows' quantity
+
+
+def non_finite_onset(outs: dict) -> int | None:
+    """The 1-based step at which one of `outs`' trajectory losses is first not finite;
+    None if every one is finite at every step."""
+    series = np.stack([np.asarray(v, np.float64) for k, v in outs.items() if k.startswith("trajectory/")])
+    bad = np.flatnonzero(~np.isfinite(series).all(axis=0))
+    return int(bad[0]) + 1 if bad.size else None
+
+
+def _first_onset(computations: list[dict]) -> int | None:
+    onsets = [k for k in map(non_finite_onset, computations) if k is not None]
+    return min(onsets) if onsets else None
+
+
+def _onset_text(name: str, onset: int | None, steps: int) -> str:
+    return f"{name} non-finite from step {onset}" if onset else f"{name} finite through step {steps}"
+
+
+def divergence_rows(outputs: dict[str, dict[str, np.ndarray]], reference: dict[str, np.ndarray] | None,
+                    variant: str) -> list[Row]:
+    """Rows 'divergence' for a trajectory whose loss is not finite somewhere: every pair
+    of `outputs` (backend -> trajectory quantities) must turn non-finite at the same step,
+    and each backend against `reference` (the float64 run, if any) as described above.
+    A row's errors are 0 where it holds and infinite where it does not."""
+    steps = len(next(v for k, v in next(iter(outputs.values())).items() if k.startswith("trajectory/")))
+    onsets = {name: non_finite_onset(outs) for name, outs in outputs.items()}
+
+    def row(pair, ok, detail):
+        return Row(pair, variant, DIVERGENCE, 0.0 if ok else math.inf, 0.0 if ok else math.inf, 0.0, ok, detail)
+
+    rows = [row(_pair_name(a, b), onsets[a] == onsets[b],
+                f"{_onset_text(a, onsets[a], steps)}, {_onset_text(b, onsets[b], steps)}")
+            for a, b in itertools.combinations(outputs, 2)]
+    if reference is None:
+        return rows
+    exact = non_finite_onset(reference)
+    representable = float(np.finfo(np.float32).max)
+    for name, onset in onsets.items():
+        both = f"{_onset_text(name, onset, steps)}, {_onset_text(REFERENCE_DTYPE, exact, steps)}"
+        if onset is None or (exact is not None and exact <= onset):
+            rows.append(row(reference_pair(name), onset == exact, both))
+            continue
+        largest = max(abs(float(v[onset - 1])) for k, v in reference.items() if k.startswith("trajectory/"))
+        beyond = largest > representable
+        rows.append(row(reference_pair(name), beyond,
+                        f"{name} non-finite from step {onset}, where the {REFERENCE_DTYPE} loss is {largest:.2g}, "
+                        + ("beyond float32's range" if beyond else "within float32's range: not an overflow")))
+    return rows
 
 
 def recheck_trajectories(rows: list[Row], spec: ExperimentSpec, variant_name: str, backends: list[str], steps: int,
@@ -1005,4 +1082,9 @@ def run_parity(spec: ExperimentSpec, steps: int, dtype: str, backends: list[str]
     drifted = drifted_backends(rows)
     if drifted:
         lines.append(f"left the {REFERENCE_DTYPE} computation beyond tolerance: {', '.join(drifted)}")
+    diverged = list(dict.fromkeys(r.variant for r in rows if r.quantity == DIVERGENCE))
+    if diverged:
+        lines.append(f"the training diverges within {steps} steps (a non-finite loss; rows '{DIVERGENCE}'): "
+                     f"{', '.join(diverged)}; compared over the steps before it. A smaller learning rate or "
+                     "auxiliary-loss weight compares every step")
     return not failed, "\n".join(lines)

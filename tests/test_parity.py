@@ -274,6 +274,61 @@ def test_trajectory_rows_check_every_step():
     assert row.max_rel == pytest.approx(1e-1 / (1 + 1e-1))
 
 
+def _losses(*values):
+    return {"trajectory/loss": np.array(values, np.float64), "trajectory/cross_entropy": np.ones(len(values))}
+
+
+def test_a_divergence_every_backend_shares_agrees_and_a_lone_one_does_not():
+    outputs = {"x": _losses(2.0, 1e30, np.nan, np.nan), "y": _losses(2.0, 1e30, np.inf, np.nan),
+               "z": _losses(2.0, 1e30, 1e33, np.nan)}
+    rows = {r.pair: r for r in parity.divergence_rows(outputs, None, "v")}
+    assert rows["x-y"].ok and rows["x-y"].detail == "x non-finite from step 3, y non-finite from step 3"
+    assert not rows["x-z"].ok and not rows["y-z"].ok and "z non-finite from step 4" in rows["x-z"].detail
+    assert all(r.quantity == parity.DIVERGENCE for r in rows.values())
+    assert parity.non_finite_onset(_losses(1.0, 2.0)) is None
+
+
+def test_float32_may_stop_before_float64_only_where_float64_left_its_range():
+    """float64 keeps the range float32 overflowed, but its loss must be past float32's
+    largest number at the step float32 stopped; a float32 NaN where float64 computes an
+    ordinary loss is a failure, and so is float64 turning non-finite before float32."""
+    outputs = {"x": _losses(2.0, 3e37, np.nan)}
+    overflowed = parity.divergence_rows(outputs, _losses(2.0, 3e37, 4e50), "v")
+    assert [(r.pair, r.ok) for r in overflowed] == [("x-float64", True)]
+    assert "beyond float32's range" in overflowed[0].detail
+    (ordinary,) = parity.divergence_rows(outputs, _losses(2.0, 3e37, 5.0), "v")
+    assert not ordinary.ok and "not an overflow" in ordinary.detail
+    (earlier,) = parity.divergence_rows({"x": _losses(2.0, 3.0, 4.0)}, _losses(2.0, np.nan, np.nan), "v")
+    assert not earlier.ok and earlier.detail == "x finite through step 3, float64 non-finite from step 2"
+
+
+def test_a_diverging_trajectory_is_compared_over_the_steps_before_its_first_non_finite_loss():
+    """An mlp-tiny step with a learning rate far too large: the standardization loss grows
+    by orders of magnitude per step and every computation overflows at the same step; the
+    rows say so, and the steps before are compared as usual, each row saying how many."""
+    backends_here = [b for b in backends.names() if backends.is_available(b)]
+    if len(backends_here) < 2:
+        pytest.skip("needs two installed backends")
+    pair = backends_here[:2]
+    spec = spec_module.loads(_TINY_SPEC.format(name="diverging", steps=6, optimizer='name = "sgd"\nlearning_rate = 0.5')
+                             .replace('model = "cnn-tiny"', 'model = "mlp-tiny"').replace("warmup_steps = 3", "warmup_steps = 0")
+                             .replace('normalization = "batch_norm_scale_shift"',
+                                      'normalization = "standardization_loss"\nstandardization_loss_weight = 2.0'),
+                             source="<parity-diverging>")
+    variant = spec.variants[0].name
+    onset = parity.non_finite_onset(parity.trajectory_outputs(spec, variant, pair[0], 6, "float32", SEED))
+    assert onset is not None and 2 < onset <= 6, "the spec no longer diverges within its steps: make it"
+    rows = parity.compare_trajectory(spec, variant, pair, 6, "float32", SEED, reference_backend=pair[0])
+    divergence = [r for r in rows if r.quantity == parity.DIVERGENCE]
+    assert {r.pair for r in divergence} == {"-".join(pair), *(parity.reference_pair(b) for b in pair)}
+    assert all(r.ok for r in divergence), parity.format_table(divergence)
+    compared = [r for r in rows if r.quantity != parity.DIVERGENCE]
+    assert any(r.quantity.startswith("final/") for r in compared)
+    assert all(r.ok and f"compared over steps 1-{onset - 1}" in r.detail for r in compared), parity.format_table(compared)
+    assert all(r.detail.startswith("worst at step") and f"of {onset - 1}" in r.detail
+               for r in compared if r.quantity.startswith("trajectory/"))
+
+
 def test_format_table_marks_failures():
     rows = [parity.Row("torch-jax", "v", "gradient/conv1/kernel", 1e-3, 1e-2, 1e-4, False),
             parity.Row("torch-jax", "v", "gradient/conv2/kernel", 1e-9, 1e-8, 1e-4, True)]
