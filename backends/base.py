@@ -270,6 +270,14 @@ class Ops(abc.ABC):
         `transpose_b` swap the last two axes of that operand first."""
 
     @abc.abstractmethod
+    def matrix_transpose(self, matrix):
+        """`matrix` with its last two axes swapped (leading axes batched)."""
+
+    @abc.abstractmethod
+    def add_to_diagonal(self, matrix, value: float):
+        """matrix + value * I over the last two axes (leading axes batched); square matrices."""
+
+    @abc.abstractmethod
     def log_det_spd(self, matrix, diagonal_shift: float = 0.0):
         """log det(matrix + diagonal_shift * I) of a symmetric positive definite matrix
         (leading axes batched), as 2 * sum(log diag(L)) with L its Cholesky factor;

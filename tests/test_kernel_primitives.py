@@ -1,7 +1,8 @@
 """The kernel and linear-algebra primitives of `backends.base.Ops` that weight methods and
 the decorrelation loss use, on every backend, against float64 NumPy from their formulas:
 per-output-channel kernel moments (in the backend's own kernel layout), `output_channels`,
-`matmul` with transposes (batched) and `log_det_spd` with its gradient."""
+`matmul` with transposes (batched), `matrix_transpose`, `add_to_diagonal` and
+`log_det_spd` with its gradient."""
 
 from __future__ import annotations
 
@@ -62,6 +63,15 @@ def test_matmul(engine, rng, transpose_a, transpose_b, batched):
     arrays = engine.import_tree({"a": a, "b": b})
     out = engine.to_numpy(engine.ops.matmul(arrays["a"], arrays["b"], transpose_a=transpose_a, transpose_b=transpose_b))
     np.testing.assert_allclose(out, t(a, transpose_a) @ t(b, transpose_b), rtol=_rtol(engine), atol=1e-12 if engine.dtype == "float64" else 1e-5)
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["rank2", "rank3"])
+def test_matrix_transpose_and_add_to_diagonal(engine, rng, batched):
+    matrix = rng.normal(size=((3,) if batched else ()) + (4, 4)).astype(engine.dtype)  # held exactly
+    m = engine.import_tree({"m": matrix})["m"]
+    np.testing.assert_array_equal(engine.to_numpy(engine.ops.matrix_transpose(m)), np.swapaxes(matrix, -1, -2))
+    np.testing.assert_allclose(engine.to_numpy(engine.ops.add_to_diagonal(m, -1.5)), matrix - 1.5 * np.eye(4),
+                               rtol=_rtol(engine), atol=1e-12)
 
 
 def _spd(rng, lead=()):

@@ -221,8 +221,14 @@ class Ops(base.Ops):
         return jnp.matmul(jnp.swapaxes(a, -1, -2) if transpose_a else a, jnp.swapaxes(b, -1, -2) if transpose_b else b,
                           precision=_PRECISION)
 
+    def matrix_transpose(self, matrix):
+        return jnp.swapaxes(matrix, -1, -2)
+
+    def add_to_diagonal(self, matrix, value):
+        return matrix + value * jnp.eye(matrix.shape[-1], dtype=matrix.dtype)
+
     def log_det_spd(self, matrix, diagonal_shift=0.0):
         if diagonal_shift:
-            matrix = matrix + diagonal_shift * jnp.eye(matrix.shape[-1], dtype=matrix.dtype)
+            matrix = self.add_to_diagonal(matrix, diagonal_shift)
         factor = jnp.linalg.cholesky(matrix)
         return 2.0 * jnp.sum(jnp.log(jnp.diagonal(factor, axis1=-2, axis2=-1)), axis=-1)

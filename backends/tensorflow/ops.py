@@ -235,9 +235,15 @@ class Ops(base.Ops):
     def matmul(self, a, b, transpose_a=False, transpose_b=False):
         return tf.linalg.matmul(a, b, transpose_a=transpose_a, transpose_b=transpose_b)
 
+    def matrix_transpose(self, matrix):
+        return tf.linalg.matrix_transpose(matrix)
+
+    def add_to_diagonal(self, matrix, value):
+        return matrix + value * tf.eye(matrix.shape[-1], dtype=matrix.dtype)
+
     def log_det_spd(self, matrix, diagonal_shift=0.0):
         if diagonal_shift:
-            matrix = matrix + diagonal_shift * tf.eye(matrix.shape[-1], dtype=matrix.dtype)
+            matrix = self.add_to_diagonal(matrix, diagonal_shift)
         factor = tf.linalg.cholesky(matrix)
         return 2.0 * tf.reduce_sum(tf.math.log(tf.linalg.diag_part(factor)), axis=-1)
 

@@ -344,8 +344,14 @@ class Ops(base.Ops):
     def matmul(self, a, b, transpose_a=False, transpose_b=False):
         return torch.matmul(a.transpose(-2, -1) if transpose_a else a, b.transpose(-2, -1) if transpose_b else b)
 
+    def matrix_transpose(self, matrix):
+        return matrix.transpose(-1, -2)
+
+    def add_to_diagonal(self, matrix, value):
+        return matrix + value * torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
+
     def log_det_spd(self, matrix, diagonal_shift=0.0):
         if diagonal_shift:
-            matrix = matrix + diagonal_shift * torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
+            matrix = self.add_to_diagonal(matrix, diagonal_shift)
         factor = torch.linalg.cholesky(matrix)
         return 2.0 * torch.log(torch.diagonal(factor, dim1=-2, dim2=-1)).sum(-1)
