@@ -13,7 +13,9 @@ Two checks, each run for every pair of backends:
   (`BatchOrder` from the run seed's data stream, learning rates from the program's
   schedule), comparing the three losses at every step, then the final parameters and
   batch-norm state. A pair that fails is re-run in lockstep, restarting one side from
-  the other's state after each ReLU tie (see "ties along a trajectory" below).
+  the other's state after each ReLU tie (see "ties along a trajectory" below). A
+  trajectory whose loss turns non-finite (a spec that trains unstably) must do so at the
+  same step everywhere and is compared over the steps before (see "divergence" below).
 
 Relative error. For a quantity with values `a` (first backend) and `b` (second), the
 relative error is ``max|a - b| / max(magnitude, tiny)``: one number per quantity, the
@@ -666,7 +668,7 @@ def compare_trajectory(spec: ExperimentSpec, variant_name: str, backends: list[s
         reference = trajectory_outputs(spec, variant_name, reference_backend, steps, REFERENCE_DTYPE, seed, device)
     onset = _first_onset([*outputs.values(), *([] if reference is None else [reference])])
     if onset is not None:  # the training diverges: see "divergence" below
-        rows = divergence_rows(outputs, reference, variant_name)
+        rows = divergence_rows(outputs, reference, variant_name, dtype)
         if onset > 1:
             note = f"compared over steps 1-{onset - 1}, before the first non-finite loss"
             rows += [dataclasses.replace(r, detail="; ".join(x for x in (r.detail, note) if x))
@@ -716,10 +718,11 @@ def _onset_text(name: str, onset: int | None, steps: int) -> str:
 
 
 def divergence_rows(outputs: dict[str, dict[str, np.ndarray]], reference: dict[str, np.ndarray] | None,
-                    variant: str) -> list[Row]:
+                    variant: str, dtype: str = "float32") -> list[Row]:
     """Rows 'divergence' for a trajectory whose loss is not finite somewhere: every pair
-    of `outputs` (backend -> trajectory quantities) must turn non-finite at the same step,
-    and each backend against `reference` (the float64 run, if any) as described above.
+    of `outputs` (backend -> trajectory quantities, computed in `dtype`) must turn
+    non-finite at the same step, and each backend against `reference` (the float64 run,
+    if any) as described above.
     A row's errors are 0 where it holds and infinite where it does not."""
     steps = len(next(v for k, v in next(iter(outputs.values())).items() if k.startswith("trajectory/")))
     onsets = {name: non_finite_onset(outs) for name, outs in outputs.items()}
@@ -733,7 +736,7 @@ def divergence_rows(outputs: dict[str, dict[str, np.ndarray]], reference: dict[s
     if reference is None:
         return rows
     exact = non_finite_onset(reference)
-    representable = float(np.finfo(np.float32).max)
+    representable = float(np.finfo(np.dtype(dtype)).max)
     for name, onset in onsets.items():
         both = f"{_onset_text(name, onset, steps)}, {_onset_text(REFERENCE_DTYPE, exact, steps)}"
         if onset is None or (exact is not None and exact <= onset):
@@ -743,7 +746,7 @@ def divergence_rows(outputs: dict[str, dict[str, np.ndarray]], reference: dict[s
         beyond = largest > representable
         rows.append(row(reference_pair(name), beyond,
                         f"{name} non-finite from step {onset}, where the {REFERENCE_DTYPE} loss is {largest:.2g}, "
-                        + ("beyond float32's range" if beyond else "within float32's range: not an overflow")))
+                        + (f"beyond {dtype}'s range" if beyond else f"within {dtype}'s range: not an overflow")))
     return rows
 
 
