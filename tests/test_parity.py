@@ -528,6 +528,25 @@ def test_an_undetermined_gradient_is_left_out_of_a_shadowed_update_and_counted()
         assert not row.ok and row.max_rel == pytest.approx(2.0) and "undetermined" not in row.detail
 
 
+def test_a_shadowed_update_at_a_relu_tie_compares_losses_but_not_parameters():
+    """A tie lets one side's gradient keep a unit the other's drops (a whole example's
+    contribution), so the two exact updates may differ by far more than rounding; as in
+    the lockstep re-run, such an update's parameters are not compared and the rows say
+    which updates were left out. An update without a tie still fails the same way."""
+    apart = _undetermined_update(0.2, -0.2)  # steps opposite ways at a gradient no rounding explains
+    close = dataclasses.replace(apart, second=dict(apart.first))
+    outs = ({"trajectory/loss": np.ones(2)}, {"trajectory/loss": np.ones(2)})
+
+    def rows(updates):
+        return {r.quantity: r for r in parity._shadowed_rows(("x", "y"), outs, updates, "v", 1e-8, lambda q: 1e-3, 5e-3)}
+
+    tied = rows([dataclasses.replace(apart, ties={"conv2": 1}), close])
+    assert all(r.ok for r in tied.values()) and tied["final/l/kernel"].detail.startswith("worst at update 2 of 2")
+    assert all("updates at ReLU ties, parameters not compared: 1 (conv2 x1)" in r.detail for r in tied.values())
+    untied = rows([apart, close])
+    assert not untied["final/l/kernel"].ok and "ReLU ties" not in untied["final/l/kernel"].detail
+
+
 def test_a_bound_raised_past_the_conditioning_limit_is_replaced_by_shadowing(monkeypatch):
     """A chaotic pair passes its conditioned bound only because the probe itself moved by
     O(1): that holds nothing, so the pair is shadowed, and the shadowed rows decide."""
