@@ -116,8 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("parity", help="run a spec on every available backend from the same weights and batches and compare")
     p.add_argument("spec", help="bundled spec name or path to a .toml spec")
     p.add_argument("--steps", type=_positive_int, default=50, help="training steps whose losses are compared (default: %(default)s)")
-    p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
-                   help="precision (default: %(default)s; float32 also compares each backend with a float64 run)")
+    p.add_argument("--dtype", choices=("float32", "float64"),
+                   help="precision (default: the spec's dtype; float32 also compares each backend with a float64 run)")
     p.add_argument("--backend", action="append", dest="backends", help="backend to include (repeatable; default: all available)")
     p.add_argument("--device", help="device of every backend, e.g. cpu, cuda, cuda:1 (default: cpu)")
 
@@ -234,7 +234,7 @@ def _cmd_parity(args) -> int:
     chosen = [backends.canonical_name(b) for b in args.backends] if args.backends else backends.available()
     if len(chosen) < 2:
         raise UsageError(f"parity needs at least two installed backends, have {chosen}; install more with pip install 'normbench[all]'")
-    ok, text = parity.run_parity(spec, steps=args.steps, dtype=args.dtype, backends=chosen, device=args.device)
+    ok, text = parity.run_parity(spec, steps=args.steps, dtype=args.dtype or spec.dtype, backends=chosen, device=args.device)
     print(text)
     if not ok:
         print("normbench: parity: at least one quantity exceeded its tolerance (marked FAIL above)", file=sys.stderr)

@@ -91,6 +91,24 @@ def test_parity_on_an_absent_device_exits_2(capsys):
     assert out == ""  # refused before any step ran
 
 
+def test_parity_compares_in_the_specs_dtype_unless_told(monkeypatch, tmp_path, capsys):
+    from normbench import parity
+
+    installed = backends.available()
+    if len(installed) < 2:
+        pytest.skip("parity needs two installed backends")
+    path = tmp_path / "double.toml"
+    path.write_text(spec_module.to_toml(spec_module.load("smoke").replace(dtype="float64")))
+    assert spec_module.load(path).dtype == "float64"
+    asked = []
+    monkeypatch.setattr(parity, "run_parity", lambda spec, dtype, **kw: asked.append(dtype) or (True, "ok"))
+    pair = [a for b in installed[:2] for a in ("--backend", b)]
+    assert _main(["parity", str(path), *pair], capsys)[0] == 0
+    assert _main(["parity", str(path), "--dtype", "float32", *pair], capsys)[0] == 0
+    assert _main(["parity", "smoke", *pair], capsys)[0] == 0
+    assert asked == ["float64", "float32", "float32"]
+
+
 @pytest.mark.parametrize("argv", [["run", "smoke", "--backend", "nosuchbackend"],
                                   ["run", "smoke", "--backend", "torch", "--steps", "0"]], ids=["usage", "argparse"])
 def test_console_script_errors(argv, tmp_path):
