@@ -17,6 +17,15 @@ with fewer values per channel than channels (n <= k) does too. It is added only 
 log det, as the standardization loss adds its log_epsilon only inside the log.
 log det comes from a Cholesky factorization (`Ops.log_det_spd`), which every backend
 differentiates. The cost is O(n k^2) for S and O(k^3) for the factorization per layer.
+
+Precision. A layer with more channels than values per output (cnn3's conv1: 32 channels
+from 5 x 5 x 1 = 25 inputs) has a covariance of lower rank, whose null directions reach
+log det only through epsilon. After batch norm, ||S|| ~ 10 and float32 does not resolve S
+at epsilon's scale: on cnn3, batch 20, rounding the exact S to float32 moved log det by
+1.5e-3 and a float32 Cholesky of it by 6.3e-3, and float32 runs differed from float64
+(and from each other) by 3e-4 to 9e-4 of the loss and up to 3e-2 of conv1's kernel
+gradient, beyond `normbench parity`'s float32 bounds. Such specs are reproducible in
+float64 (`dtype = "float64"`; the same spec agrees there to parity's 1e-9).
 """
 
 from __future__ import annotations
