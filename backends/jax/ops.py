@@ -218,7 +218,7 @@ class Ops(base.Ops):
         return jnp.minimum(jnp.maximum(x, low), high)
 
     def matmul(self, a, b, transpose_a=False, transpose_b=False):
-        return jnp.matmul(jnp.swapaxes(a, -1, -2) if transpose_a else a, jnp.swapaxes(b, -1, -2) if transpose_b else b,
+        return jnp.matmul(self.matrix_transpose(a) if transpose_a else a, self.matrix_transpose(b) if transpose_b else b,
                           precision=_PRECISION)
 
     def matrix_transpose(self, matrix):

@@ -342,7 +342,7 @@ class Ops(base.Ops):
         return vector.view(-1, 1, 1, 1) if kernel.dim() == 4 else vector
 
     def matmul(self, a, b, transpose_a=False, transpose_b=False):
-        return torch.matmul(a.transpose(-2, -1) if transpose_a else a, b.transpose(-2, -1) if transpose_b else b)
+        return torch.matmul(self.matrix_transpose(a) if transpose_a else a, self.matrix_transpose(b) if transpose_b else b)
 
     def matrix_transpose(self, matrix):
         return matrix.transpose(-1, -2)
