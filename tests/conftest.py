@@ -94,6 +94,12 @@ def engine64(backend_name):
     return get_engine(backend_name, "float64")
 
 
+@pytest.fixture
+def engine32(backend_name):
+    """An engine for each available backend in float32 (for checks of float32 precision)."""
+    return get_engine(backend_name, "float32")
+
+
 # ----------------------------------------------------------------------------- specs
 
 

@@ -206,6 +206,22 @@ def test_parity_float32(spec_factory):
     assert all(r.ok for r in rows), [r for r in rows if not r.ok]
 
 
+@pytest.mark.skipif(not AVAILABLE, reason="no backend is installed")
+def test_parity_float32_after_batch_norm(spec_factory):
+    """cnn3's conv1 makes 32 channels from 25 inputs per output, so its channel covariance
+    has 7 null directions, and after batch norm ||S|| ~ 10: float32 resolves log det(S +
+    1e-5 I) only without forming S (Ops.log_det_gram). With a float32 Cholesky of the
+    product, this single step was 6e-5 to 5e-4 of the loss and 1.3e-2 to 2.5e-2 of conv1's
+    kernel gradient off, between every two backends and against float64."""
+    spec = spec_factory(model="cnn3", dtype="float32", batch_size=20, variants=[{
+        "name": "bn-dec", "normalization": {"name": "batch_norm", "shift": False},
+        "auxiliary_losses": [{"name": "decorrelation", "weight": 0.5}]}])
+    rows = parity.compare_step(spec, "bn-dec", AVAILABLE, "float32",
+                               reference_backend=parity.choose_reference_backend(AVAILABLE))
+    assert {"decorrelation_loss", "gradient/conv1/kernel"} <= {r.quantity for r in rows}
+    assert all(r.ok for r in rows), parity.format_table([r for r in rows if not r.ok])
+
+
 @needs_two
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_parity_mlp3_fifty_steps(dtype):

@@ -7,6 +7,8 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.custom_batching import custom_vmap
+from jax.scipy.linalg import solve_triangular
 
 from normbench.backends import base
 
@@ -99,6 +101,56 @@ def _phase_input_gradient(upstream, kernel, input_shape, stride, pads):
               .transpose(0, 1, 3, 2, 4, 5).reshape(n, padded_h, padded_w, channels))
     padded = jnp.pad(padded, ((0, 0), (0, max(0, top + height - padded_h)), (0, max(0, left + width - padded_w)), (0, 0)))
     return padded[:, top:top + height, left:left + width, :]
+
+
+# log det(V^T V + shift I) from a QR factorization of [V; sqrt(shift) I] (base.Ops.log_det_gram).
+# Under jax.vmap (a vectorized group's step) jnp.linalg.qr and its gradient become batched
+# LAPACK calls, and XLA's CPU runtime (jax 0.10.2) never returned from cnn3's step with two
+# or more of them: every thread idle, the result never ready; one batched factorization, or
+# several unbatched, ran. So the factorization and the gradient's triangular solve each go
+# through `_one_matrix_at_a_time`, which a vmap turns into a loop over the members, and the
+# gradient is written out: d/dV = 2 Q_V R^-T, with Q_V the rows of Q that multiply V (what
+# JAX's own QR gradient computes for this cotangent; they agreed to 2e-7).
+def _one_matrix_at_a_time(f):
+    batched = custom_vmap(f)
+
+    @batched.def_vmap
+    def _loop(axis_size, in_batched, *args):
+        args = tuple(a if b else jnp.broadcast_to(a, (axis_size, *a.shape)) for a, b in zip(args, in_batched))
+        out = lax.map(lambda xs: f(*xs), args)
+        return out, jax.tree_util.tree_map(lambda _: True, out)
+
+    return batched
+
+
+@_one_matrix_at_a_time
+def _reduced_qr(matrix):
+    return jnp.linalg.qr(matrix, mode="reduced")
+
+
+@_one_matrix_at_a_time
+def _times_inverse_transpose(q, r):
+    """q r^-T, from r q^T's triangular solve."""
+    return solve_triangular(r, q.T, lower=False).T
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _log_det_gram(values, shift):
+    return _log_det_gram_forward(values, shift)[0]
+
+
+def _log_det_gram_forward(values, shift):
+    k = values.shape[-1]
+    q, r = _reduced_qr(jnp.concatenate([values, shift ** 0.5 * jnp.eye(k, dtype=values.dtype)]))
+    return 2.0 * jnp.sum(jnp.log(jnp.abs(jnp.diagonal(r)))), (q[: values.shape[0]], r)
+
+
+def _log_det_gram_backward(shift, residuals, upstream):
+    q_values, r = residuals
+    return (2.0 * upstream * _times_inverse_transpose(q_values, r),)
+
+
+_log_det_gram.defvjp(_log_det_gram_forward, _log_det_gram_backward)
 
 
 class Ops(base.Ops):
@@ -227,8 +279,8 @@ class Ops(base.Ops):
     def add_to_diagonal(self, matrix, value):
         return matrix + value * jnp.eye(matrix.shape[-1], dtype=matrix.dtype)
 
-    def log_det_spd(self, matrix, diagonal_shift=0.0):
-        if diagonal_shift:
-            matrix = self.add_to_diagonal(matrix, diagonal_shift)
-        factor = jnp.linalg.cholesky(matrix)
-        return 2.0 * jnp.sum(jnp.log(jnp.diagonal(factor, axis1=-2, axis2=-1)), axis=-1)
+    def log_det_gram(self, values, diagonal_shift=0.0):
+        log_det = functools.partial(_log_det_gram, shift=float(diagonal_shift))
+        for _ in range(values.ndim - 2):  # leading axes: one factorization per matrix
+            log_det = jax.vmap(log_det)
+        return log_det(values)

@@ -241,11 +241,31 @@ class Ops(base.Ops):
     def add_to_diagonal(self, matrix, value):
         return matrix + value * tf.eye(matrix.shape[-1], dtype=matrix.dtype)
 
-    def log_det_spd(self, matrix, diagonal_shift=0.0):
-        if diagonal_shift:
-            matrix = self.add_to_diagonal(matrix, diagonal_shift)
-        factor = tf.linalg.cholesky(matrix)
-        return 2.0 * tf.reduce_sum(tf.math.log(tf.linalg.diag_part(factor)), axis=-1)
+    def log_det_gram(self, values, diagonal_shift=0.0):
+        k = values.shape[-1]
+        root_shift = tf.broadcast_to(diagonal_shift ** 0.5 * tf.eye(k, dtype=values.dtype), (*values.shape[:-2], k, k))
+        factor = _tall_qr_factor(tf.concat([values, root_shift], axis=-2))
+        return 2.0 * tf.reduce_sum(tf.math.log(tf.abs(tf.linalg.diag_part(factor))), axis=-1)
+
+
+def _tall_qr_factor(matrix):
+    """The triangular factor R of a QR factorization of a tall (..., m, k) matrix, up to the
+    signs of its rows (R^T R is the same). TensorFlow's CPU QR is Eigen's Householder,
+    slow on tall matrices (cnn3's conv1 at batch 128, 100,384 x 32: 200 ms, 280 ms with
+    its gradient); factoring blocks of 16 k rows at once, then their stacked R's, gives
+    the same R (a tall-skinny QR) in 100 ms with the gradient. Zero rows pad the last
+    block: they leave R^T R unchanged."""
+    rows, k = matrix.shape[-2], matrix.shape[-1]
+    block = 16 * k
+    lead = tuple(matrix.shape[:-2])
+    while rows is not None and rows > 2 * block:
+        padding = -rows % block
+        if padding:
+            matrix = tf.concat([matrix, tf.zeros((*lead, padding, k), matrix.dtype)], axis=-2)
+        factors = tf.linalg.qr(tf.reshape(matrix, (*lead, (rows + padding) // block, block, k)))[1]
+        rows = (rows + padding) // block * k
+        matrix = tf.reshape(factors, (*lead, rows, k))
+    return tf.linalg.qr(matrix)[1]
 
 
 def _named_padding(x, window, stride, pads) -> str | None:

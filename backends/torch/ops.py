@@ -350,8 +350,10 @@ class Ops(base.Ops):
     def add_to_diagonal(self, matrix, value):
         return matrix + value * torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
 
-    def log_det_spd(self, matrix, diagonal_shift=0.0):
-        if diagonal_shift:
-            matrix = self.add_to_diagonal(matrix, diagonal_shift)
-        factor = torch.linalg.cholesky(matrix)
-        return 2.0 * torch.log(torch.diagonal(factor, dim1=-2, dim2=-1)).sum(-1)
+    def log_det_gram(self, values, diagonal_shift=0.0):
+        k = values.shape[-1]
+        root_shift = diagonal_shift ** 0.5 * torch.eye(k, dtype=values.dtype, device=values.device)
+        stacked = torch.cat([values, root_shift.expand(*values.shape[:-2], k, k)], dim=-2)
+        # "reduced", not "r": torch differentiates QR only where it also returns Q.
+        factor = torch.linalg.qr(stacked, mode="reduced")[1]
+        return 2.0 * torch.log(torch.abs(torch.diagonal(factor, dim1=-2, dim2=-1))).sum(-1)

@@ -15,17 +15,21 @@ loss (equation 2) with log_epsilon = epsilon.
 in the batch, or a constant one) has zero variance, which makes S singular, and any batch
 with fewer values per channel than channels (n <= k) does too. It is added only inside
 log det, as the standardization loss adds its log_epsilon only inside the log.
-log det comes from a Cholesky factorization (`Ops.log_det_spd`), which every backend
-differentiates. The cost is O(n k^2) for S and O(k^3) for the factorization per layer.
 
-Precision. A layer with more channels than values per output (cnn3's conv1: 32 channels
-from 5 x 5 x 1 = 25 inputs) has a covariance of lower rank, whose null directions reach
-log det only through epsilon. After batch norm, ||S|| ~ 10 and float32 does not resolve S
-at epsilon's scale: on cnn3, batch 20, rounding the exact S to float32 moved log det by
-1.5e-3 and a float32 Cholesky of it by 6.3e-3, and float32 runs differed from float64
-(and from each other) by 3e-4 to 9e-4 of the loss and up to 3e-2 of conv1's kernel
-gradient, beyond `normbench parity`'s float32 bounds. Such specs are reproducible in
-float64 (`dtype = "float64"`; the same spec agrees there to parity's 1e-9).
+log det never forms S: with V = centred values / sqrt(n), S = V^T V, and log det(S +
+epsilon I) comes from a QR factorization of V stacked over sqrt(epsilon) I
+(`Ops.log_det_gram`), which every backend differentiates. A layer with more channels than
+values per output (cnn3's conv1: 32 channels from 5 x 5 x 1 = 25 inputs) or than examples
+has a singular S whose null directions reach log det only through epsilon; float32 S,
+rounded at ~6e-8 ||S||, does not resolve them once ||S|| is large (after batch norm, ||S||
+~ 10 against epsilon = 1e-5): a Cholesky of the float32 product put float32 runs 6e-5 to
+5e-4 of the loss and 1e-2 to 2.5e-2 of conv1's kernel gradient from float64 and from each
+other, beyond `normbench parity`'s float32 bounds; the QR, 4e-7 and 2e-5. The price is
+time: per step, cnn3 at batch 128 took 1.5x (PyTorch) and 2.2x (TensorFlow) as long as
+with the Cholesky, JAX the same, measured side by side. Evaluation still sums S per chunk
+(`chunk_statistics`, combined in float64), which is cheaper over 20,000 images and needs
+no gradient; in the batch-norm case above the evaluated value keeps that product's
+float32 rounding.
 """
 
 from __future__ import annotations
@@ -52,17 +56,19 @@ class Decorrelation(AuxiliaryLoss):
     def value(self, ops, taps):
         total = 0.0
         for z in taps.values():
-            mean, covariance, centered = _moments(ops, z)
-            channels = ops.shape(mean)[0]
-            trace = ops.sum(centered * centered) / ops.shape(centered)[0]
-            total = total + 0.5 * (trace + ops.sum(mean * mean) - channels
-                                   - ops.log_det_spd(covariance, self.epsilon))
+            mean, centered = _centered(ops, z)
+            count, channels = ops.shape(centered)
+            # S = V^T V with V = centered / sqrt(n): tr S is V's sum of squares, and log det
+            # comes from a QR of V (see Ops.log_det_gram), never from S itself.
+            scaled = centered * (1.0 / count ** 0.5)
+            total = total + 0.5 * (ops.sum(scaled * scaled) + ops.sum(mean * mean) - channels
+                                   - ops.log_det_gram(scaled, self.epsilon))
         return total
 
     # ---- evaluation: (mean, covariance) per chunk, each an average over the chunk's values
     def chunk_statistics(self, ops, tap):
-        mean, covariance, _ = _moments(ops, tap)
-        return mean, covariance
+        mean, centered = _centered(ops, tap)
+        return mean, ops.matmul(centered, centered, transpose_a=True) / ops.shape(centered)[0]
 
     def combine(self, parts):
         """The union's mean and biased covariance, exactly: sum_i n_i (S_i + d_i d_i^T) / n
@@ -80,13 +86,12 @@ class Decorrelation(AuxiliaryLoss):
         return loss_numpy(statistics, self.epsilon)
 
 
-def _moments(ops, z):
-    """A slot output's channel mean (k,), biased covariance (k, k) and the centred values (n, k)."""
+def _centered(ops, z):
+    """A slot output's channel mean (k,) and its values less that mean (n, k)."""
     shape = ops.shape(z)
     values = ops.reshape(z, (int(np.prod(shape[:-1])), shape[-1]))  # canonical (N*H*W, C)
     mean = ops.mean(values, (0,))
-    centered = values - mean
-    return mean, ops.matmul(centered, centered, transpose_a=True) / ops.shape(values)[0], centered
+    return mean, values - mean
 
 
 def loss_numpy(statistics: dict[str, tuple[np.ndarray, np.ndarray]], epsilon: float) -> float:
