@@ -109,9 +109,13 @@ def test_log_det_gram_float32_where_the_gram_matrix_is_singular(engine32, rng):
         assert abs(value - expected) <= 5e-4, (value, expected)
 
 
-def test_log_det_gram_gradient(engine64, rng):
-    """d log det(V^T V + s I) / dV = 2 V (V^T V + s I)^-1."""
-    values, shift = rng.normal(size=(12, 4)), 1e-3
+@pytest.mark.parametrize("rows,dead", [(12, False), (2000, True)], ids=["small", "tall-dead-channel"])
+def test_log_det_gram_gradient(engine64, rng, rows, dead):
+    """d log det(V^T V + s I) / dV = 2 V (V^T V + s I)^-1; also for a tall V (which a backend
+    may factor in blocks) with a zero column, a dead channel's centred values."""
+    values, shift = rng.normal(size=(rows, 4)), 1e-3
+    if dead:
+        values[:, 2] = 0.0
     grad = _gradient(engine64, lambda v: engine64.ops.log_det_gram(v, shift), values)
     np.testing.assert_allclose(grad, 2 * values @ np.linalg.inv(values.T @ values + shift * np.eye(4)), rtol=1e-9, atol=1e-12)
 

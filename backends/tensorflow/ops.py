@@ -242,31 +242,39 @@ class Ops(base.Ops):
         return matrix + value * tf.eye(matrix.shape[-1], dtype=matrix.dtype)
 
     def log_det_gram(self, values, diagonal_shift=0.0):
-        k = values.shape[-1]
-        root_shift = tf.broadcast_to(diagonal_shift ** 0.5 * tf.eye(k, dtype=values.dtype), (*values.shape[:-2], k, k))
-        factor = _tall_qr_factor(tf.concat([values, root_shift], axis=-2))
+        factor = _gram_factor(values, diagonal_shift)
         return 2.0 * tf.reduce_sum(tf.math.log(tf.abs(tf.linalg.diag_part(factor))), axis=-1)
 
 
-def _tall_qr_factor(matrix):
-    """The triangular factor R of a QR factorization of a tall (..., m, k) matrix, up to the
-    signs of its rows (R^T R is the same). TensorFlow's CPU QR is Eigen's Householder,
-    slow on tall matrices (cnn3's conv1 at batch 128, 100,384 x 32: 200 ms, 280 ms with
-    its gradient); factoring blocks of 16 k rows at once, then their stacked R's, gives
-    the same R (a tall-skinny QR) in 100 ms with the gradient. Zero rows pad the last
-    block: they leave R^T R unchanged."""
-    rows, k = matrix.shape[-2], matrix.shape[-1]
-    block = 16 * k
-    lead = tuple(matrix.shape[:-2])
-    while rows is not None and rows > 2 * block:
-        padding = -rows % block
-        if padding:
-            matrix = tf.concat([matrix, tf.zeros((*lead, padding, k), matrix.dtype)], axis=-2)
-        factors = tf.linalg.qr(tf.reshape(matrix, (*lead, (rows + padding) // block, block, k)))[1]
-        rows = (rows + padding) // block * k
-        matrix = tf.reshape(factors, (*lead, rows, k))
-    return tf.linalg.qr(matrix)[1]
+def _gram_factor(values, shift):
+    """The triangular R with R^T R = V^T V + shift * I for V = `values` (..., n, k), from QR
+    factorizations (R's rows' signs are the factorization's).
 
+    TensorFlow's CPU QR is Eigen's Householder, slow on tall matrices: [V; sqrt(shift) I]
+    for cnn3's conv1 at batch 128 (100,384 x 32) took 200 ms, 280 ms with its gradient. So
+    V is cut into blocks of 16 k rows (zero rows pad the last), all blocks are factored at
+    once and their stacked R's again (a tall-skinny QR, 100 ms with the gradient). Each
+    block carries shift / blocks of the shift, as rows sqrt(shift / blocks) * I: the R's
+    sum to the same R^T R, and every block's R is invertible, as the factorization's
+    gradient needs (a dead channel, a zero column of V, made it NaN when the shift was only
+    in the last block)."""
+    rows, k = values.shape[-2], values.shape[-1]
+    lead = tuple(values.shape[:-2])
+    block = 16 * k
+    root_shift = lambda share, count=None: tf.broadcast_to(
+        share ** 0.5 * tf.eye(k, dtype=values.dtype), (*lead, *(() if count is None else (count,)), k, k))
+    matrix = values
+    while rows is not None and rows > 2 * block:
+        count = -(-rows // block)
+        if count * block > rows:
+            matrix = tf.concat([matrix, tf.zeros((*lead, count * block - rows, k), matrix.dtype)], axis=-2)
+        blocks = tf.reshape(matrix, (*lead, count, block, k))
+        if shift:
+            blocks = tf.concat([blocks, root_shift(shift / count, count)], axis=-2)
+        matrix, rows, shift = tf.reshape(tf.linalg.qr(blocks)[1], (*lead, count * k, k)), count * k, 0.0
+    if shift:
+        matrix = tf.concat([matrix, root_shift(shift)], axis=-2)
+    return tf.linalg.qr(matrix)[1]
 
 def _named_padding(x, window, stride, pads) -> str | None:
     """"VALID" or "SAME" where TensorFlow's named padding is exactly `pads` for a window of
