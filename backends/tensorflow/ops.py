@@ -252,7 +252,7 @@ def _gram_factor(values, shift):
 
     TensorFlow's CPU QR is Eigen's Householder, slow on tall matrices: [V; sqrt(shift) I]
     for cnn3's conv1 at batch 128 (100,384 x 32) took 200 ms, 280 ms with its gradient. So
-    V is cut into blocks of 16 k rows (zero rows pad the last), all blocks are factored at
+    V is cut into blocks of 16 x k rows (zero rows pad the last), all blocks are factored at
     once and their stacked R's again (a tall-skinny QR, 100 ms with the gradient). Each
     block carries shift / blocks of the shift, as rows sqrt(shift / blocks) * I: the R's
     sum to the same R^T R, and every block's R is invertible, as the factorization's
