@@ -61,7 +61,7 @@ from normbench.data_order import BatchOrder, seed_streams, train_eval_subset
 from normbench.durable import fsync_path
 from normbench.identity import legacy_columns, run_key
 from normbench.plan import Plan, resolve
-from normbench.spec import ExperimentSpec, VariantSpec, to_toml
+from normbench.spec import ExperimentSpec, VariantSpec, source_label, to_toml
 
 # Every run's columns; a run whose variant trains with auxiliary losses beyond the
 # standardization loss adds one column each (`Plan.metric_columns`) before wall_time_s.
@@ -534,7 +534,7 @@ def train_group(spec: ExperimentSpec, variant: VariantSpec, seeds: list[int], en
         outcome["columns"] = metric_columns(plan)
         record = {
             "run_key": run_key(spec, variant, seed, engine.name), "spec_hash": spec.hash(), "spec_name": spec.name,
-            "spec_source": spec.source, "backend": engine.name, "variant": dataclasses.asdict(variant), "seed": seed,
+            "spec_source": source_label(spec.source), "backend": engine.name, "variant": dataclasses.asdict(variant), "seed": seed,
             "dtype": spec.dtype, "device": engine.device_description(), "framework_versions": engine.versions(),
             "compiled_step": engine.compiled_step, "status": outcome["status"], "diverged_at_step": outcome["diverged_at_step"],
             "non_finite": outcome["non_finite"], "last_finite_step": outcome["last_finite_step"],
@@ -609,8 +609,7 @@ def run_sweep(spec: ExperimentSpec, backend_names: list[str], out: str | Path, *
         data()
     if len(pending) < len(todo):
         log(f"resuming: {len(todo) - len(pending)} of {len(todo)} runs already finished in {out}")
-    source = " ".join(spec.source.splitlines())  # a comment line must stay one line
-    _write_results_file(out, "spec.toml", f"# resolved spec of this sweep (source: {source})\n" + to_toml(spec))
+    write_resolved_spec(out, spec)
     env = provenance.environment()
     results: dict[int, RunResult] = {}
     engines: dict[str, tuple] = {}
@@ -689,6 +688,12 @@ def _groups(todo: list[tuple], pending: set[int], sizes: dict[str, int]) -> list
             units.append(unit)
         unit.append(index)
     return units
+
+
+def write_resolved_spec(out: Path, spec: ExperimentSpec) -> None:
+    """<out>/spec.toml: the sweep's spec as resolved, headed by where it came from."""
+    source = " ".join(source_label(spec.source).splitlines())  # a comment line must stay one line
+    _write_results_file(out, "spec.toml", f"# resolved spec of this sweep (source: {source})\n" + to_toml(spec))
 
 
 def _write_results_file(out: Path, name: str, text: str) -> None:

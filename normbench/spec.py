@@ -862,6 +862,21 @@ def bundled_specs() -> dict[str, Path]:
     return {Path(p.name).stem: Path(str(p)) for p in sorted(folder.iterdir(), key=lambda p: p.name) if p.name.endswith(".toml")}
 
 
+def source_label(source: str) -> str:
+    """`source` as results record it: a bundled spec as its path inside the package
+    (normbench/specs/NAME.toml), the same on every checkout, so regenerating committed
+    results does not rewrite their provenance with this machine's install path; any other
+    source as given."""
+    try:
+        path = Path(source).resolve()
+    except (OSError, ValueError):
+        return source
+    for name, bundled in bundled_specs().items():
+        if bundled.resolve() == path:
+            return f"normbench/specs/{bundled.name}"
+    return source
+
+
 def resolve_spec_path(name_or_path: str | Path) -> Path:
     path = Path(name_or_path)
     if path.suffix == ".toml" or path.exists():

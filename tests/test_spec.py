@@ -298,6 +298,16 @@ def test_every_bundled_spec_loads():
         assert spec_module.load(path) == spec
 
 
+def test_source_label_names_bundled_specs_by_their_place_in_the_package(tmp_path):
+    for name, path in spec_module.bundled_specs().items():
+        assert spec_module.source_label(str(path)) == f"normbench/specs/{name}.toml"
+    # A copy of a bundled spec elsewhere is the user's own file: its path as given.
+    copy = tmp_path / "mnist-cnn.toml"
+    copy.write_text(spec_module.bundled_specs()["mnist-cnn"].read_text())
+    assert spec_module.source_label(str(copy)) == str(copy)
+    assert spec_module.source_label("<memory>") == "<memory>"
+
+
 def test_hash_ignores_the_source_and_sees_every_field():
     a = spec_module.loads(changed(), source="a.toml")
     b = spec_module.loads(changed(), source="elsewhere/b.toml")

@@ -132,7 +132,6 @@ def run_sweep(client, spec, backend_names, out, *, device=None, data_dir=None, p
     from tqdm.auto import tqdm
 
     from normbench import backends as backend_registry, provenance, runner
-    from normbench.spec import to_toml
 
     out = Path(out)
     backend_names = list(dict.fromkeys(backend_registry.canonical_name(b) for b in backend_names))
@@ -148,8 +147,7 @@ def run_sweep(client, spec, backend_names, out, *, device=None, data_dir=None, p
                                        "use another --out") from None
     if len(pending) < len(todo):
         log(f"resuming: {len(todo) - len(pending)} of {len(todo)} runs already finished in {out}")
-    source = " ".join(spec.source.splitlines())
-    runner._write_results_file(out, "spec.toml", f"# resolved spec of this sweep (source: {source})\n" + to_toml(spec))
+    runner.write_resolved_spec(out, spec)
     command = provenance.command_line()
     results: dict[int, runner.RunResult] = {}
     locks: dict[int, contextlib.ExitStack] = {}  # held while a worker trains the run
