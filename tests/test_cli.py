@@ -206,6 +206,7 @@ def test_unusable_data_dir_names_the_option_or_variable(where, set_by, tmp_path,
     _assert_usage_error(code, err, named, f"the data cache {data_dir / 'mnist'} cannot be written",
                         "pass a writable directory")
     assert "[Errno" not in err
+    assert not (tmp_path / "out").exists()  # the data failed before any results directory was made
 
 
 def test_no_command_prints_help(capsys):
