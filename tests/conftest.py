@@ -70,6 +70,42 @@ def get_engine(name: str, dtype: str):
     return _ENGINES[key]
 
 
+def _backend_gradient(engine, f, array, activation: bool = False):
+    """d f(x) / dx by the backend's own autodiff, for a scalar f of one canonical array, in
+    the canonical layout: a tree value (a kernel, if rank 4) or, with `activation`, an
+    NHWC activation placed as the backend places images."""
+    def put(value):
+        return engine.put_images(value) if activation else engine.import_tree({"x": value})["x"]
+
+    def take(value):
+        return engine.activation_to_numpy(value) if activation else engine.export_tree({"x": value})["x"]
+
+    if engine.name == "torch":
+        import torch
+
+        x = put(array).requires_grad_()
+        return take(torch.autograd.grad(f(x), x)[0])
+    if engine.name == "jax":
+        import jax
+
+        return take(jax.grad(f)(put(array)))
+    if engine.name == "tensorflow":
+        import tensorflow as tf
+
+        x = put(array)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = f(x)
+        return take(tape.gradient(y, x))
+    pytest.skip(f"no gradient helper for backend {engine.name!r}")
+
+
+@pytest.fixture
+def backend_gradient():
+    """`_backend_gradient`: d f(x) / dx through an engine's own autodiff."""
+    return _backend_gradient
+
+
 @pytest.fixture(params=BACKEND_PARAMS)
 def backend_name(request) -> str:
     """Every registered backend name; unavailable ones are skipped with the reason."""

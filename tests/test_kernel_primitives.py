@@ -110,40 +110,17 @@ def test_log_det_gram_float32_where_the_gram_matrix_is_singular(engine32, rng):
 
 
 @pytest.mark.parametrize("rows,dead", [(12, False), (2000, True)], ids=["small", "tall-dead-channel"])
-def test_log_det_gram_gradient(engine64, rng, rows, dead):
+def test_log_det_gram_gradient(engine64, rng, rows, dead, backend_gradient):
     """d log det(V^T V + s I) / dV = 2 V (V^T V + s I)^-1; also for a tall V (which a backend
     may factor in blocks) with a zero column, a dead channel's centred values."""
     values, shift = rng.normal(size=(rows, 4)), 1e-3
     if dead:
         values[:, 2] = 0.0
-    grad = _gradient(engine64, lambda v: engine64.ops.log_det_gram(v, shift), values)
+    grad = backend_gradient(engine64, lambda v: engine64.ops.log_det_gram(v, shift), values)
     np.testing.assert_allclose(grad, 2 * values @ np.linalg.inv(values.T @ values + shift * np.eye(4)), rtol=1e-9, atol=1e-12)
 
 
-def _gradient(engine, f, array):
-    """d f(x) / dx by the backend's own autodiff, for a scalar f of one array, in the
-    array's canonical layout."""
-    if engine.name == "torch":
-        import torch
-
-        x = engine.import_tree({"x": array})["x"].requires_grad_()
-        return engine.export_tree({"x": torch.autograd.grad(f(x), x)[0]})["x"]
-    if engine.name == "jax":
-        import jax
-
-        return np.asarray(jax.grad(f)(engine.import_tree({"x": array})["x"]))
-    if engine.name == "tensorflow":
-        import tensorflow as tf
-
-        x = engine.import_tree({"x": array})["x"]
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            y = f(x)
-        return tape.gradient(y, x).numpy()
-    pytest.skip(f"no gradient helper for backend {engine.name!r}")
-
-
-def test_kernel_moments_gradient(engine64, rng):
+def test_kernel_moments_gradient(engine64, rng, backend_gradient):
     """The standardized kernel's gradient, against central differences of the NumPy formula."""
     array = rng.normal(size=KERNELS["conv"]) * 0.3
     upstream = rng.normal(size=array.shape)
@@ -161,7 +138,7 @@ def test_kernel_moments_gradient(engine64, rng):
         mean, var = ops.kernel_moments(k)
         return ops.sum(up * (k - mean) * ops.rsqrt(var + 1e-5))
 
-    grad = _gradient(engine64, f, array)
+    grad = backend_gradient(engine64, f, array)
     expected = np.zeros_like(array)
     h = 1e-6
     for index in np.ndindex(array.shape):

@@ -15,9 +15,10 @@ def _channel_moments(x):
 
     The values are the two reductions the composed formula takes. The gradient is one
     expression instead of the graph autograd builds through two reductions and a squared
-    difference: with the gradient through the centring mean stopped, as the contract
-    allows (it is exactly zero), d mean / dx = 1 / n and d var / dx = 2 (x - mean) / n, so
-    dx = g_mean / n + (2 g_var / n) (x - mean), from the centred input the forward made."""
+    difference: d mean / dx = 1 / n and d var / dx = 2 (c - mean(c)) / n, with c = x - mean
+    the centred input the forward made, so dx = g_mean / n + (2 g_var / n) (c - mean(c)).
+    mean(c) is 0 but for rounding, and it is the centring mean's own term
+    (`Ops.channel_moments` says why it stays)."""
     mean = _channel_mean(x)
     centred = x - mean
     var = _channel_mean(tf.square(centred))
@@ -26,7 +27,8 @@ def _channel_moments(x):
     def gradient(grad_mean, grad_var):
         grad_mean = tf.zeros_like(mean) if grad_mean is None else grad_mean
         grad_var = tf.zeros_like(var) if grad_var is None else grad_var
-        return grad_mean / count + centred * (2.0 * grad_var / count)
+        spread = 2.0 * grad_var / count
+        return (grad_mean / count - spread * _channel_mean(centred)) + centred * spread
 
     return (mean, var), gradient
 
