@@ -593,6 +593,11 @@ def run_sweep(spec: ExperimentSpec, backend_names: list[str], out: str | Path, *
     if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1):
         raise ValueError(f"group size: {group_size!r} is not a positive integer; use --group-size N with N >= 1")
     sizes = {b: group_size or engine.fastest_group_size() for b, engine in created.items()}
+    made_out = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ResultsUnwritable(f"{out}: cannot create the results directory ({exc.strerror or exc}); use another --out") from None
     loaded: list[LoadedData] = []
 
     def data() -> LoadedData:
@@ -600,13 +605,15 @@ def run_sweep(spec: ExperimentSpec, backend_names: list[str], out: str | Path, *
             loaded.append(load_data(spec, data_dir))
         return loaded[0]
 
-    if pending:  # memory and data next, so that neither failing leaves an empty results directory
-        resources.check_fits(spec, list(created.values()), runs_together=min(max(sizes.values()), len(spec.seeds)))
-        data()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ResultsUnwritable(f"{out}: cannot create the results directory ({exc.strerror or exc}); use another --out") from None
+    if pending:
+        try:
+            resources.check_fits(spec, list(created.values()), runs_together=min(max(sizes.values()), len(spec.seeds)))
+            data()
+        except BaseException:
+            if made_out:  # refused before anything was written: leave no empty results directory behind
+                with contextlib.suppress(OSError):
+                    out.rmdir()
+            raise
     if len(pending) < len(todo):
         log(f"resuming: {len(todo) - len(pending)} of {len(todo)} runs already finished in {out}")
     write_resolved_spec(out, spec)

@@ -871,7 +871,7 @@ def source_label(source: str) -> str:
         path = Path(source).resolve()
     except (OSError, ValueError):
         return source
-    for name, bundled in bundled_specs().items():
+    for bundled in bundled_specs().values():
         if bundled.resolve() == path:
             return f"normbench/specs/{bundled.name}"
     return source
