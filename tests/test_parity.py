@@ -412,6 +412,62 @@ def test_single_step_ties_are_recompared_without_the_tied_examples(monkeypatch):
     assert seen == [] and not all(r.ok for r in rows)
 
 
+
+def _conditioning_case(monkeypatch, float32_x, probe_moves, float64_y=0.0):
+    """Single-step outputs of backends x and y in float32 (y exact, x off by `float32_x` on
+    its logits), the reference's float64 step (exact) and, from `step_outputs`, the float64
+    step from a start one rounding away (logits moved by `probe_moves`) or, for any other
+    call, backend y's float64 step (off by `float64_y`). Returns (rows, calls)."""
+    spec = _tiny_spec("adam")
+    variant = spec.variants[0].name
+    exact = {"logits": np.array([1.0, -2.0]), "cross_entropy": np.array(0.5)}
+
+    def moved(by):
+        return dict(exact, logits=exact["logits"] * (1 + by))
+
+    calls = []
+
+    def step(spec_, variant_, backend, dtype, seed, batch_indices, device, start_perturbed_at=None):
+        calls.append((backend, dtype, start_perturbed_at))
+        return moved(probe_moves) if start_perturbed_at else moved(float64_y if backend == "y" else 0.0)
+
+    monkeypatch.setattr(parity, "step_outputs", step)
+    outputs = {"x": moved(float32_x), "y": dict(exact)}
+    rows = parity.compare_outputs(outputs, "float32", variant, 1e-8)
+    rows += parity.compare_with_reference(outputs, exact, variant, 1e-8)
+    assert not all(r.ok for r in rows)
+    rows = parity.recheck_step_conditioning(rows, outputs, exact, spec, variant, "float32", 0, None, None, "x")
+    return rows, calls
+
+
+def test_a_failing_single_step_is_held_to_its_own_conditioning_and_to_float64(monkeypatch):
+    """A float32 step off by 1e-3 where the float64 step from a start one float32 rounding
+    away moves by 5e-4: the rows pass against bounds raised to the conditioning, the
+    passing rows keep their bounds, and every backend pair is added in float64."""
+    rows, calls = _conditioning_case(monkeypatch, float32_x=1e-3, probe_moves=5e-4)
+    assert calls[0] == ("x", "float64", "float32") and ("y", "float64", None) in calls
+    assert all(r.ok for r in rows)
+    raised = [r for r in rows if r.tolerance > parity.tolerance(r.quantity, "float32")]
+    assert {(r.pair, r.quantity) for r in raised} == {("x-y", "logits"), ("x-float64", "logits")}
+    assert all("own conditioning" in r.detail and "moves it by 5.0e-04" in r.detail for r in raised)
+    formula = [r for r in rows if r.pair.endswith(" in float64")]
+    assert {r.pair for r in formula} == {"x-y in float64"} and all(r.tolerance == parity.FLOAT64_TOLERANCE for r in formula)
+
+
+def test_a_single_step_beyond_its_conditioning_or_its_float64_formula_still_fails(monkeypatch):
+    # the probe moves 1e-6: ten times that (twice, for a pair) cannot cover 1e-3
+    rows, _ = _conditioning_case(monkeypatch, float32_x=1e-3, probe_moves=1e-6)
+    assert not all(r.ok for r in rows if r.quantity == "logits" and r.pair in ("x-y", "x-float64"))
+    # covered by the conditioning, but backend y computes another formula in float64
+    rows, _ = _conditioning_case(monkeypatch, float32_x=1e-3, probe_moves=5e-4, float64_y=1e-6)
+    assert [(r.pair, r.quantity) for r in rows if not r.ok] == [("x-y in float64", "logits")]
+    # raised to the ceiling and still failing: the row says float32 cannot check it
+    rows, _ = _conditioning_case(monkeypatch, float32_x=0.5, probe_moves=0.2)
+    failed = [r for r in rows if not r.ok]
+    assert failed and all(r.tolerance == parity.CONDITIONING_FACTOR * parity.CONDITIONING_LIMIT for r in failed)
+    assert all("--dtype float64" in r.detail for r in failed)
+
+
 def test_single_step_bounds_grow_with_depth_and_trajectory_bounds_do_not():
     assert parity.tolerance("logits", "float32", 35) == pytest.approx(parity.tolerance("logits", "float32") * 35 / 4)
     assert parity.tolerance("logits", "float32", 3) == parity.tolerance("logits", "float32")  # never below the bound
@@ -594,7 +650,7 @@ def test_conditioned_bounds_follow_the_perturbed_run():
     bound = parity._conditioned(lambda q: 1e-6, exact, moved, 1e-8)
     np.testing.assert_allclose(bound("trajectory/loss"), [1e-6, 1e-2 / (1 + 1e-3), 1e-2 / (1 + 1e-3)])  # running max
     assert bound("final/l/kernel") == pytest.approx(10 * 0.1 / 1.1)
-    assert bound("logits") == 1e-6  # single-step quantities are never relaxed
+    assert bound("logits") == 1e-6  # single-step quantities: not by a trajectory's probe
 
 
 def test_one_rounding_moves_every_value_by_one_ulp_of_the_precision():
