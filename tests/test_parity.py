@@ -584,6 +584,24 @@ def test_an_undetermined_gradient_is_left_out_of_a_shadowed_update_and_counted()
         assert not row.ok and row.max_rel == pytest.approx(2.0) and "undetermined" not in row.detail
 
 
+
+def test_a_gradient_within_the_updates_own_conditioning_is_undetermined():
+    """Element 0's gradient, 5% of the layer's largest, is far outside the gradient bound
+    (5e-3) and its two steps point opposite ways: that fails, unless the probe's float64
+    gradients at the common state and one rounding away differ by 0.3% of the layer's
+    largest, which makes the bound 2 x 10 x 0.3% for two backends: then rounding decides
+    that gradient, and the element is left out."""
+    update = _undetermined_update(0.05, -0.05)
+    assert not _kernel_row(update).ok
+    gradients = update.first_gradients
+    moved = dict(gradients, **{"l/kernel": gradients["l/kernel"] + np.array([0.003, 0.0, 0.0, 0.0])})
+    row = _kernel_row(dataclasses.replace(update, probe_gradients=(gradients, moved)))
+    assert row.ok and "undetermined gradients left out: 1 of 4 at update 1" in row.detail
+    # a probe moving it by 0.2% only: 2 x 10 x 0.2% = 4% < 5%, still fails
+    small = dict(gradients, **{"l/kernel": gradients["l/kernel"] + np.array([0.002, 0.0, 0.0, 0.0])})
+    assert not _kernel_row(dataclasses.replace(update, probe_gradients=(gradients, small))).ok
+
+
 def test_a_shadowed_update_at_a_relu_tie_compares_losses_but_not_parameters():
     """A tie lets one side's gradient keep a unit the other's drops (a whole example's
     contribution), so the two exact updates may differ by far more than rounding; as in
@@ -612,7 +630,7 @@ def test_a_bound_raised_past_the_conditioning_limit_is_replaced_by_shadowing(mon
     y = {"trajectory/loss": np.array([1.0, 1.5]), "final/l/kernel": np.array([1.0, 3.0])}
     shadow_calls = []
 
-    def lockstep(spec_, variant_, first, second, steps, seed, device, every_step=False):
+    def lockstep(spec_, variant_, first, second, steps, seed, device, every_step=False, probe=None):
         if every_step:
             shadow_calls.append(first)
             state = {"final/l/kernel": np.array([1.0, 2.0])}
@@ -628,6 +646,34 @@ def test_a_bound_raised_past_the_conditioning_limit_is_replaced_by_shadowing(mon
     assert shadow_calls == [("jax", "float64")]
     assert all(r.ok for r in rows) and all(parity.SHADOWED_NOTE in r.detail for r in rows)
     assert all(r.tolerance == parity.FLOAT64_TOLERANCE for r in rows)  # held at the calibrated bound
+
+
+
+def test_a_shadowed_update_that_fails_is_held_to_its_own_conditioning():
+    """An update whose two results differ by 5% of a kernel fails the calibrated bound
+    (2e-2; relative to the kernel's largest, 4.8e-2); where the probe's float64 update from
+    the common state one rounding away moves the kernel by 4.0e-3, the bound becomes
+    2 x 10 x 4.0e-3 for two backends, and 1 x 10 x 4.0e-3 against float64, which it exceeds."""
+    kernel = np.array([1.0, 2.0])
+    after = {"final/l/kernel": kernel}
+    apart = {"final/l/kernel": kernel * np.array([1.0, 1.05])}
+    probed = ({"final/l/kernel": kernel}, {"final/l/kernel": kernel * np.array([1.0, 1.004])})
+    gradients = {"l/kernel": np.ones(2)}
+    tolerance_of = lambda q: parity.tolerance(q, "float32")  # noqa: E731
+    losses = {"trajectory/loss": np.array([1.0])}
+
+    def rows(probe, sides):
+        update = parity.Update(after, apart, after, gradients, dict(gradients), {}, probe)
+        return parity._shadowed_rows(("x", "y"), (losses, dict(losses)), [update], "v", 1e-8, tolerance_of, 0.0, 0.0,
+                                     sides=sides)
+
+    kernel_row = lambda rs: next(r for r in rs if r.quantity == "final/l/kernel")  # noqa: E731
+    assert not kernel_row(rows(None, 2)).ok  # no probe: the calibrated bound
+    held = kernel_row(rows(probed, 2))
+    moved = 0.008 / 2.008
+    assert held.ok and held.tolerance == pytest.approx(20 * moved) and "own conditioning" in held.detail
+    alone = kernel_row(rows(probed, 1))
+    assert not alone.ok and alone.tolerance == pytest.approx(10 * moved)
 
 
 # ----------------------------------------------------------------------------- a trajectory's own conditioning
