@@ -376,6 +376,11 @@ def test_relu_ties_tell_a_tie_from_a_real_difference():
     assert parity.relu_ties(a, a, 2e-5) == {}
     assert parity.relu_ties(a, tie, 2e-5) == {"l": 1}
     assert parity.relu_ties(a, real, 2e-5) is None
+    # held to a layer's own conditioning (a shadowed update's probe), the same flip is a tie
+    bound = parity._conditioned_tie_bound(2e-5, a, dict(a, **{"preactivation/l": a["preactivation/l"] * (1 + 4e-5)}),
+                                          1e-8, 1)
+    assert bound("l") == pytest.approx(4e-4, rel=1e-4) and parity.relu_ties(a, real, bound) == {"l": 1}
+    assert parity.relu_ties(a, real, parity._conditioned_tie_bound(2e-5, a, dict(a), 1e-8, 1)) is None  # unmoved
 
 
 def test_single_step_ties_are_recompared_without_the_tied_examples(monkeypatch):
