@@ -710,7 +710,6 @@ def recheck_step_ties(rows: list[Row], outputs: dict, reference: dict | None, sp
     return rows
 
 
-
 # ----------------------------------------------------------------------------- conditioning of a single step
 #
 # A single step can be ill-conditioned too: float32 then computes it no better than its
@@ -731,6 +730,14 @@ def recheck_step_ties(rows: list[Row], outputs: dict, reference: dict | None, sp
 # CONDITIONING_FACTOR x CONDITIONING_LIMIT, and the formulas stay held where rounding
 # cannot hide them: every backend computes the same step in float64 and those pairs are
 # added at the float64 bound (rows '<a>-<b> in float64').
+
+
+def _conditioned_bound(base: float, moved: float, sides: int, depth_factor: float = 1.0) -> float:
+    """`base`, or `sides` x CONDITIONING_FACTOR x `depth_factor` times what a probe `moved`
+    the quantity where that is larger, never above CONDITIONING_FACTOR x CONDITIONING_LIMIT
+    (a bound raised further holds nothing)."""
+    return max(base, min(sides * CONDITIONING_FACTOR * depth_factor * moved, CONDITIONING_FACTOR * CONDITIONING_LIMIT))
+
 
 def _moved_by_rounding(reference: dict, rounded: dict, log_epsilon: float):
     """quantity -> the relative change between the float64 step (or update) from the exact
@@ -769,14 +776,12 @@ def recheck_step_conditioning(rows: list[Row], outputs: dict, reference: dict, s
         a, b = sides[pair]
         base = (lambda q: tolerance(q, dtype, depth)) if b is not None else (lambda q: drift_tolerance(q, depth))
         sides_count = 2 if b is not None else 1
-
         failed = {r.quantity for r in rows if r.pair == pair and not r.ok}
 
         def conditioned(q, base=base, sides_count=sides_count, failed=failed):
             if q not in failed:  # only what fails is measured against the conditioning
                 return base(q)
-            own = sides_count * CONDITIONING_FACTOR * _depth_factor(q, depth) * moved(q)
-            return max(base(q), min(own, ceiling))
+            return _conditioned_bound(base(q), moved(q), sides_count, _depth_factor(q, depth))
 
         names = (a, b if b is not None else REFERENCE_DTYPE)
         outs_b = outputs[b] if b is not None else reference
@@ -1176,8 +1181,7 @@ def _conditioned_tie_bound(base: float, exact: dict, rounded: dict, log_epsilon:
     update: `base`, or `sides` x CONDITIONING_FACTOR times what the probe's float64 pass
     from the common state one rounding away moved the layer's pre-activations, capped."""
     moved = _moved_by_rounding(exact, rounded, log_epsilon)
-    ceiling = CONDITIONING_FACTOR * CONDITIONING_LIMIT
-    return lambda layer: max(base, min(sides * CONDITIONING_FACTOR * moved(f"preactivation/{layer}"), ceiling))
+    return lambda layer: _conditioned_bound(base, moved(f"preactivation/{layer}"), sides)
 
 
 def _update_gradient_bound(update: Update, gradient_tolerance: float, log_epsilon: float, sides: int):
@@ -1189,8 +1193,7 @@ def _update_gradient_bound(update: Update, gradient_tolerance: float, log_epsilo
         return lambda name: gradient_tolerance
     exact, rounded = ({f"gradient/{k}": np.asarray(v, np.float64) for k, v in g.items()} for g in update.probe_gradients)
     moved = _moved_by_rounding(exact, rounded, log_epsilon)
-    ceiling = CONDITIONING_FACTOR * CONDITIONING_LIMIT
-    return lambda name: max(gradient_tolerance, min(sides * CONDITIONING_FACTOR * moved(f"gradient/{name}"), ceiling))
+    return lambda name: _conditioned_bound(gradient_tolerance, moved(f"gradient/{name}"), sides)
 
 
 def _update_conditioned(tolerance_of, moved, failed: set, sides: int):
@@ -1199,9 +1202,7 @@ def _update_conditioned(tolerance_of, moved, failed: set, sides: int):
     step's, see "conditioning of a single step")."""
     def bound(q):
         base = tolerance_of(q)
-        if q not in failed:
-            return base
-        return max(base, min(sides * CONDITIONING_FACTOR * moved(q), CONDITIONING_FACTOR * CONDITIONING_LIMIT))
+        return base if q not in failed else _conditioned_bound(base, moved(q), sides)
     return bound
 
 
