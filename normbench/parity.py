@@ -775,14 +775,9 @@ def recheck_step_conditioning(rows: list[Row], outputs: dict, reference: dict, s
     for pair in failing:
         a, b = sides[pair]
         base = (lambda q: tolerance(q, dtype, depth)) if b is not None else (lambda q: drift_tolerance(q, depth))
-        sides_count = 2 if b is not None else 1
         failed = {r.quantity for r in rows if r.pair == pair and not r.ok}
-
-        def conditioned(q, base=base, sides_count=sides_count, failed=failed):
-            if q not in failed:  # only what fails is measured against the conditioning
-                return base(q)
-            return _conditioned_bound(base(q), moved(q), sides_count, _depth_factor(q, depth))
-
+        conditioned = _failing_conditioned(base, moved, failed, 2 if b is not None else 1,
+                                           lambda q: _depth_factor(q, depth))
         names = (a, b if b is not None else REFERENCE_DTYPE)
         outs_b = outputs[b] if b is not None else reference
         redone = _compare_pair(names, outputs[a], outs_b, variant_name, log_epsilon, conditioned, underflow_floor(dtype))
@@ -1139,7 +1134,7 @@ def _shadowed_rows(names: tuple[str, str], outs: tuple[dict, dict], updates: lis
     state) and, per parameter or state, the worst of its updates (by error over bound),
     elements with undetermined gradients (`undetermined_elements`) and updates at ReLU
     ties left out. An update's quantity that fails its bound is held to the update's own
-    conditioning where the update has a probe (`_update_conditioned`; `sides`: 1 where
+    conditioning where the update has a probe (`_failing_conditioned`; `sides`: 1 where
     one side is the float64 computation, 2 for two backends)."""
     rows = [r for r in _compare_pair(names, *outs, variant, log_epsilon, tolerance_of, underflow)
             if r.quantity.startswith("trajectory/")]
@@ -1160,7 +1155,7 @@ def _shadowed_rows(names: tuple[str, str], outs: tuple[dict, dict], updates: lis
         moved = _moved_by_rounding(*update.probe, log_epsilon) if update.probe is not None else None
         if failed and moved is not None:
             compared = _compare_pair(names, update.first, second, variant, log_epsilon,
-                                     _update_conditioned(tolerance_of, moved, failed, sides), underflow)
+                                     _failing_conditioned(tolerance_of, moved, failed, sides), underflow)
         for r in compared:
             ratio = r.max_rel / r.tolerance if r.tolerance else float("inf")
             if r.quantity not in worst or not ratio <= worst[r.quantity].max_rel / worst[r.quantity].tolerance:
@@ -1196,13 +1191,12 @@ def _update_gradient_bound(update: Update, gradient_tolerance: float, log_epsilo
     return lambda name: _conditioned_bound(gradient_tolerance, moved(f"gradient/{name}"), sides)
 
 
-def _update_conditioned(tolerance_of, moved, failed: set, sides: int):
-    """`tolerance_of`, with each quantity in `failed` held to `sides` x CONDITIONING_FACTOR
-    times what the probe `moved` it by instead, where that is larger (capped as a single
-    step's, see "conditioning of a single step")."""
+def _failing_conditioned(tolerance_of, moved, failed: set, sides: int, depth_factor=lambda q: 1.0):
+    """`tolerance_of`, with each quantity in `failed` (only what fails is measured against
+    the conditioning) held to `_conditioned_bound` of what the probe `moved` it by."""
     def bound(q):
         base = tolerance_of(q)
-        return base if q not in failed else _conditioned_bound(base, moved(q), sides)
+        return base if q not in failed else _conditioned_bound(base, moved(q), sides, depth_factor(q))
     return bound
 
 
