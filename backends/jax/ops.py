@@ -21,10 +21,20 @@ _PRECISION = lax.Precision.HIGHEST
 def _moments(x):
     # Two-pass: the variance is the mean of squared deviations from the mean, never
     # E[x^2] - E[x]^2 (which cancels catastrophically when |mean| >> std).
-    axes = tuple(range(x.ndim - 1))
-    mean = jnp.mean(x, axis=axes)
+    mean = _channel_mean(x)
     centered = x - mean
-    return mean, jnp.mean(centered * centered, axis=axes)
+    return mean, _channel_mean(centered * centered)
+
+
+def _channel_mean(x):
+    # Each example's spatial positions first, then the batch: XLA:CPU reduces a (batch,
+    # height, width) block of a few channels far slower than the two steps. cnn3's
+    # evaluation of 10,000 images (every pre-activation's moments, 2-core machine, medians
+    # of 8 alternating in one process): 316 / 310 / 371 ms against 394 / 387 / 412 (none /
+    # standardization loss / batch norm); training steps the same or up to 2% faster.
+    if x.ndim == 4:
+        return jnp.mean(jnp.mean(x, axis=(1, 2)), axis=0)
+    return jnp.mean(x, axis=tuple(range(x.ndim - 1)))
 
 
 def _conv(x, kernel, stride, pads, groups=1):
