@@ -1,8 +1,8 @@
 """PyTorch's fused fast paths (backends/torch/ops.py) against the compositions they
 replace, in float64: the bias inside the convolution, TensorFlow's SAME alignment in the
 reversed layout (symmetric pads, zero kernel rows, a cropped or padded input) against
-the canonical padded input, the channel moments' written-out
-gradient, and F.group_norm for layer, group and instance norm. The parity tests hold the whole network to the other backends; these name the
+the canonical padded input, the one-channel convolution's kernel gradient, the channel
+moments' written-out gradient, and F.group_norm for layer, group and instance norm. The parity tests hold the whole network to the other backends; these name the
 primitive that broke."""
 
 from __future__ import annotations
@@ -40,6 +40,10 @@ CONVOLUTIONS = {
     "VALID 1x1 stride 3, depthwise: subsampled": (10, 1, 3, ((0, 0), (0, 0)), 3, "symmetric"),
     "SAME 4x4 stride 1: padded input": (10, 4, 1, ((1, 2), (1, 2)), 1, "padded"),
     "SAME 3x3 stride 1 on one channel: padded input": (10, 3, 1, ((0, 2), (1, 1)), 1, "padded"),
+    # One input channel and at least 25 taps: the kernel gradient is a convolution of its own.
+    "SAME 5x5 stride 2 on one channel: symmetric": (10, 5, 2, ((1, 2), (1, 2)), 1, "symmetric"),
+    "SAME 6x6 stride 1 on one channel: padded input": (10, 6, 1, ((2, 3), (2, 3)), 1, "padded"),
+    "VALID 5x5 stride 3 leaving two rows on one channel: cropped": (10, 5, 3, ((0, 0), (0, 0)), 1, "symmetric"),
 }
 
 
@@ -94,6 +98,31 @@ def test_max_pooling_ties_send_the_gradient_to_the_first_canonical_position(ops)
     expected = torch.zeros(4, 4, dtype=torch.float64)
     expected[::2, ::2] = 1.0
     torch.testing.assert_close(grad[0, 0], expected)
+
+
+@pytest.mark.parametrize("channels,kernel_size,grad,taken", [(1, 5, True, True), (1, 7, True, True), (1, 3, True, False),
+                                                         (2, 5, True, False), (1, 5, False, False)],
+                         ids=["one-channel-5x5", "one-channel-7x7", "3x3", "two-channels", "inference"])
+def test_one_channel_kernel_gradients_take_their_own_convolution_where_it_pays(channels, kernel_size, grad, taken):
+    """`_OneChannelConvolution` only where a kernel gradient over one input channel of at
+    least ONE_CHANNEL_KERNEL_GRADIENT_MIN_TAPS taps will be taken (ops.py says why)."""
+    x, kernel, bias = _leaves((2, channels, 9, 9), (4, channels, kernel_size, kernel_size), (4,))
+    with torch.set_grad_enabled(grad):
+        out = torch_ops._convolve(x.detach(), kernel, bias, 2, (2, 2))
+    assert (type(out.grad_fn).__name__ == "_OneChannelConvolutionBackward") == taken
+
+
+def test_one_channel_convolution_under_vmap_of_grad_is_autograds():
+    """Vectorized runs differentiate each member's kernels under torch.func.vmap."""
+    x = torch.randn(3, 1, 12, 12, dtype=torch.float64)
+    kernels, biases = torch.randn(2, 4, 1, 5, 5, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64)
+    loss = lambda convolve: lambda k, b: convolve(x, k, b).square().sum()
+    ours = torch.func.vmap(torch.func.grad(loss(lambda x, k, b: torch_ops._OneChannelConvolution.apply(x, k, b, 2, (2, 2))),
+                                           argnums=(0, 1)))(kernels, biases)
+    autograd = torch.func.vmap(torch.func.grad(loss(lambda x, k, b: F.conv2d(x, k, b, stride=2, padding=2)),
+                                               argnums=(0, 1)))(kernels, biases)
+    for a, b in zip(ours, autograd):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_small_kernels_and_single_channels_keep_the_padded_input():

@@ -146,6 +146,64 @@ def _reversed_window(x, window, stride, pads):
     return x, [(front, back) for _, front, back in axes], [_symmetric(front, back, stride) for _, front, back in axes]
 
 
+# oneDNN computes the kernel gradient of a convolution over one input channel (MNIST's
+# first layer) at a fraction of its speed elsewhere: cnn3's 5 x 5 stride-2 first layer at
+# batch 128 spent 3.9-4.6 ms in that backward, against 1.0 ms forward. The kernel gradient
+# is itself a convolution, of the padded input with the output gradient as the kernel
+# (batch and channel axes swapped, dilated by the stride), which oneDNN runs as a
+# 128-channel convolution: 1.5-2.7 ms. At one input channel, batch 128, 28 x 28 (ms,
+# oneDNN's backward / this): 5 x 5 stride 2 4.6 / 2.7, 5 x 5 stride 1 6.9 / 3.8, 7 x 7
+# stride 2 12.7 / 4.3, but 3 x 3 stride 2 2.8 / 2.3 and 3 x 3 stride 1 12.8 / 14.3, and
+# more input channels lost (32 -> 16 at 5 x 5 stride 2: 4.6 / 10.0 with the input
+# gradient); so kernels of at least this many taps over one input channel take it.
+ONE_CHANNEL_KERNEL_GRADIENT_MIN_TAPS = 25
+
+
+class _OneChannelConvolution(torch.autograd.Function):
+    """F.conv2d (groups 1, symmetric padding) whose kernel gradient is the convolution
+    `ONE_CHANNEL_KERNEL_GRADIENT_MIN_TAPS` describes and whose bias gradient is the output
+    gradient's per-channel sum, outside oneDNN's backward (whose fused bias sum was 1.9e-4
+    off float64 on cnn3's first layer, PyTorch's sum 2e-7). The same sums in another order."""
+
+    generate_vmap_rule = True  # torch.func.vmap can batch it (vectorized runs)
+
+    @staticmethod
+    def forward(x, kernel, bias, stride, padding):
+        return F.conv2d(x, kernel, bias, stride=stride, padding=padding)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, kernel, bias, ctx.stride, ctx.padding = inputs
+        ctx.save_for_backward(x, kernel)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, kernel = ctx.saved_tensors
+        stride, (pad_h, pad_w) = ctx.stride, ctx.padding
+        grad_x = grad_kernel = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.nn.grad.conv2d_input(x.shape, kernel, grad, stride=stride, padding=(pad_h, pad_w))
+        if ctx.needs_input_grad[1]:
+            # Pad (or crop: a negative pad) the input to exactly the rows and columns a window reads.
+            (height, width), (kernel_h, kernel_w), (out_h, out_w) = x.shape[2:], kernel.shape[2:], grad.shape[2:]
+            back_h = kernel_h + stride * (out_h - 1) - height - pad_h
+            back_w = kernel_w + stride * (out_w - 1) - width - pad_w
+            read = F.pad(x, (pad_w, back_w, pad_h, back_h))
+            grad_kernel = F.conv2d(read.transpose(0, 1), grad.transpose(0, 1), dilation=stride).transpose(0, 1)
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad.sum(dim=_SPATIAL).sum(dim=0)
+        return grad_x, grad_kernel, grad_bias, None, None
+
+
+def _convolve(x, kernel, bias, stride, padding=(0, 0), groups=1):
+    """F.conv2d, through `_OneChannelConvolution` where a kernel gradient over one input
+    channel will be taken."""
+    if (groups == 1 and x.shape[1] == 1 and kernel.requires_grad and torch.is_grad_enabled()
+            and kernel.shape[2] * kernel.shape[3] >= ONE_CHANNEL_KERNEL_GRADIENT_MIN_TAPS):
+        return _OneChannelConvolution.apply(x, kernel, bias, stride, tuple(padding))
+    return F.conv2d(x, kernel, bias, stride=stride, padding=tuple(padding), groups=groups)
+
+
 def _reduced_dims(x):
     return (0, 2, 3) if x.dim() == 4 else (0,)
 
@@ -225,9 +283,9 @@ class Ops(base.Ops):
             return F.conv2d(x[:, :, ::stride, ::stride], kernel, bias, groups=groups)
         if ahead_h or behind_h or ahead_w or behind_w:
             if not _kernel_padding_pays(x, kernel, ahead_h + behind_h, ahead_w + behind_w, groups):
-                return F.conv2d(F.pad(x, (front_w, back_w, front_h, back_h)), kernel, bias, stride=stride, groups=groups)
+                return _convolve(F.pad(x, (front_w, back_w, front_h, back_h)), kernel, bias, stride, groups=groups)
             kernel = F.pad(kernel, (ahead_w, behind_w, ahead_h, behind_h))
-        return F.conv2d(x, kernel, bias, stride=stride, padding=(pad_h, pad_w), groups=groups)
+        return _convolve(x, kernel, bias, stride, (pad_h, pad_w), groups)
 
     def dense_bias(self, x, kernel, bias):
         return x @ kernel if bias is None else torch.addmm(bias, x, kernel)
