@@ -263,3 +263,50 @@ def test_torch_is_imported_before_tensorflow():
             "print(m.index('torch') < m.index('tensorflow'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.stdout.strip() == "True", out.stderr[-2000:]
+
+
+# (input size, kernel size, stride, pads): the one-channel convolution's kernel gradient
+# (ops.py, ONE_CHANNEL_KERNEL_GRADIENT_MIN_TAPS) against TensorFlow's own, in float64.
+ONE_CHANNEL_CONVOLUTIONS = {
+    "SAME 5x5 stride 2 (named)": (10, 5, 2, ((1, 2), (1, 2))),
+    "SAME 6x6 stride 1 (named)": (9, 6, 1, ((2, 3), (2, 3))),
+    "7x7 stride 2 padded 3 around (explicit)": (10, 7, 2, ((3, 3), (3, 3))),
+    "VALID 5x5 stride 3 leaving rows unread": (10, 5, 3, ((0, 0), (0, 0))),
+}
+
+
+@pytest.mark.parametrize("case", list(ONE_CHANNEL_CONVOLUTIONS))
+def test_one_channel_convolution_gradients_are_tensorflows(case):
+    from normbench.backends.tensorflow import ops as tf_ops
+
+    size, k, stride, pads = ONE_CHANNEL_CONVOLUTIONS[case]
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.normal(size=(3, size, size, 1)))
+    kernel = tf.constant(rng.normal(size=(k, k, 1, 4)))
+    (top, bottom), (left, right) = pads
+    padding = [[0, 0], [top, bottom], [left, right], [0, 0]]
+
+    def gradients(convolve):
+        with tf.GradientTape() as tape:
+            tape.watch([x, kernel])
+            out = convolve()
+            loss = tf.reduce_sum(out * tf.constant(rng.normal(size=out.shape)))
+        return out, tape.gradient(loss, [x, kernel])
+
+    rng = np.random.default_rng(1)
+    ours = gradients(lambda: tf_ops.Ops("cpu").conv2d(x, kernel, stride, pads))
+    rng = np.random.default_rng(1)
+    own = gradients(lambda: tf.nn.conv2d(x, kernel, strides=stride, padding=padding))
+    np.testing.assert_allclose(ours[0].numpy(), own[0].numpy(), rtol=1e-12, atol=1e-12)
+    for a, b in zip(ours[1], own[1]):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-12, atol=1e-12)
+
+
+def test_one_channel_convolution_is_taken_on_the_cpu_only():
+    from normbench.backends.tensorflow import ops as tf_ops
+
+    x, kernel = tf.zeros((2, 8, 8, 1)), tf.zeros((5, 5, 1, 4))
+    graph = lambda ops: tf.function(lambda: ops.conv2d(x, kernel, 2, ((1, 2), (1, 2)))).get_concrete_function().graph
+    op_types = lambda ops: {op.type for op in graph(ops).get_operations()}
+    assert "IdentityN" in op_types(tf_ops.Ops("cpu"))  # tf.custom_gradient's mark
+    assert "IdentityN" not in op_types(tf_ops.Ops("gpu"))

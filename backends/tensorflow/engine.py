@@ -66,7 +66,7 @@ class Engine(base.Engine):
             tf.config.experimental.enable_tensor_float_32_execution(False)
         self.tf_dtype = _DTYPES[dtype]
         self.jit_compile = XLA_BY_DEVICE_TYPE[self.device_type] if jit_compile is None else bool(jit_compile)
-        self.ops = Ops()
+        self.ops = Ops(self.device_type)
         if self.device_type == "cpu":
             base.keep_freed_memory()
 

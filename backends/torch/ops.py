@@ -197,8 +197,8 @@ class _OneChannelConvolution(torch.autograd.Function):
 
 def _convolve(x, kernel, bias, stride, padding=(0, 0), groups=1):
     """F.conv2d, through `_OneChannelConvolution` where a kernel gradient over one input
-    channel will be taken."""
-    if (groups == 1 and x.shape[1] == 1 and kernel.requires_grad and torch.is_grad_enabled()
+    channel will be taken on the CPU (where it was measured)."""
+    if (groups == 1 and x.shape[1] == 1 and kernel.requires_grad and torch.is_grad_enabled() and x.is_cpu
             and kernel.shape[2] * kernel.shape[3] >= ONE_CHANNEL_KERNEL_GRADIENT_MIN_TAPS):
         return _OneChannelConvolution.apply(x, kernel, bias, stride, tuple(padding))
     return F.conv2d(x, kernel, bias, stride=stride, padding=tuple(padding), groups=groups)
