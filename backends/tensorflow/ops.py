@@ -117,7 +117,7 @@ def _one_channel_convolution(x, kernel, stride, pads, padding):
             # padding leaves some unread.
             (height, width), (kernel_h, kernel_w), (out_h, out_w) = x.shape[1:3], kernel.shape[:2], upstream.shape[1:3]
             span_h, span_w = kernel_h + stride * (out_h - 1), kernel_w + stride * (out_w - 1)
-            read = tf.pad(x, [[0, 0], [top, max(bottom, 0)], [left, max(right, 0)], [0, 0]])[:, :span_h, :span_w, :]
+            read = tf.pad(x, [[0, 0], [top, bottom], [left, right], [0, 0]])[:, :span_h, :span_w, :]
             grad_kernel = tf.nn.conv2d(tf.transpose(read, [3, 1, 2, 0]), tf.transpose(upstream, [1, 2, 0, 3]),
                                        strides=1, padding="VALID", dilations=stride)  # (1, kh, kw, out)
             return grad_x, tf.transpose(grad_kernel, [1, 2, 0, 3])
