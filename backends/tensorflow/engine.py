@@ -131,7 +131,15 @@ class Trainer(base.Trainer):
     # 234 / 240, standardization loss 210 / 212 / 191 / 183 / 172; mlp3 at 500 / 1000 /
     # 5000 36 / 31 / 18 ms; resnet-small 78 / 81 ms at 500 / 1000 (neutral). So chunks hold
     # up to EVALUATION_CHUNK_BYTES of activations (cnn3: 5000 images, resnet-small: 1347).
-    evaluation_chunk_bytes = resources.EVALUATION_CHUNK_BYTES
+    # On a later host under the same name (AVX2, no AVX-512, a 32 MiB L3; the record's
+    # header lists the extensions) the large chunks fell off a cliff once a chunk's
+    # activations left the last-level cache: cnn3, 10,000 images, chunks of 500 / 750 /
+    # 1000 / 1125 / 1500 / 5000, none 422 / 501 / 477 / 522 / 641 / 638 ms, batch norm
+    # 475 / 491 / - / 503 / 679 / 675, standardization loss (500 / 1000 / 5000) 470 / 438 /
+    # 636; mlp3 still gains from 5000 (23 ms against 36 at 1000). So chunks hold 64 MiB
+    # (cnn3: 750 images, mlp3: 5000, the larger networks: 500), clear of that cliff: 22-27%
+    # faster there, where the first host would lose 5-15% against 5000 by the numbers above.
+    evaluation_chunk_bytes = 64 << 20
 
     def __init__(self, engine, program, params, state, train_images, train_labels, track):
         super().__init__(engine, program, track)
