@@ -278,7 +278,7 @@ def test_nightly_export_writes_every_recorded_value_and_skips_the_absent(tmp_pat
     assert provenance["commit"] == "c" * 40 and provenance["records"] == 7 and "no longer exists" in provenance["packages"]
     extensions = provenance["cpu_vector_extensions"]  # what the CPU name leaves out (nightly._vector_extensions)
     assert isinstance(extensions, list) and all(e.startswith(("avx", "amx", "fma", "sse4")) for e in extensions)
-    assert f"(CPU extensions: {', '.join(extensions)})" in text
+    assert f"(CPU extensions: {', '.join(extensions)}; last-level cache: {provenance['cpu_last_level_cache']})" in text
     assert [p.name for p in written] == ["README.md", "benchmarks.csv", "provenance.json"]
 
 
