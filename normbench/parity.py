@@ -112,9 +112,9 @@ FLOAT32_TOLERANCES = {
     # now takes its kernel and bias gradients outside oneDNN's backward for speed
     # (backends/torch/ops.py, `_OneChannelConvolution`), and PyTorch's worst is conv2's
     # bias, 4.4e-6, still oneDNN's fused sum: PyTorch users write the bias inside the
-    # convolution, and so does the backend; the bound covers it. A gradient row that fails alone with
-    # "pre-activation(s) on opposite sides of 0" in its detail is a ReLU flip (a value
-    # within rounding of 0 lands on the other side), not a formula difference.
+    # convolution, and so does the backend; the bound covers it. A gradient row that fails
+    # alone with "pre-activation(s) on opposite sides of 0" in its detail is a ReLU flip (a
+    # value within rounding of 0 lands on the other side), not a formula difference.
     "gradient": 5e-3,
     # Trajectories (50 steps), measured over cnn3 and mlp3, all normalizations, seeds 0-2,
     # for every pair of torch (as shipped, and with the two-pass batch norm), jax and

@@ -191,7 +191,7 @@ class _OneChannelConvolution(torch.autograd.Function):
             read = F.pad(x, (pad_w, back_w, pad_h, back_h))
             grad_kernel = F.conv2d(read.transpose(0, 1), grad.transpose(0, 1), dilation=stride).transpose(0, 1)
         if ctx.needs_input_grad[2]:
-            grad_bias = grad.sum(dim=_SPATIAL).sum(dim=0)
+            grad_bias = _channel_sum(grad)
         return grad_x, grad_kernel, grad_bias, None, None
 
 
@@ -204,18 +204,16 @@ def _convolve(x, kernel, bias, stride, padding=(0, 0), groups=1):
     return F.conv2d(x, kernel, bias, stride=stride, padding=tuple(padding), groups=groups)
 
 
-def _reduced_dims(x):
-    return (0, 2, 3) if x.dim() == 4 else (0,)
-
-
-def _channel_mean(x):
-    """Per-channel mean of an NCHW or (batch, features) tensor: each example's spatial sum
+def _channel_sum(x):
+    """Per-channel sum of an NCHW or (batch, features) tensor: each example's spatial sum
     first, then the batch's. On cnn3's first pre-activations (500 x 32 x 14 x 14, float32)
     this is 3-4x faster than one reduction over (0, 2, 3), whose strided walk measured
     0.60 ms against 0.13-0.19 ms, and closer to float64 (1.8e-7 relative against 1.2e-6)."""
-    if x.dim() != 4:
-        return x.mean(dim=0)
-    return x.sum(dim=_SPATIAL).sum(dim=0) / (x.numel() // x.shape[1])
+    return (x.sum(dim=_SPATIAL) if x.dim() == 4 else x).sum(dim=0)
+
+
+def _channel_mean(x):
+    return _channel_sum(x) / (x.numel() // x.shape[1]) if x.dim() == 4 else x.mean(dim=0)
 
 
 def _inference_moments(x):
