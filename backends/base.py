@@ -217,6 +217,24 @@ class Ops(abc.ABC):
         collapsed across the batch: torch and tensorflow 100% off in fc1's shift gradient,
         JAX, which differentiates the composition, 5e-5)."""
         return self.moments(x, tuple(range(self.ndim(x) - 1)))
+
+    def standard_normal_kl(self, mean, var, log_epsilon: float):
+        """KL(N(mean, diag var) || N(0, I)) of per-channel moments, the paper's equation (2)
+        for one layer: 0.5 * sum(mean^2 + var - log(var + log_epsilon) - 1). `log_epsilon`
+        keeps the log finite for a channel whose variance is exactly 0 (a dead input)."""
+        return 0.5 * self.sum(mean * mean + var - self.log(var + log_epsilon) - 1.0)
+
+    def standardization_loss(self, taps: list, log_epsilon: float):
+        """`standard_normal_kl` of each tap's `channel_moments`, summed over the taps in
+        their order (the standardization loss of a whole network). Composed here; PyTorch
+        fuses it into one autograd Function with the gradient written out, because its
+        eager dispatch of this composition's ~30 small ops per layer cost more than the
+        arithmetic."""
+        total = 0.0
+        for x in taps:
+            mean, var = self.channel_moments(x)
+            total = total + self.standard_normal_kl(mean, var, log_epsilon)
+        return total
     @abc.abstractmethod
     def reduced_count(self, x) -> int:
         """Number of values behind each channel's moments (batch x spatial positions)."""

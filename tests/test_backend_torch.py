@@ -164,6 +164,43 @@ def test_channel_moments_are_the_two_pass_formula_with_its_gradient(ops, shape, 
     torch.testing.assert_close(ours, autograd, rtol=1e-12, atol=1e-14)
 
 
+def _loss_taps(dtype):
+    """Taps of the kinds a network gives: NCHW and dense, one with a dead channel (var 0)
+    and one whose channel spreads (3e-5 to 3e-3) are tiny beside their means."""
+    rng = np.random.default_rng(5)
+    conv = rng.normal(size=(6, 4, 5, 5)) * 1.5 + rng.normal(size=(1, 4, 1, 1))
+    conv[:, 1] = 0.0
+    tiny = 1.9 * rng.normal(size=8) + rng.normal(size=(16, 8)) * np.logspace(-4.5, -2.5, 8)
+    return [torch.tensor(a, dtype=dtype, requires_grad=True) for a in (conv, tiny, rng.normal(size=(6, 3, 2, 2)))]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_fused_standardization_loss_is_the_composition_bit_for_bit(ops, dtype):
+    """`_StandardizationLoss` (one Function for every tap) against `base.Ops`' composition
+    of channel_moments and standard_normal_kl: the same value and input gradients, to the
+    bit (its docstring says why they can be), through a loss weight as the objective
+    applies it; with no graph recorded, the composition itself."""
+    taps = _loss_taps(dtype)
+    fused = ops.standardization_loss(taps, 1e-8)
+    assert type(fused.grad_fn).__name__ == "_StandardizationLossBackward"
+    composed = base.Ops.standardization_loss(ops, taps, 1e-8)
+    assert torch.equal(fused, composed)
+    for ours, theirs in zip(torch.autograd.grad(0.7 * fused, taps), torch.autograd.grad(0.7 * composed, taps)):
+        assert torch.equal(ours, theirs)
+    with torch.no_grad():
+        assert torch.equal(ops.standardization_loss(taps, 1e-8), composed)
+
+
+def test_fused_standardization_loss_under_vmap_of_grad_is_the_compositions(ops):
+    """Vectorized runs differentiate each member's loss under torch.func.vmap."""
+    stacked = [torch.stack([t.detach(), t.detach() * 0.5 + 0.1]) for t in _loss_taps(torch.float64)]
+    ours = torch.func.vmap(torch.func.grad(lambda *t: ops.standardization_loss(list(t), 1e-8), argnums=(0, 1, 2)))(*stacked)
+    theirs = torch.func.vmap(torch.func.grad(lambda *t: base.Ops.standardization_loss(ops, list(t), 1e-8),
+                                             argnums=(0, 1, 2)))(*stacked)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
 @pytest.mark.parametrize("shape,groups", [((4, 8, 5, 5), 1), ((4, 8, 5, 5), 4), ((4, 8, 5, 5), 8), ((6, 8), 2)],
                          ids=["layer", "group", "instance", "dense-group"])
 def test_fused_group_norm_is_the_composed_formula(ops, shape, groups):

@@ -11,12 +11,10 @@ from normbench.plan import weight_decay_penalty
 
 
 def _std_loss(ops, moments, log_epsilon):
-    """Equation (2) summed over layers from per-channel moments (the plugin's per-layer term)."""
-    from normbench.auxiliary_losses.standardization import layer_loss
-
+    """Equation (2) summed over layers from per-channel moments (`Ops.standard_normal_kl`)."""
     total = 0.0
     for mean, var in moments.values():
-        total = total + layer_loss(ops, mean, var, log_epsilon)
+        total = total + ops.standard_normal_kl(mean, var, log_epsilon)
     return total
 
 EPS = 1e-8
@@ -121,8 +119,10 @@ def test_backend_channel_moments_are_stable(engine, rng, ref):
     assert engine.ops.reduced_count(engine.put_images(x)) == 64 * 6 * 6
 
 
+@pytest.mark.parametrize("whole", [False, True], ids=["per-layer", "standardization_loss"])
 @pytest.mark.parametrize("shape", [(16, 128), (8, 3, 3, 24)], ids=["dense", "conv"])
-def test_backend_loss_gradient_summed_over_the_batch_where_spreads_are_tiny(engine32, backend_gradient, rng, ref, shape):
+def test_backend_loss_gradient_summed_over_the_batch_where_spreads_are_tiny(engine32, backend_gradient, rng, ref, shape,
+                                                                            whole):
     """Eq. (2)'s input gradient summed over every axis but the channel, which is what a bias
     before the slot receives, in float32, for channels whose spread (3e-5 to 3e-3) is tiny
     beside their mean (~1.9). Its variance part, (1 - 1 / (var + eps)) (x - mean) / n, sums
@@ -136,6 +136,8 @@ def test_backend_loss_gradient_summed_over_the_batch_where_spreads_are_tiny(engi
     ops, rank = engine32.ops, len(shape)
 
     def loss(z):
+        if whole:  # the whole network's loss, as the objective takes it (PyTorch's fused Function)
+            return ops.standardization_loss([z], EPS)
         return _std_loss(ops, {"a": ops.channel_moments(z)}, EPS)
 
     grad = backend_gradient(engine32, loss, x, activation=rank == 4)

@@ -50,17 +50,15 @@ class Standardization(AuxiliaryLoss):
         return None
 
     def value(self, ops, taps):
+        if self.replica_batch_size is None:
+            return ops.standardization_loss(list(taps.values()), self.log_epsilon)
         total = 0.0
         for z in taps.values():
-            if self.replica_batch_size is None:
-                mean, var = ops.channel_moments(z)
-                total = total + layer_loss(ops, mean, var, self.log_epsilon)
-            else:
-                shape = ops.shape(z)
-                replicas = shape[0] // self.replica_batch_size
-                grouped = ops.reshape(z, (replicas, self.replica_batch_size, *shape[1:]))
-                mean, var = ops.moments(grouped, tuple(range(1, len(shape))))  # (replicas, channels)
-                total = total + layer_loss(ops, mean, var, self.log_epsilon) / replicas
+            shape = ops.shape(z)
+            replicas = shape[0] // self.replica_batch_size
+            grouped = ops.reshape(z, (replicas, self.replica_batch_size, *shape[1:]))
+            mean, var = ops.moments(grouped, tuple(range(1, len(shape))))  # (replicas, channels)
+            total = total + ops.standard_normal_kl(mean, var, self.log_epsilon) / replicas
         return total
 
     def chunk_statistics(self, ops, tap):
@@ -78,11 +76,6 @@ class Standardization(AuxiliaryLoss):
         # layer), so the value understates the numbers rounded to compute it: the summed
         # magnitudes of equation (2)'s terms, 0.5 * sum(mean^2 + var + |log(var + eps)| + 1).
         return float(sum(0.5 * np.sum(m * m + v + np.abs(np.log(v + log_epsilon)) + 1.0) for m, v in moments.values()))
-
-
-def layer_loss(ops, mean, var, log_epsilon):
-    """Equation (2) for one layer's per-channel moments."""
-    return 0.5 * ops.sum(mean * mean + var - ops.log(var + log_epsilon) - 1.0)
 
 
 def loss_numpy(moments: dict[str, tuple[np.ndarray, np.ndarray]], log_epsilon: float) -> float:
