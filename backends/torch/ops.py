@@ -102,8 +102,10 @@ class _StandardizationLoss(torch.autograd.Function):
     d / d mean = mean and d / d var = 0.5 (1 - 1 / (var + eps)), through
     `_moments_input_gradient`, each in the rounding autograd gives the composition (0.5 g
     times each factor, summed), so the gradients are its bits too (a test checks both).
-    Eager autograd recorded ~30 ops per tap for the composition, ~8 us each on the 2-core
-    machine: mlp3's step is 78 ops without the loss."""
+    Why: eager autograd records ~30 ops per tap for the composition, each costing more
+    than its arithmetic on vectors of a layer's channels. Steps on the 2-core machine,
+    side by side (none / this / the composition, ms): cnn3 10.13 / 12.05 / 12.53, mlp3
+    1.16 / 1.68 / 1.89; vectorized groups of 4: cnn3 70.8 / 76.4, mlp3 7.07 / 8.77."""
 
     generate_vmap_rule = True  # torch.func.vmap can batch it (vectorized runs)
 
