@@ -29,6 +29,9 @@ import pytest
 if importlib.util.find_spec("torch") is not None and importlib.util.find_spec("tensorflow") is not None:
     import torch  # noqa: F401
 
+# TensorFlow's environment as the engine sets it (backends/tensorflow/__init__.py: oneDNN's
+# kernels), before any test module imports TensorFlow; the package imports no framework.
+import normbench.backends.tensorflow  # noqa: E402,F401
 from normbench import backends, spec as spec_module
 from normbench.plan import Plan, resolve
 

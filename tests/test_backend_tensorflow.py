@@ -265,6 +265,42 @@ def test_torch_is_imported_before_tensorflow():
     assert out.stdout.strip() == "True", out.stderr[-2000:]
 
 
+def _engine_in_a_fresh_process(prelude: str, environment: dict) -> subprocess.CompletedProcess:
+    import os
+
+    code = (f"{prelude}; import warnings; warnings.simplefilter('error'); "
+            "from normbench.backends.tensorflow.engine import Engine; print(Engine().device_description())")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={k: v for k, v in {**os.environ, **environment}.items() if v is not None})
+
+
+@pytest.mark.skipif(not (sys.platform == "linux" and __import__("platform").machine() == "x86_64"),
+                    reason="TensorFlow's oneDNN kernels ship in its Linux x86-64 wheels")
+def test_onednn_kernels_run_on_every_host_unless_the_user_says_otherwise():
+    """TensorFlow's default turns them on only on CPUs with AVX512_VNNI, AVX512_BF16,
+    AVX_VNNI or AMX (backends/tensorflow/__init__.py): the package asks for them, keeps a
+    user's own setting, the provenance's device says which ran, and a process that loaded
+    TensorFlow first is told why it got Eigen's."""
+    default = _engine_in_a_fresh_process("import torch", {"TF_ENABLE_ONEDNN_OPTS": None})
+    assert default.stdout.strip().endswith("oneDNN kernels)"), default.stderr[-2000:]
+    declined = _engine_in_a_fresh_process("import torch", {"TF_ENABLE_ONEDNN_OPTS": "0"})
+    assert declined.stdout.strip().endswith("Eigen kernels)"), declined.stderr[-2000:]
+    too_late = _engine_in_a_fresh_process("import torch, tensorflow", {"TF_ENABLE_ONEDNN_OPTS": None})
+    assert too_late.returncode != 0 and "import normbench.backends.tensorflow before tensorflow" in too_late.stderr
+
+
+@pytest.mark.parametrize("onednn,images", [(True, 5000), (False, 750)], ids=["oneDNN", "Eigen"])
+def test_evaluation_chunks_are_sized_for_the_kernels_that_run(onednn, images):
+    """cnn3's chunks (the Trainer's comment has the measurements): Eigen's kernels fell off
+    a cache cliff past ~1000 images, oneDNN's gain up to the largest chunk."""
+    engine = Engine()
+    engine.onednn = onednn
+    spec = specs.load("mnist-cnn").replace(seeds=1)
+    data = synthetic_data("float32")
+    _, trainer = make_trainer(engine, spec, data)
+    assert trainer.default_chunk_size() == images
+
+
 # (input size, kernel size, stride, pads): the one-channel convolution's kernel gradient
 # (ops.py, ONE_CHANNEL_KERNEL_GRADIENT_MIN_TAPS) against TensorFlow's own, in float64.
 ONE_CHANNEL_CONVOLUTIONS = {
@@ -302,11 +338,12 @@ def test_one_channel_convolution_gradients_are_tensorflows(case):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-12, atol=1e-12)
 
 
-def test_one_channel_convolution_is_taken_on_the_cpu_only():
+def test_one_channel_convolution_is_taken_against_eigens_cpu_kernels_only():
     from normbench.backends.tensorflow import ops as tf_ops
 
     x, kernel = tf.zeros((2, 8, 8, 1)), tf.zeros((5, 5, 1, 4))
     graph = lambda ops: tf.function(lambda: ops.conv2d(x, kernel, 2, ((1, 2), (1, 2)))).get_concrete_function().graph
     op_types = lambda ops: {op.type for op in graph(ops).get_operations()}
-    assert "IdentityN" in op_types(tf_ops.Ops("cpu"))  # tf.custom_gradient's mark
+    assert "IdentityN" in op_types(tf_ops.Ops("cpu", onednn=False))  # tf.custom_gradient's mark
+    assert "IdentityN" not in op_types(tf_ops.Ops("cpu", onednn=True))  # oneDNN's own is faster
     assert "IdentityN" not in op_types(tf_ops.Ops("gpu"))

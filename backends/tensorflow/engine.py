@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 
 # torch must be loaded before TensorFlow when both end up in one process: the opposite
 # order can crash (their bundled native libraries clash).
 if importlib.util.find_spec("torch") is not None:
     import torch  # noqa: F401
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -34,6 +33,15 @@ _DTYPES = {"float32": tf.float32, "float64": tf.float64}
 # slower for cnn3 and mlp3 in every variant, and compiled 2-5x longer. GPU: not measured
 # yet, so the graph executor stays the default there too. Engine(jit_compile=True) forces it.
 XLA_BY_DEVICE_TYPE = {"cpu": False, "gpu": False}
+
+
+def onednn_enabled() -> bool:
+    """Whether TensorFlow runs oneDNN's CPU kernels in this process (this package's
+    __init__ says why normbench asks for them). TensorFlow's own test of it: no public
+    API says."""
+    from tensorflow.python.util import _pywrap_util_port
+
+    return bool(_pywrap_util_port.IsMklEnabled())
 
 
 def _parse_device(requested: str | None) -> tuple[str, str]:
@@ -66,7 +74,15 @@ class Engine(base.Engine):
             tf.config.experimental.enable_tensor_float_32_execution(False)
         self.tf_dtype = _DTYPES[dtype]
         self.jit_compile = XLA_BY_DEVICE_TYPE[self.device_type] if jit_compile is None else bool(jit_compile)
-        self.ops = Ops(self.device_type)
+        # oneDNN's CPU kernels, or Eigen's: they differ in rounding and speed (the
+        # package's __init__), and the paths and chunk sizes measured fastest differ too.
+        self.onednn = self.device_type == "cpu" and onednn_enabled()
+        if self.device_type == "cpu" and not self.onednn and os.environ.get("TF_ENABLE_ONEDNN_OPTS") == "1":
+            warnings.warn("tensorflow: oneDNN's CPU kernels are off in this process although TF_ENABLE_ONEDNN_OPTS=1 "
+                          "(TensorFlow was loaded before normbench.backends.tensorflow set it, or this build has none): "
+                          "Eigen's kernels run, slower and in other rounding; import normbench.backends.tensorflow "
+                          "before tensorflow, or export TF_ENABLE_ONEDNN_OPTS=1", stacklevel=2)
+        self.ops = Ops(self.device_type, onednn=self.onednn)
         if self.device_type == "cpu":
             base.keep_freed_memory()
 
@@ -79,7 +95,7 @@ class Engine(base.Engine):
             details = tf.config.experimental.get_device_details(tf.config.list_physical_devices("GPU")[int(self.device[4:])])
             return f"gpu: {details.get('device_name', self.tf_device)} ({compiler})"
         threads = tf.config.threading.get_intra_op_parallelism_threads() or os.cpu_count()
-        return f"cpu ({threads} threads, {compiler})"
+        return f"cpu ({threads} threads, {compiler}, {'oneDNN' if self.onednn else 'Eigen'} kernels)"
 
     def _place(self, array: np.ndarray, dtype) -> tf.Tensor:
         with tf.device(self.tf_device):
@@ -139,10 +155,17 @@ class Trainer(base.Trainer):
     # 636; mlp3 still gains from 5000 (23 ms against 36 at 1000). So chunks hold 64 MiB
     # (cnn3: 750 images, mlp3: 5000, the larger networks: 500), clear of that cliff: 22-27%
     # faster there, where the first host would lose 5-15% against 5000 by the numbers above.
-    evaluation_chunk_bytes = 64 << 20
+    # The cliff was Eigen's: that host runs Eigen's kernels unless asked for oneDNN's (the
+    # package's __init__), and with oneDNN's the large chunks win again there (cnn3, 10,000
+    # images, chunks of 750 / 5000: none 270 / 228 ms, batch norm 334 / 276, standardization
+    # loss 319 / 235). So 512 MiB with oneDNN's kernels, 64 MiB with Eigen's.
+    evaluation_chunk_bytes = 512 << 20
+    EIGEN_EVALUATION_CHUNK_BYTES = 64 << 20
 
     def __init__(self, engine, program, params, state, train_images, train_labels, track):
         super().__init__(engine, program, track)
+        if not engine.onednn:
+            self.evaluation_chunk_bytes = self.EIGEN_EVALUATION_CHUNK_BYTES
         self.ops = engine.ops
         with tf.device(engine.tf_device):
             self.params = {k: tf.Variable(v, trainable=True) for k, v in engine.import_tree(params).items()}

@@ -98,7 +98,10 @@ def _multiply_channels(x, vector):
 # cnn3's 5 x 5 stride-2 first layer at batch 128, Conv2DBackpropFilter 2.5 ms, the same
 # gradient as a convolution of the padded input with the output gradient as the kernel
 # (batch and channel axes swapped, dilated by the stride) 1.7 ms; cnn3's training steps
-# 9% faster (none, batch norm, standardization loss; side by side in one process).
+# 9% faster (none, batch norm, standardization loss; side by side in one process). That
+# was against Eigen's kernels (TF_ENABLE_ONEDNN_OPTS: the package's __init__); against
+# oneDNN's it loses: cnn3 steps, none 9.07 ms with it, 7.53 without, standardization loss
+# 10.78 / 9.48 (side by side in one process). So `Ops` takes it with Eigen's only.
 ONE_CHANNEL_KERNEL_GRADIENT_MIN_TAPS = 25
 
 
@@ -128,9 +131,10 @@ def _one_channel_convolution(x, kernel, stride, pads, padding):
 
 
 class Ops(base.Ops):
-    def __init__(self, device_type: str = "cpu"):
-        # The one-channel kernel gradient was measured on CPU only.
-        self.one_channel_kernel_gradients = device_type == "cpu"
+    def __init__(self, device_type: str = "cpu", onednn: bool = False):
+        # The one-channel kernel gradient pays against Eigen's CPU kernels only (measured
+        # on CPU; against oneDNN's, ONE_CHANNEL_KERNEL_GRADIENT_MIN_TAPS says, it loses).
+        self.one_channel_kernel_gradients = device_type == "cpu" and not onednn
 
     def ndim(self, x):
         return x.shape.rank

@@ -27,7 +27,9 @@ import os
 if importlib.util.find_spec("torch") is not None:
     import torch  # noqa: F401
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# TensorFlow's environment as the engine beside it sets it (TF_ENABLE_ONEDNN_OPTS: the same
+# kernels), before TensorFlow loads; the package imports no framework.
+import normbench.backends.tensorflow  # noqa: E402,F401
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
