@@ -35,13 +35,16 @@ _DTYPES = {"float32": tf.float32, "float64": tf.float64}
 XLA_BY_DEVICE_TYPE = {"cpu": False, "gpu": False}
 
 
-def onednn_enabled() -> bool:
+def onednn_enabled() -> bool | None:
     """Whether TensorFlow runs oneDNN's CPU kernels in this process (this package's
-    __init__ says why normbench asks for them). TensorFlow's own test of it: no public
-    API says."""
-    from tensorflow.python.util import _pywrap_util_port
+    __init__ says why normbench asks for them); None where this TensorFlow cannot say.
+    TensorFlow's own test of it, which its test utilities call: no public API says."""
+    try:
+        from tensorflow.python.util import _pywrap_util_port
 
-    return bool(_pywrap_util_port.IsMklEnabled())
+        return bool(_pywrap_util_port.IsMklEnabled())
+    except (ImportError, AttributeError):
+        return None
 
 
 def _parse_device(requested: str | None) -> tuple[str, str]:
@@ -76,8 +79,8 @@ class Engine(base.Engine):
         self.jit_compile = XLA_BY_DEVICE_TYPE[self.device_type] if jit_compile is None else bool(jit_compile)
         # oneDNN's CPU kernels, or Eigen's: they differ in rounding and speed (the
         # package's __init__), and the paths and chunk sizes measured fastest differ too.
-        self.onednn = self.device_type == "cpu" and onednn_enabled()
-        if self.device_type == "cpu" and not self.onednn and os.environ.get("TF_ENABLE_ONEDNN_OPTS") == "1":
+        self.onednn = onednn_enabled() if self.device_type == "cpu" else None
+        if self.onednn is False and os.environ.get("TF_ENABLE_ONEDNN_OPTS") == "1":
             warnings.warn("tensorflow: oneDNN's CPU kernels are off in this process although TF_ENABLE_ONEDNN_OPTS=1 "
                           "(TensorFlow was loaded before normbench.backends.tensorflow set it, or this build has none): "
                           "Eigen's kernels run, slower and in other rounding; import normbench.backends.tensorflow "
@@ -95,7 +98,8 @@ class Engine(base.Engine):
             details = tf.config.experimental.get_device_details(tf.config.list_physical_devices("GPU")[int(self.device[4:])])
             return f"gpu: {details.get('device_name', self.tf_device)} ({compiler})"
         threads = tf.config.threading.get_intra_op_parallelism_threads() or os.cpu_count()
-        return f"cpu ({threads} threads, {compiler}, {'oneDNN' if self.onednn else 'Eigen'} kernels)"
+        kernels = {True: "oneDNN", False: "Eigen", None: "unknown"}[self.onednn]
+        return f"cpu ({threads} threads, {compiler}, {kernels} kernels)"
 
     def _place(self, array: np.ndarray, dtype) -> tf.Tensor:
         with tf.device(self.tf_device):
@@ -164,7 +168,7 @@ class Trainer(base.Trainer):
 
     def __init__(self, engine, program, params, state, train_images, train_labels, track):
         super().__init__(engine, program, track)
-        if not engine.onednn:
+        if engine.onednn is False:
             self.evaluation_chunk_bytes = self.EIGEN_EVALUATION_CHUNK_BYTES
         self.ops = engine.ops
         with tf.device(engine.tf_device):

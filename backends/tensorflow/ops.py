@@ -131,7 +131,7 @@ def _one_channel_convolution(x, kernel, stride, pads, padding):
 
 
 class Ops(base.Ops):
-    def __init__(self, device_type: str = "cpu", onednn: bool = False):
+    def __init__(self, device_type: str = "cpu", onednn: bool | None = False):
         # The one-channel kernel gradient pays against Eigen's CPU kernels only (measured
         # on CPU; against oneDNN's, ONE_CHANNEL_KERNEL_GRADIENT_MIN_TAPS says, it loses).
         self.one_channel_kernel_gradients = device_type == "cpu" and not onednn
