@@ -349,7 +349,7 @@ def export(results: list, benchmarks: dict, machine: str, info: dict, commit: st
     provenance = {"commit": commit, "machine": info, "asv_environment": results[0].env_name if results else None,
                   "python": env.get("python"), "packages": _package_versions(env.get("python")), "recorded_at": when,
                   "command": command, "records": len(records), "cpu_vector_extensions": _vector_extensions(),
-                  "cpu_last_level_cache": _last_level_cache()}
+                  "cpu_last_level_cache": _last_level_cache(), "backend_devices": _backend_devices(env.get("python"))}
     (out / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
 
     extensions = provenance["cpu_vector_extensions"]
@@ -360,6 +360,7 @@ def export(results: list, benchmarks: dict, machine: str, info: dict, commit: st
              f"{int(info.get('ram', 0) or 0) / 2**30:.0f} GiB, {info.get('os', '?')} (CPU extensions: {extensions}; "
              f"last-level cache: {provenance['cpu_last_level_cache']}). Medians (asv) of one process per benchmark; "
              "ratios are measured side by side in one process. All metrics are lower-is-better. "
+             + _devices_sentence(provenance["backend_devices"]) +
              "What each benchmark measures: [benchmarks/README.md](../../../benchmarks/README.md). "
              "Every value, one row each: [benchmarks.csv](benchmarks.csv); provenance: [provenance.json](provenance.json).", ""]
     normalizations = list(dict.fromkeys(r["normalization"] for r in records if r.get("normalization")))
@@ -446,7 +447,8 @@ def _vector_extensions() -> list[str] | str:
     machine record names the CPU only ("AMD EPYC"), and under that one name the frameworks'
     convolutions ran at very different speeds: TensorFlow's evaluation of 10,000 cnn3
     images was recorded at 234 ms (commit 2be9ca7, 2026-12-03) and measured at 632 ms at
-    the same commit on a host reporting AVX2 and no AVX-512 (2026-12-04)."""
+    the same commit on a host reporting AVX2 and no AVX-512 (2026-12-04), where TensorFlow's
+    default ran Eigen's kernels, not oneDNN's (backends/tensorflow/__init__.py)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -457,8 +459,8 @@ def _vector_extensions() -> list[str] | str:
 
 def _last_level_cache() -> str:
     """The size of the CPU's largest cache level as Linux reports it (read now): where a
-    chunk's activations stop fitting it, TensorFlow's evaluation slowed by half
-    (backends/tensorflow/engine.py)."""
+    chunk's activations stop fitting it, TensorFlow's evaluation with Eigen's kernels
+    slowed by half (backends/tensorflow/engine.py)."""
     levels = []
     for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
         try:
@@ -466,6 +468,27 @@ def _last_level_cache() -> str:
         except (OSError, ValueError):
             continue
     return f"L{max(levels)[0]} {max(levels)[1]}" if levels else "unknown"
+
+
+def _backend_devices(python: str | None) -> dict[str, str] | str:
+    """Each available backend's CPU device as its engine describes it (the `device` of run
+    provenance), from the interpreter that recorded the run, read now as the packages are:
+    which kernels a framework runs can depend on the host and the environment, not only on
+    its version (TensorFlow's oneDNN or Eigen kernels: backends/tensorflow/__init__.py)."""
+    if not python or not Path(python).exists():
+        return f"unknown: the recording interpreter {python!r} no longer exists"
+    code = ("import json\nfrom normbench import backends\n"
+            "print(json.dumps({n: backends.get_engine(n, device='cpu').device_description()\n"
+            "                  for n in backends.names() if backends.is_available(n)}))")
+    done = subprocess.run([python, "-c", code], capture_output=True, text=True)
+    lines = done.stdout.strip().splitlines()
+    return json.loads(lines[-1]) if done.returncode == 0 and lines else f"unknown: {done.stderr.strip()[-200:]}"
+
+
+def _devices_sentence(devices: dict[str, str] | str) -> str:
+    if not isinstance(devices, dict) or not devices:
+        return ""
+    return "Backends' CPU devices: " + "; ".join(f"{name}: {text}" for name, text in sorted(devices.items())) + ". "
 
 
 def _package_versions(python: str | None) -> dict[str, str] | str:

@@ -279,7 +279,22 @@ def test_nightly_export_writes_every_recorded_value_and_skips_the_absent(tmp_pat
     extensions = provenance["cpu_vector_extensions"]  # what the CPU name leaves out (nightly._vector_extensions)
     assert isinstance(extensions, list) and all(e.startswith(("avx", "amx", "fma", "sse4")) for e in extensions)
     assert f"(CPU extensions: {', '.join(extensions)}; last-level cache: {provenance['cpu_last_level_cache']})" in text
+    assert "no longer exists" in provenance["backend_devices"] and "Backends' CPU devices" not in text
     assert [p.name for p in written] == ["README.md", "benchmarks.csv", "provenance.json"]
+
+
+def test_nightly_export_names_each_backends_cpu_device():
+    """Which kernels a framework runs depends on more than its version (TensorFlow: oneDNN's
+    or Eigen's), so the export asks each engine, in the recording interpreter."""
+    from normbench import backends
+
+    nightly = _load_nightly()
+    devices = nightly._backend_devices(sys.executable)
+    assert set(devices) == {n for n in backends.names() if backends.is_available(n)}
+    assert all(text.startswith("cpu") for text in devices.values())
+    if "tensorflow" in devices:
+        assert devices["tensorflow"].endswith(("oneDNN kernels)", "Eigen kernels)", "unknown kernels)"))
+    assert nightly._devices_sentence(devices).startswith("Backends' CPU devices: ")
 
 
 def test_nightly_export_gives_the_architectures_grid_a_row_per_architecture_and_variant(tmp_path):
