@@ -21,7 +21,6 @@ tests/test_reference_loops.py checks). Each method's forward lives in
 from __future__ import annotations
 
 import importlib.util
-import os
 
 # torch must be loaded before TensorFlow when both end up in one process.
 if importlib.util.find_spec("torch") is not None:
