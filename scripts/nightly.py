@@ -475,14 +475,9 @@ def _backend_devices(python: str | None) -> dict[str, str] | str:
     provenance), from the interpreter that recorded the run, read now as the packages are:
     which kernels a framework runs can depend on the host and the environment, not only on
     its version (TensorFlow's oneDNN or Eigen kernels: backends/tensorflow/__init__.py)."""
-    if not python or not Path(python).exists():
-        return f"unknown: the recording interpreter {python!r} no longer exists"
-    code = ("import json\nfrom normbench import backends\n"
-            "print(json.dumps({n: backends.get_engine(n, device='cpu').device_description()\n"
-            "                  for n in backends.names() if backends.is_available(n)}))")
-    done = subprocess.run([python, "-c", code], capture_output=True, text=True)
-    lines = done.stdout.strip().splitlines()
-    return json.loads(lines[-1]) if done.returncode == 0 and lines else f"unknown: {done.stderr.strip()[-200:]}"
+    return _ask_recording_interpreter(python, "import json\nfrom normbench import backends\n"
+                                      "print(json.dumps({n: backends.get_engine(n, device='cpu').device_description()\n"
+                                      "                  for n in backends.names() if backends.is_available(n)}))")
 
 
 def _devices_sentence(devices: dict[str, str] | str) -> str:
@@ -494,13 +489,20 @@ def _devices_sentence(devices: dict[str, str] | str) -> str:
 def _package_versions(python: str | None) -> dict[str, str] | str:
     """Versions installed in the interpreter that recorded the run (asv keeps its path),
     read now: the same environment unless it was changed since."""
+    return _ask_recording_interpreter(python, "import importlib.metadata as m, json\n"
+                                      f"v = {{}}\nfor p in {list(_PACKAGES)!r}:\n"
+                                      "    try: v[p] = m.version(p)\n    except m.PackageNotFoundError: pass\n"
+                                      "print(json.dumps(v))")
+
+
+def _ask_recording_interpreter(python: str | None, code: str) -> dict | str:
+    """What `code` prints as JSON on its last line, run by the interpreter that recorded the
+    run; a sentence saying why not where that fails."""
     if not python or not Path(python).exists():
         return f"unknown: the recording interpreter {python!r} no longer exists"
-    code = ("import importlib.metadata as m, json\n"
-            f"v = {{}}\nfor p in {list(_PACKAGES)!r}:\n"
-            "    try: v[p] = m.version(p)\n    except m.PackageNotFoundError: pass\nprint(json.dumps(v))")
     done = subprocess.run([python, "-c", code], capture_output=True, text=True)
-    return json.loads(done.stdout) if done.returncode == 0 else f"unknown: {done.stderr.strip()[-200:]}"
+    lines = done.stdout.strip().splitlines()
+    return json.loads(lines[-1]) if done.returncode == 0 and lines else f"unknown: {done.stderr.strip()[-200:]}"
 
 
 def _backend_of(record: dict) -> str:
