@@ -97,15 +97,13 @@ def _unpack_mnist(tarball: Path, data_dir: Path) -> None:
 
 def _backends(asked: list[str] | None) -> list[tuple[str, bool]]:
     """(backend, compile) pairs to measure: `asked`, or every installed backend (on the
-    lent machine PyTorch and JAX), PyTorch both eager and with --compile."""
+    lent machine PyTorch and JAX), PyTorch both eager and with --compile. The compiled
+    one comes last: its compilations take the longest and are the least needed, so a
+    budget that runs out cuts it rather than a backend."""
     from normbench import backends
 
-    chosen = []
-    for name in asked or backends.available():
-        chosen.append((backends.canonical_name(name), False))
-        if chosen[-1][0] == "torch":
-            chosen.append(("torch", True))
-    return chosen
+    eager = [(backends.canonical_name(name), False) for name in asked or backends.available()]
+    return eager + [(name, True) for name, _ in eager if name == "torch"]
 
 
 def _environment(device: str, commit: str, asked: list[str] | None) -> dict:
@@ -131,13 +129,19 @@ def _parity(device: str, asked: list[str] | None, steps: int) -> tuple[bool, str
     return parity.run_parity(specs.load(SPEC), steps=steps, dtype="float32", backends=chosen, device=device)
 
 
-def _throughput(device: str, asked: list[str] | None, out: Path) -> dict:
+def _throughput(device: str, asked: list[str] | None, out: Path, stop_at: float) -> dict:
+    """Each backend's measurement, one after another, none started after `stop_at` (a
+    monotonic time that leaves the later steps their estimated seconds)."""
     sys.path.insert(0, str(ROOT))
     from benchmarks import bench_throughput
 
     measured = {}
     for name, compiled in _backends(asked):
         label = f"{name} --compile" if compiled else name
+        if time.monotonic() > stop_at:
+            measured[label] = {"failed": "skipped: the budget left was kept for the parity and runs steps"}
+            _log(f"throughput: {label} {measured[label]['failed']}")
+            continue
         _log(f"throughput: {label}")
         try:
             measured[label] = bench_throughput.measure(name, device=device, compile=compiled)
@@ -182,7 +186,8 @@ def measure(args) -> int:
     environment["command"] = " ".join(sys.argv)
     _write_json(out / "environment.json", environment)
     steps = {"parity": lambda: _parity(args.device, args.backends, args.parity_steps),
-             "throughput": lambda: _throughput(args.device, args.backends, out),
+             "throughput": lambda: _throughput(args.device, args.backends, out, deadline - sum(
+                 ESTIMATED_S[later] for later in ("parity", "runs") if later in args.steps)),
              "runs": lambda: _runs(args.device, args.backends, out)}
     for name in ESTIMATED_S:
         step = steps[name]
