@@ -413,7 +413,11 @@ class Ops(base.Ops):
         # 3.5e-13 absolute on channels whose mean is 1e4 times their spread), and a deep
         # network amplifies that: smoke-inception-v2 with batch norm drifted 1.3e-8 from
         # JAX and TensorFlow over 50 float64 steps, past the 1e-9 bound.
-        if x.dtype == torch.float64:
+        #
+        # Off the CPU, the composed formula too: on CUDA (PyTorch 2.11, an H200) the
+        # backward of native_batch_norm without running buffers failed with "tensor does
+        # not have a device", and the fused kernel was only ever measured on the CPU.
+        if x.dtype == torch.float64 or not x.is_cpu:
             return super().batch_norm_train(x, scale, shift, epsilon)
         y, mean, invstd = torch.native_batch_norm(x, scale, shift, None, None, True, 0.0, epsilon)
         return y, mean, (invstd.square().reciprocal() - epsilon).clamp_min(0.0)
