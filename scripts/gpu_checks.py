@@ -182,7 +182,7 @@ def _main_job(device: str, asked: list[str] | None, out: Path) -> dict:
     _log(f"main_job: exited {code} after {wall:.1f} s")
     if code != 0:
         raise RuntimeError(f"normbench {' '.join(command)} exited {code}")
-    return {"command": "normbench " + " ".join(command[:3] + command[5:]), "backends": chosen, "exit": code,
+    return {"command": "normbench " + " ".join(command[:4] + command[6:]), "backends": chosen, "exit": code,
             "wall_s": wall, "runs": len(spec.variants) * seeds * len(chosen), "table": table}
 
 
