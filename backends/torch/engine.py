@@ -138,7 +138,9 @@ class Engine(base.Engine):
         # machine, per step of 4 runs, vmapped against one after the other: 26-32 / 28-36 ms
         # without normalization, 57-60 / 37-40 ms with batch norm, 40-44 / 37-38 ms with
         # the standardization loss; 10 runs without normalization 124 / 78-83 ms. A GPU,
-        # where one small run leaves most of the device idle, is where batching pays.
+        # where one small run leaves most of the device idle, is where batching pays: on
+        # an H200 (results/benchmarks/gpu/, two leases) cnn3's main job cost 3.4-4.4 s per
+        # run alone, 1.9-2.6 in groups of 4 and 0.90-1.26 in groups of 10.
         return 1 if self.torch_device.type == "cpu" else 10
 
 
