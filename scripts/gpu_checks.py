@@ -145,6 +145,7 @@ def _throughput(device: str, asked: list[str] | None, out: Path, stop_at: float)
         if time.monotonic() > stop_at:
             measured[label] = {"failed": "skipped: the budget left was kept for the parity and runs steps"}
             _log(f"throughput: {label} {measured[label]['failed']}")
+            _write_json(out / "throughput.json", measured)
             continue
         _log(f"throughput: {label}")
         try:

@@ -40,8 +40,11 @@ def test_publish_derives_runs_per_hour_and_the_main_job_from_the_measured_cells(
     (source / "environment.json").write_text(json.dumps({
         "commit": "0123456789abcdef", "device": "cuda", "started_utc": "2026-12-03T03:00:00+00:00", "host": "h",
         "cpus": 16, "command": "scripts/gpu_checks.py measure", "engines": {"torch": {"device": "cuda: H200"}},
-        "steps": {"parity": "passed", "throughput": "done", "runs": [{"backend": "torch", "exit": 0, "wall_s": 15.0}]}}))
+        "steps": {"parity": "passed", "throughput": "done", "runs": [{"backend": "torch", "exit": 0, "wall_s": 15.0}],
+                  "main_job": {"command": "normbench reproduce mnist-cnn --device cuda", "backends": ["torch", "jax"],
+                               "exit": 0, "wall_s": 90.0, "runs": 60, "table": "| method | backend |\n| none | torch |"}}}))
     (source / "runs.tar.gz").write_bytes(b"the runs")
+    (source / "main-job.tar.gz").write_bytes(b"the job")
     (source / "parity.txt").write_text("table\n36 of 36 quantities within tolerance\n")
     out = tmp_path / "published"
     assert gpu_checks.main(["publish", str(source), "--out", str(out)]) == 0
@@ -60,5 +63,21 @@ def test_publish_derives_runs_per_hour_and_the_main_job_from_the_measured_cells(
     assert "torch --compile: RuntimeError: no compiler" in readme
     assert "| torch | 15.0 s | 12.0 s |" in readme  # the real runs against 3 variants x 4.0 s projected
     assert (out / "runs.tar.gz").read_bytes() == b"the runs"
+    # The main job as it ran: its wall time, runs per hour (60 runs in 90 s) and its table.
+    assert "60 runs in **90 s wall** (1.5 minutes, 2400 runs per hour)" in readme
+    assert "| none | torch |" in readme and (out / "main-job.tar.gz").read_bytes() == b"the job"
+    # Each variant's step alone (1 ms in every cell) and the standardization loss's ratio.
+    assert "| torch | 1.00 | 1.00 | 1.00 | 1.00 |" in readme
     assert json.loads((out / "throughput.json").read_text()) == measured
     assert json.loads((out / "provenance.json").read_text())["commit"] == "0123456789abcdef"
+
+
+def test_the_compiled_backend_is_measured_last_and_none_starts_after_the_budget(gpu_checks, tmp_path):
+    # A long compilation must cut the least needed measurement, and the later steps keep
+    # their time: past `stop_at`, every backend is listed as skipped, none is measured.
+    order = gpu_checks._backends(["torch", "jax"])
+    assert order == [("torch", False), ("jax", False), ("torch", True)]
+    measured = gpu_checks._throughput("cpu", ["torch", "jax"], tmp_path, stop_at=0.0)
+    assert list(measured) == ["torch", "jax", "torch --compile"]
+    assert all(value["failed"].startswith("skipped") for value in measured.values())
+    assert json.loads((tmp_path / "throughput.json").read_text()) == measured
