@@ -67,7 +67,7 @@ def test_publish_derives_runs_per_hour_and_the_main_job_from_the_measured_cells(
     assert "60 runs in **90 s wall** (1.5 minutes, 2400 runs per hour)" in readme
     assert "| none | torch |" in readme and (out / "main-job.tar.gz").read_bytes() == b"the job"
     # Each variant's step alone (1 ms in every cell) and the standardization loss's ratio.
-    assert "| torch | 1.00 | 1.00 | 1.00 | 1.00 |" in readme
+    assert "| torch | 1.00 | 1.00 | 1.00 | 1.00 | 1.00 |" in readme
     assert json.loads((out / "throughput.json").read_text()) == measured
     assert json.loads((out / "provenance.json").read_text())["commit"] == "0123456789abcdef"
 
