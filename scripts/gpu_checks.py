@@ -31,21 +31,25 @@ seconds) to try the script before a lease. `publish` writes README.md (tables),
 throughput.json, parity.txt and provenance.json under --out from those files.
 
 The machine lent to this project (an H200, 16 cores) has PyTorch, JAX and the scientific
-Python stack but no package index and no TensorFlow; normbench runs there from the
-source tree (PYTHONPATH), and MNIST travels as a tarball of its four IDX files:
+Python stack but no package index and no TensorFlow. normbench is installed there from
+the tree each call sends (`python3 -m pip install -q --no-deps --no-build-isolation
+--no-index -e .`, offline: the machine has setuptools; a bare PYTHONPATH cannot work,
+since backends/ and datasets/ import only as normbench.backends and normbench.datasets),
+and MNIST travels as a tarball of its four IDX files:
 
     mkdir -p .gpu-carry && echo /.gpu-carry/ >> .git/info/exclude
     tar -czf .gpu-carry/mnist.tar.gz -C ~/.cache/normbench/mnist \\
         train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte t10k-labels-idx1-ubyte
 
 (11 MB; the tracked tree is about 12 MB, well inside the 64 MiB a call may carry). The
-device tool's call, with the tree committed so that --commit names what runs:
-command `PYTHONUNBUFFERED=1 python3 scripts/gpu_checks.py measure --out "$OUT" --mnist
-.gpu-carry/mnist.tar.gz --commit <git rev-parse HEAD> --budget-s 480`, carry
-[".gpu-carry"], timeout_s 560, which leaves a lease of 15 minutes room for its start but
-not for a second try: a step cut short by the budget is listed as skipped instead. Tried
-here on CPU (`--device cpu --parity-steps 3 --budget-s 800`, NORMBENCH_BENCH_QUICK=1,
-torch and JAX): 200 s, parity 12 s, throughput 38 s, runs 147 s.
+device tool's call, with the tree committed so that --commit names what runs: command
+`python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/null;
+PYTHONUNBUFFERED=1 python3 scripts/gpu_checks.py measure --out "$OUT" --mnist
+.gpu-carry/mnist.tar.gz --commit <git rev-parse HEAD> --budget-s 400`, carry
+[".gpu-carry"], timeout_s 450. On the H200 at 57db38e it took 263 s (throughput 125 s,
+parity 14 s, the main job 78 s, runs 28 s), and a machine's start about 30 s, so a
+15-minute lease has room for a smoke run first (NORMBENCH_BENCH_QUICK=1, --steps
+throughput parity --parity-steps 2: about 80 s) and the full one after it.
 """
 
 from __future__ import annotations
@@ -143,7 +147,7 @@ def _throughput(device: str, asked: list[str] | None, out: Path, stop_at: float)
     for name, compiled in _backends(asked):
         label = f"{name} --compile" if compiled else name
         if time.monotonic() > stop_at:
-            measured[label] = {"failed": "skipped: the budget left was kept for the parity and runs steps"}
+            measured[label] = {"failed": "skipped: the budget left was kept for the later steps"}
             _log(f"throughput: {label} {measured[label]['failed']}")
             _write_json(out / "throughput.json", measured)
             continue
@@ -160,6 +164,8 @@ def _main_job(device: str, asked: list[str] | None, out: Path) -> dict:
     """`normbench reproduce` of the spec on the device with the (eager) backends present:
     its wall time and exit status; its output folder (tables, curves, every run's metrics
     and provenance) comes back as main-job.tar.gz."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import _harness
     from normbench import cli, spec as specs
 
     chosen = [name for name, compiled in _backends(asked) if not compiled]
@@ -168,7 +174,7 @@ def _main_job(device: str, asked: list[str] | None, out: Path) -> dict:
         folder = Path(scratch) / "main-job"
         command = ["reproduce", SPEC, "--device", device, "--out", str(folder), "--no-progress"]
         seeds = len(spec.seeds)
-        if os.environ.get("NORMBENCH_BENCH_QUICK"):  # trying the script: the code path, not the job
+        if _harness.quick():  # trying the script: the code path, not the job
             seeds, command = 2, command + ["--seeds", "2", "--steps", "20"]
         for name in chosen:
             command += ["--backend", name]
@@ -223,7 +229,8 @@ def measure(args) -> int:
     _write_json(out / "environment.json", environment)
     steps = {"parity": lambda: _parity(args.device, args.backends, args.parity_steps),
              "throughput": lambda: _throughput(args.device, args.backends, out, deadline - sum(
-                 ESTIMATED_S[later] for later in ("parity", "runs") if later in args.steps)),
+                 ESTIMATED_S[later] for later in list(ESTIMATED_S)[list(ESTIMATED_S).index("throughput") + 1:]
+                 if later in args.steps)),
              "main_job": lambda: _main_job(args.device, args.backends, out),
              "runs": lambda: _runs(args.device, args.backends, out)}
     for name in ESTIMATED_S:
