@@ -169,21 +169,23 @@ def measure(backend: str, device: str = "cpu", compile: bool = False) -> dict:  
     result["matmul_flops_per_s"] = product_flops / medians[-1]
     try:
         evaluated = sum(n for _, _, n in evaluator.splits.values())
-        result["run_flops"] = {v.name: _run_flops(spec, v, evaluated) for v in spec.variants}
+        flops = {v.name: _run_flops(spec, v, evaluated) for v in spec.variants}
+        result["run_flops"] = {name: training + evaluation for name, (training, evaluation) in flops.items()}
+        result["evaluation_flops"] = {name: evaluation for name, (_, evaluation) in flops.items()}
     except ImportError:  # no torch to count with: the floor ratios are skipped
         pass
     return result
 
 
-def _run_flops(spec, variant, evaluated_images: int) -> int:
-    """FLOPs of one run: its training steps, and `evaluated_images` at each full evaluation."""
+def _run_flops(spec, variant, evaluated_images: int) -> tuple[int, int]:
+    """FLOPs of one run: (its training steps, `evaluated_images` at each full evaluation)."""
     from normbench.plan import resolve
 
     plan = resolve(spec, variant)
     chunk = 500
     evaluations = sum(1 for _, both in spec.evaluation_steps(variant) if both)
-    return (spec.steps_for(variant) * counted_flops(plan, plan.batch_size, training=True)
-            + evaluations * evaluated_images * counted_flops(plan, chunk, training=False) // chunk)
+    return (spec.steps_for(variant) * counted_flops(plan, plan.batch_size, training=True),
+            evaluations * evaluated_images * counted_flops(plan, chunk, training=False) // chunk)
 
 
 def _cells(cache: dict, size: int) -> list[dict]:
@@ -248,6 +250,27 @@ class _Run(_Throughput):
         return statistics.mean(c["run_s"] / (cache["run_flops"][c["variant"]] / cache["matmul_flops_per_s"])
                                for c in cells)
     track_run_to_flop_floor.unit = "ratio"
+
+    def track_evaluation_flop_share(self, cache):
+        """Evaluation's share of a run's FLOPs (counted, not timed): the evaluation share
+        of a run whose evaluations cost what their FLOPs do at the training steps' rate.
+        A share of time below it needs evaluation faster per FLOP than training. With every
+        FLOP at most at the matrix-multiply rate, a run within k times its floor spends at
+        least this share / k of its time evaluating."""
+        if "evaluation_flops" not in cache:
+            raise SkipNotImplemented("torch is not installed: no FLOP counter")
+        return statistics.mean(cache["evaluation_flops"][c["variant"]] / cache["run_flops"][c["variant"]]
+                               for c in _cells(cache, 1))
+    track_evaluation_flop_share.unit = "fraction"
+
+    def track_main_job_flop_floor_seconds(self, cache):
+        """The FLOP floor of this backend's share of the main job: every run's FLOPs (the
+        spec's seeds of every variant) at the matrix-multiply rate measured beside the steps.
+        No implementation of the main job on this machine is expected to beat it."""
+        if "run_flops" not in cache:
+            raise SkipNotImplemented("torch is not installed: no FLOP counter")
+        return sum(cache["run_flops"][c["variant"]] for c in _cells(cache, 1)) * cache["seeds"] / cache["matmul_flops_per_s"]
+    track_main_job_flop_floor_seconds.unit = "seconds"
 
     def track_matrix_product_seconds(self, cache):
         """One float32 2048 x 2048 matrix product with the framework's own matmul, timed

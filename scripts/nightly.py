@@ -313,6 +313,8 @@ EXPORTED = [
     ("track_evaluation_seconds_per_10k_images", "Evaluation time per 10,000 images (one run)", "seconds"),
     ("track_evaluation_share", "Evaluation's share of a run's time at eval_every = 50", "fraction"),
     ("track_run_to_flop_floor", "A run's time / its FLOPs at the matrix-multiply rate measured in the same run", "ratio"),
+    ("track_evaluation_flop_share", "Evaluation's share of a run's FLOPs (counted, not timed; a run within k times its floor spends at least this share / k of its time evaluating)", "fraction"),
+    ("track_main_job_flop_floor_seconds", "The main job's FLOP floor: each backend's share of it (every run's FLOPs) at the matrix-multiply rate measured beside its steps", "seconds"),
     ("track_matrix_product_seconds", "The FLOP floor's rate: one float32 2048 x 2048 matrix product with the framework's own matmul, timed beside the steps", "seconds"),
 ]
 
@@ -404,10 +406,13 @@ def export(results: list, benchmarks: dict, machine: str, info: dict, commit: st
 
 
 def _throughput_summary(records: list[dict]) -> list[str]:
-    """Figures derived from recorded values only: runs per hour (3600 / seconds per run)
-    and the main job's wall time (the sum of the backends' shares)."""
+    """Figures derived from recorded values only: runs per hour (3600 / seconds per run),
+    the main job's wall time (the sum of the backends' shares) and its FLOP floor (the sum
+    of the default backends' floors)."""
     per_run = [r for r in records if r["benchmark"].endswith(".track_seconds_per_run")]
     shares = [r for r in records if r["benchmark"].endswith(".track_main_job_seconds")]
+    floors = [r for r in records if r["benchmark"].endswith(".track_main_job_flop_floor_seconds")
+              and " " not in _backend_of(r)]
     if not per_run and not shares:
         return []
     lines = []
@@ -436,6 +441,15 @@ def _throughput_summary(records: list[dict]) -> list[str]:
             total = sum(r["value"] for r in chosen)
             parts = ", ".join(f"{_backend_of(r)} {r['value'] / 60:.1f}" for r in chosen)
             lines += [f"The main job's wall time{heading} (the backends one after another): {total / 60:.1f} minutes ({parts}).", ""]
+    if floors:
+        # The same backends as the default wall time above, so the two divide.
+        floor = sum(r["value"] for r in floors)
+        parts = ", ".join(f"{_backend_of(r)} {r['value'] / 60:.1f}" for r in floors)
+        wall = sum(r["value"] for r in shares if " " not in _backend_of(r)
+                   and _backend_of(r) in {_backend_of(f) for f in floors})
+        ratio = f"; the wall time of the same backends is {wall / floor:.2f}x it" if wall else ""
+        lines += [f"The main job's FLOP floor (every run's FLOPs at the matrix-multiply rate each backend measured beside "
+                  f"its steps): {floor / 60:.1f} minutes ({parts}){ratio}.", ""]
     return lines
 
 

@@ -76,7 +76,8 @@ def test_discovery_finds_the_suite():
         *(f"bench_training.{b}DeviceMemory.track_device_peak_memory" for b in ("Torch", "Jax", "Tensorflow")),
         *(f"bench_throughput.{b}Run.{m}" for b in ("Torch", "Jax", "Tensorflow")
           for m in ("track_evaluation_seconds_per_10k_images", "track_evaluation_share", "track_run_to_flop_floor",
-                    "track_matrix_product_seconds", "track_main_job_seconds")),
+                    "track_matrix_product_seconds", "track_main_job_seconds", "track_evaluation_flop_share",
+                    "track_main_job_flop_floor_seconds")),
         *(f"bench_throughput.{b}RunTime.track_seconds_per_run" for b in ("Torch", "Jax", "Tensorflow")),
         "bench_throughput.TorchCompiledRun.track_main_job_seconds",
     }
@@ -408,6 +409,35 @@ def test_the_main_jobs_wall_time_sums_one_share_per_framework():
     records[-1]["value"] = 700.0
     assert [line for line in nightly._throughput_summary(records) if line] == [lines[0]]
     assert len([line for line in nightly._throughput_summary(records[::-1]) if line]) == 1  # whatever the order
+
+
+def test_the_main_jobs_flop_floor_sums_the_default_backends_and_divides_their_wall_time():
+    nightly = _load_nightly()
+    records = [{"benchmark": f"bench_throughput.{cls}Run.{track}", "value": value}
+               for cls, track, value in (("Torch", "track_main_job_seconds", 600.0), ("Jax", "track_main_job_seconds", 900.0),
+                                         ("TorchCompiled", "track_main_job_seconds", 480.0),
+                                         ("Torch", "track_main_job_flop_floor_seconds", 240.0),
+                                         ("Jax", "track_main_job_flop_floor_seconds", 360.0),
+                                         ("TorchCompiled", "track_main_job_flop_floor_seconds", 230.0))]
+    floor = [line for line in nightly._throughput_summary(records) if "FLOP floor" in line]
+    # The compiled column has a floor of its own (its process's matmul rate); the total is
+    # the default backends', beside their wall time (1500 s / 600 s).
+    assert floor == ["The main job's FLOP floor (every run's FLOPs at the matrix-multiply rate each backend measured "
+                     "beside its steps): 10.0 minutes (torch 4.0, jax 6.0); the wall time of the same backends is 2.50x it."]
+
+
+def test_the_throughput_floor_figures_follow_from_the_counted_flops():
+    """The main job's floor is the spec's seeds times every variant's run FLOPs over the
+    rate; the evaluation FLOP share is the variants' mean of evaluation / run FLOPs."""
+    throughput = importlib.import_module("benchmarks.bench_throughput")
+    cells = [{"group_size": 1, "variant": v, "run_s": 20.0} for v in ("a", "b")]
+    cache = {"cells": cells, "seeds": 10, "matmul_flops_per_s": 1e11,
+             "run_flops": {"a": 1.0e12, "b": 2.0e12}, "evaluation_flops": {"a": 0.5e12, "b": 0.5e12}}
+    run = throughput.TorchRun()
+    assert run.track_main_job_flop_floor_seconds(cache) == pytest.approx(10 * 3.0e12 / 1e11)
+    assert run.track_evaluation_flop_share(cache) == pytest.approx((0.5 + 0.25) / 2)
+    with pytest.raises(throughput.SkipNotImplemented):
+        run.track_evaluation_flop_share({"cells": cells, "seeds": 10, "matmul_flops_per_s": 1e11})
 
 
 def test_steps_to_target_reads_the_baselines_best_accuracy_and_never_reports_the_budget():
