@@ -210,15 +210,17 @@ def _reversed_window(x, window, stride, pads):
 # more input channels lost (32 -> 16 at 5 x 5 stride 2: 4.6 / 10.0 with the input
 # gradient); so kernels of at least this many taps over one input channel take it.
 ONE_CHANNEL_KERNEL_GRADIENT_MIN_TAPS = 25
-# Those timings are a CPU without AVX-512's. With AVX-512 (the 2-core EPYC with AVX512_VNNI
-# and BF16), oneDNN's own backward of the first layer is the faster one: cnn3 steps with
+# Those timings come from the session whose throughput records (27e3ffb, f5d760b) name a CPU
+# with AVX2 and no AVX-512. On a 2-core EPYC with AVX-512 (AVX512_VNNI and BF16 too),
+# oneDNN's own backward of the first layer is the faster one: cnn3 steps with
 # this Function / with F.conv2d's backward / the hand-written loop, side by side in one
 # process, two rounds each (ms): none 9.79 / 9.00 / 9.16 and 9.71 / 8.88 / 9.19, batch
 # norm 16.67 / 15.34 / 15.01 and 16.11 / 14.52 / 14.29, standardization loss 15.63 / 14.38 /
 # 16.58 and 14.53 / 13.22 / 15.48. Its float32 gradients there, against float64 on 128
 # MNIST images: kernel 1.5e-6 and bias 1.7e-6 of their largest value (this Function's
-# 4e-7 and 1.7e-7). So where PyTorch reports AVX-512 (torch.backends.cpu.get_cpu_capability()),
-# F.conv2d keeps its own backward; every other CPU keeps this Function, as measured.
+# 4e-7 and 1.7e-7; the parity tests pass with either). So where PyTorch reports AVX-512
+# (torch.backends.cpu.get_cpu_capability()), F.conv2d keeps its own backward; every other
+# CPU keeps this Function, as first measured.
 ONE_CHANNEL_KERNEL_GRADIENT_SKIPPED_ON = ("AVX512",)
 
 
