@@ -108,11 +108,23 @@ def test_one_channel_kernel_gradients_take_their_own_convolution_where_it_pays(c
     """`_OneChannelConvolution` only where a kernel gradient over one input channel of at
     least ONE_CHANNEL_KERNEL_GRADIENT_MIN_TAPS taps will be taken (ops.py says why)."""
     x, kernel, bias = _leaves((2, channels, 9, 9), (4, channels, kernel_size, kernel_size), (4,))
-    for capability, pays in (("AVX2", True), ("AVX512", False)):  # oneDNN's own is faster with AVX-512
-        with mock.patch.object(torch.backends.cpu, "get_cpu_capability", return_value=capability), \
-                torch.set_grad_enabled(grad):
+    for on_this_cpu in (True, False):  # False: a CPU with AVX-512, where oneDNN's own backward is faster
+        with mock.patch.object(torch_ops, "ONE_CHANNEL_FUNCTION_ON_THIS_CPU", on_this_cpu), torch.set_grad_enabled(grad):
             out = torch_ops._convolve(x.detach(), kernel, bias, 2, (2, 2))
-        assert (type(out.grad_fn).__name__ == "_OneChannelConvolutionBackward") == (taken and pays), capability
+        assert (type(out.grad_fn).__name__ == "_OneChannelConvolutionBackward") == (taken and on_this_cpu)
+    assert torch_ops.ONE_CHANNEL_FUNCTION_ON_THIS_CPU == (torch.backends.cpu.get_cpu_capability() != "AVX512")
+
+
+def test_the_first_layer_compiles_into_one_graph():
+    """`_convolve` decides its path without a call torch.compile cannot trace (a graph
+    break in every compiled training step)."""
+    x = torch.randn(4, 1, 28, 28)
+    kernel, bias = torch.randn(8, 1, 5, 5, requires_grad=True), torch.randn(8, requires_grad=True)
+    for on_this_cpu in (True, False):
+        torch._dynamo.reset()
+        with mock.patch.object(torch_ops, "ONE_CHANNEL_FUNCTION_ON_THIS_CPU", on_this_cpu):
+            compiled = torch.compile(lambda x, k, b: torch_ops._convolve(x, k, b, 2, (2, 2)).square().sum(), fullgraph=True)
+            compiled(x, kernel, bias).backward()
 
 
 def test_one_channel_convolution_under_vmap_of_grad_is_autograds():

@@ -222,6 +222,9 @@ ONE_CHANNEL_KERNEL_GRADIENT_MIN_TAPS = 25
 # (torch.backends.cpu.get_cpu_capability()), F.conv2d keeps its own backward; every other
 # CPU keeps this Function, as first measured.
 ONE_CHANNEL_KERNEL_GRADIENT_SKIPPED_ON = ("AVX512",)
+# Read once, at import: torch.compile cannot trace the query, and inside `_convolve` it broke
+# every compiled step's graph at the first layer.
+ONE_CHANNEL_FUNCTION_ON_THIS_CPU = torch.backends.cpu.get_cpu_capability() not in ONE_CHANNEL_KERNEL_GRADIENT_SKIPPED_ON
 
 
 class _OneChannelConvolution(torch.autograd.Function):
@@ -265,7 +268,7 @@ def _convolve(x, kernel, bias, stride, padding=(0, 0), groups=1):
     channel will be taken on a CPU without AVX-512 (where it was measured to pay)."""
     if (groups == 1 and x.shape[1] == 1 and kernel.requires_grad and torch.is_grad_enabled() and x.is_cpu
             and kernel.shape[2] * kernel.shape[3] >= ONE_CHANNEL_KERNEL_GRADIENT_MIN_TAPS
-            and torch.backends.cpu.get_cpu_capability() not in ONE_CHANNEL_KERNEL_GRADIENT_SKIPPED_ON):
+            and ONE_CHANNEL_FUNCTION_ON_THIS_CPU):
         return _OneChannelConvolution.apply(x, kernel, bias, stride, tuple(padding))
     return F.conv2d(x, kernel, bias, stride=stride, padding=tuple(padding), groups=groups)
 
