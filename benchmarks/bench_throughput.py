@@ -188,6 +188,13 @@ def _run_flops(spec, variant, evaluated_images: int) -> tuple[int, int]:
             evaluations * evaluated_images * counted_flops(plan, chunk, training=False) // chunk)
 
 
+def _counted(cache: dict, key: str) -> dict:
+    """`cache[key]`, FLOPs per variant, or asv's skip where torch was missing to count them."""
+    if key not in cache:
+        raise SkipNotImplemented("torch is not installed: no FLOP counter")
+    return cache[key]
+
+
 def _cells(cache: dict, size: int) -> list[dict]:
     cells = [c for c in cache["cells"] if c["group_size"] == size]
     if not cells:
@@ -244,11 +251,9 @@ class _Run(_Throughput):
 
     def track_run_to_flop_floor(self, cache):
         """A run's time over its FLOPs at the measured matrix-multiply rate."""
-        if "run_flops" not in cache:
-            raise SkipNotImplemented("torch is not installed: no FLOP counter")
-        cells = _cells(cache, 1)
-        return statistics.mean(c["run_s"] / (cache["run_flops"][c["variant"]] / cache["matmul_flops_per_s"])
-                               for c in cells)
+        run_flops = _counted(cache, "run_flops")
+        return statistics.mean(c["run_s"] / (run_flops[c["variant"]] / cache["matmul_flops_per_s"])
+                               for c in _cells(cache, 1))
     track_run_to_flop_floor.unit = "ratio"
 
     def track_evaluation_flop_share(self, cache):
@@ -257,19 +262,16 @@ class _Run(_Throughput):
         A share of time below it needs evaluation faster per FLOP than training. With every
         FLOP at most at the matrix-multiply rate, a run within k times its floor spends at
         least this share / k of its time evaluating."""
-        if "evaluation_flops" not in cache:
-            raise SkipNotImplemented("torch is not installed: no FLOP counter")
-        return statistics.mean(cache["evaluation_flops"][c["variant"]] / cache["run_flops"][c["variant"]]
-                               for c in _cells(cache, 1))
+        evaluation_flops, run_flops = _counted(cache, "evaluation_flops"), _counted(cache, "run_flops")
+        return statistics.mean(evaluation_flops[c["variant"]] / run_flops[c["variant"]] for c in _cells(cache, 1))
     track_evaluation_flop_share.unit = "fraction"
 
     def track_main_job_flop_floor_seconds(self, cache):
         """The FLOP floor of this backend's share of the main job: every run's FLOPs (the
         spec's seeds of every variant) at the matrix-multiply rate measured beside the steps.
         No implementation of the main job on this machine is expected to beat it."""
-        if "run_flops" not in cache:
-            raise SkipNotImplemented("torch is not installed: no FLOP counter")
-        return sum(cache["run_flops"][c["variant"]] for c in _cells(cache, 1)) * cache["seeds"] / cache["matmul_flops_per_s"]
+        run_flops = _counted(cache, "run_flops")
+        return sum(run_flops[c["variant"]] for c in _cells(cache, 1)) * cache["seeds"] / cache["matmul_flops_per_s"]
     track_main_job_flop_floor_seconds.unit = "seconds"
 
     def track_matrix_product_seconds(self, cache):
