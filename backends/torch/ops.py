@@ -50,8 +50,8 @@ class _ChannelMoments(torch.autograd.Function):
 
     The forward is `_channel_mean` of the input and of the squared centred input
     (torch.var_mean over the (0, 2, 3) axes of an NCHW tensor is 2-5x slower on CPU), the
-    values `_inference_moments` gives bit for bit. The backward is one elementwise pass
-    and one reduction instead of autograd's chain of five: d mean / dx = 1 / n and d var / dx = 2 (c - mean(c)) / n, with c = x - mean the
+    values `_inference_moments` gives bit for bit. The backward is one reduction and
+    a multiply-add (`_moments_input_gradient`) instead of autograd's chain of five: d mean / dx = 1 / n and d var / dx = 2 (c - mean(c)) / n, with c = x - mean the
     centred input the forward already made, so dx = g_mean / n + (2 g_var / n) (c - mean(c)).
     mean(c) is 0 but for rounding, and it is the centring mean's own term (`Ops.channel_moments`
     says why it stays). On a (128, 32, 28, 28) float32 input, forward and backward took
@@ -92,7 +92,18 @@ def _moments_input_gradient(centred, grad_mean, grad_var):
     offset = -spread * _channel_mean(centred)  # the centring mean's term
     if grad_mean is not None:
         offset = offset + grad_mean / count
-    return torch.addcmul(_channel_view(offset, centred), centred, _channel_view(spread, centred))
+    if centred.dim() == 4:
+        # Multiply, then add in place: ATen's addcmul with two broadcast (1, C, 1, 1)
+        # operands measured 2.5x slower than both together. On cnn3's first tap (128 x 32 x
+        # 14 x 14, float32, 2-core AVX-512 machine): addcmul 290 us, this 119 us; cnn3
+        # steps with the loss, side by side in one process, 12.72 / 13.02 / 14.29 ms before
+        # and 12.43 / 12.82 / 14.14 after. It rounds twice where addcmul fused (FMA), so
+        # the last bit can differ. In place is safe under vmap: the product is batched
+        # wherever the offset is.
+        return torch.mul(centred, _channel_view(spread, centred)).add_(_channel_view(offset, centred))
+    # A (batch, features) tap broadcasts along its rows, where addcmul is the faster one
+    # (mlp3's 128 x 100: 5.8 against 8.3 us).
+    return torch.addcmul(offset, centred, spread)
 
 
 class _StandardizationLoss(torch.autograd.Function):
