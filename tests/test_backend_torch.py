@@ -216,6 +216,21 @@ def test_fused_standardization_loss_under_vmap_of_grad_is_the_compositions(ops):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
+def test_channel_moments_gradient_under_vmap_with_a_shared_input(ops):
+    """The conv-tap gradient adds the offset in place. Here only the offset is batched:
+    the input (so the centred product) is shared, the mean's cotangent is per member."""
+    (x,) = _leaves((4, 3, 5, 5))
+    weights = torch.randn(2, 3, dtype=torch.float64)
+
+    def read(x, w):
+        mean, var = ops.channel_moments(x)
+        return (w * mean).sum() + (var * var).sum()
+
+    vectorized = torch.func.vmap(torch.func.grad(read), in_dims=(None, 0))(x.detach(), weights)
+    one_by_one = torch.stack([torch.func.grad(read)(x.detach(), w) for w in weights])
+    torch.testing.assert_close(vectorized, one_by_one, rtol=1e-12, atol=1e-14)
+
+
 @pytest.mark.parametrize("shape,groups", [((4, 8, 5, 5), 1), ((4, 8, 5, 5), 4), ((4, 8, 5, 5), 8), ((6, 8), 2)],
                          ids=["layer", "group", "instance", "dense-group"])
 def test_fused_group_norm_is_the_composed_formula(ops, shape, groups):
