@@ -50,8 +50,9 @@ class _ChannelMoments(torch.autograd.Function):
 
     The forward is `_channel_mean` of the input and of the squared centred input
     (torch.var_mean over the (0, 2, 3) axes of an NCHW tensor is 2-5x slower on CPU), the
-    values `_inference_moments` gives bit for bit. The backward is one reduction and
-    a multiply-add (`_moments_input_gradient`) instead of autograd's chain of five: d mean / dx = 1 / n and d var / dx = 2 (c - mean(c)) / n, with c = x - mean the
+    values `_inference_moments` gives bit for bit. The backward is one reduction and a
+    multiply-add (`_moments_input_gradient`) instead of autograd's chain of five:
+    d mean / dx = 1 / n and d var / dx = 2 (c - mean(c)) / n, with c = x - mean the
     centred input the forward already made, so dx = g_mean / n + (2 g_var / n) (c - mean(c)).
     mean(c) is 0 but for rounding, and it is the centring mean's own term (`Ops.channel_moments`
     says why it stays). On a (128, 32, 28, 28) float32 input, forward and backward took
