@@ -98,9 +98,9 @@ def _moments_input_gradient(centred, grad_mean, grad_var):
         # operands measured 2.5x slower than both together. On cnn3's first tap (128 x 32 x
         # 14 x 14, float32, 2-core AVX-512 machine): addcmul 290 us, this 119 us; cnn3
         # steps with the loss, side by side in one process, 12.72 / 13.02 / 14.29 ms before
-        # and 12.43 / 12.82 / 14.14 after. It rounds twice where addcmul fused (FMA), so
-        # the last bit can differ. torch.func.vmap takes the in-place add, also where only
-        # the offset is batched (tests/test_backend_torch.py).
+        # and 12.43 / 12.82 / 14.14 after. The two round differently from addcmul (not bit
+        # for bit equal on that tap). torch.func.vmap takes the in-place add, also where
+        # only the offset is batched (tests/test_backend_torch.py).
         return torch.mul(centred, _channel_view(spread, centred)).add_(_channel_view(offset, centred))
     # A (batch, features) tap broadcasts along its rows, where addcmul is the faster one
     # (mlp3's 128 x 100: 5.8 against 8.3 us).
