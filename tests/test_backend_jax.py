@@ -141,11 +141,14 @@ def test_inference_on_cpu_takes_the_fusion_option_only_where_jaxlib_accepts_it(m
     jax_engine._inference_options.cache_clear()
 
 
-@pytest.mark.parametrize("normalization", ["none", "batch_norm"])
-def test_evaluation_with_the_fusion_option_is_evaluation_with_xlas_defaults(spec_factory, monkeypatch, normalization):
+@pytest.mark.parametrize("model,normalization", [("cnn-tiny", "none"), ("cnn-tiny", "batch_norm"),
+                                                 ("cnn-tiny", "layer_norm"), ("mlp-tiny", "layer_norm")])
+def test_evaluation_with_the_fusion_option_is_evaluation_with_xlas_defaults(spec_factory, monkeypatch, model,
+                                                                           normalization):
     """The inference compiler options change how the forward pass is scheduled, not what it
-    computes: every evaluated quantity agrees with XLA's defaults to float32 rounding."""
-    spec = spec_factory(model="cnn-tiny", batch_size=16, steps=STEPS, seeds=1,
+    computes: every evaluated quantity agrees with XLA's defaults to float32 rounding
+    (convolutions, matrix products and per-example reductions among the fused ops)."""
+    spec = spec_factory(model=model, batch_size=16, steps=STEPS, seeds=1,
                         variants=[{"name": normalization, "normalization": normalization}])
     images, labels = _data(64)
     evaluated = {}

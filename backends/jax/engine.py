@@ -31,10 +31,28 @@ STEP_FUNCTIONS_KEPT = 8  # programs whose compiled functions an engine keeps (En
 # next one, into one YNNPACK graph: cnn3's evaluation of 250 images measured 1.25-1.35x
 # faster, of the 10,000 test images through Trainer.evaluate 1.23-1.37x (every mnist-cnn
 # variant, alternating in one process on the 2-core machine, values equal to 9e-9).
-# Training steps gained nothing and batch norm's lost (1.37x slower), so only the
-# inference-mode functions (evaluation, predict) take it. The option is experimental: a
-# jaxlib that refuses it compiles them with XLA's defaults (`_inference_options`).
-CPU_INFERENCE_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_ELTWISE"}
+# The option is experimental: a jaxlib that refuses it compiles with XLA's defaults
+# (`_inference_options`).
+#
+# It lists every fusion allowed, and elementwise fusion listed alone cost other networks.
+# Predictions of 256 inputs, every case of bench_inference, two runs (jaxlib 0.10.2, the
+# 2-core AVX-512 machine, the options alternating in one process), time over XLA's
+# defaults with elementwise alone / with convolution, dot and reduction fusion listed
+# too: pointnet-small 1.22-1.53 / 0.89-1.01; cnn3 with layer, group, instance or
+# weight-standardized group norm 0.98-1.35 / 0.91-1.10, its other ten cases 0.48-0.76 /
+# 0.47-0.73; inception-v2-small 0.81-0.91 / 0.79-0.93; mobilenet-v1-small 0.96-1.02 /
+# 0.84-1.04; resnet-small 1.00-1.10 / 0.98-1.11, but with batch norm as trained 1.26-1.29
+# / 1.25-1.28 and with group norm 1.09-1.14 / 1.24-1.27 (no list tried beat the defaults
+# there). Trainer.evaluate of cnn3's 10,000 test images (none / batch norm / standardization
+# loss, ms): defaults 425 / 397 / 446, elementwise alone 213 / 230 / 201, the four 196 /
+# 231 / 193, the metrics equal to the bit.
+#
+# Training steps keep XLA's defaults. With elementwise fusion alone, cnn3's steps without
+# normalization and with the standardization loss took 0.81-0.91x as long (batch norm's
+# 0.96-1.44x), resnet-small's 1.11-1.23x, and cnn3 with the decorrelation loss failed at its
+# first step ("unsupported layout in YNN fusion"); no choice was faster for every network.
+CPU_INFERENCE_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ",".join(
+    f"LIBRARY_FUSION_TYPE_{kind}" for kind in ("ELTWISE", "INDIVIDUAL_CONVOLUTION", "DOT", "REDUCE"))}
 
 
 @functools.cache
