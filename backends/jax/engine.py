@@ -34,7 +34,7 @@ STEP_FUNCTIONS_KEPT = 8  # programs whose compiled functions an engine keeps (En
 # The option is experimental: a jaxlib that refuses it compiles with XLA's defaults
 # (`_inference_options`).
 #
-# It lists every fusion allowed, and elementwise fusion listed alone cost other networks.
+# Which fusion types the option lists matters: elementwise alone cost other networks.
 # Predictions of 256 inputs, every case of bench_inference, two runs (jaxlib 0.10.2, the
 # 2-core AVX-512 machine, the options alternating in one process), time over XLA's
 # defaults with elementwise alone / with convolution, dot and reduction fusion listed
