@@ -7,6 +7,7 @@ Everything runs on synthetic MNIST-shaped data, so no download is needed.
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -107,7 +108,7 @@ def test_the_phase_split_input_gradient_is_xlas_gradient_of_the_strided_convolut
     """`_phase_input_gradient` (used on CPU for strided convolutions whose kernel grows
     little, `_phase_gradient_pays`) against XLA's own input gradient of the same
     convolution, in float64 (the same sums in another order: only rounding may differ),
-    and the kernel gradient of `_strided_conv` against XLA's, too."""
+    and the kernel gradient of the convolution that uses it against XLA's, too."""
     import jax
     import jax.numpy as jnp
 
@@ -122,12 +123,56 @@ def test_the_phase_split_input_gradient_is_xlas_gradient_of_the_strided_convolut
     want_x, want_k = jax.vjp(direct, x, weights)[1](upstream)
     got_x = jax_ops._phase_input_gradient(upstream, weights, x.shape, stride, pads)
     np.testing.assert_allclose(np.asarray(got_x), np.asarray(want_x), rtol=0, atol=1e-12 * float(jnp.abs(want_x).max()))
-    got_k = jax.vjp(lambda x, k: jax_ops._strided_conv(x, k, stride, pads), x, weights)[1](upstream)[1]
+    got_k = jax.vjp(jax_ops._member_convolution(stride, pads, 1, True), x, weights)[1](upstream)[1]
     np.testing.assert_allclose(np.asarray(got_k), np.asarray(want_k), rtol=1e-12)
     ops = jax_ops.Ops("cpu")
     uses_phases = ops.phase_gradients and jax_ops._phase_gradient_pays(weights, stride, 1)
     assert uses_phases == (kernel != 3)  # 3x3 stride 2 grows to 4x4: 1.78x the multiply-adds
     assert not jax_ops.Ops("gpu").phase_gradients
+
+
+@pytest.mark.parametrize("stride,kernel,groups,shared", [
+    (2, 5, 1, None),  # cnn3's layers: the phase-split input gradient
+    (1, 3, 1, None),  # XLA's own gradients
+    (2, 3, 4, None),  # depthwise (MobileNet): feature groups within each member
+    (2, 5, 1, "x"),  # a vectorized evaluation's first layer: the images are every member's
+    (1, 3, 1, "kernel"),  # one kernel for every member: XLA's batching, not the loop
+])
+def test_a_vmapped_convolution_is_each_members_own(stride, kernel, groups, shared):
+    """Under jax.vmap (vectorized groups) a CPU convolution with a kernel per member runs
+    one member at a time (`_one_member_at_a_time`), forward and backward: its values and
+    both gradients are each member's alone, to float64 rounding, and the vmapped gradient
+    holds no convolution grouped over the members."""
+    import jax
+    import jax.numpy as jnp
+
+    from normbench.backends.jax import ops as jax_ops
+
+    jax.config.update("jax_enable_x64", True)
+    members, channels, out = 3, 4, 4 if groups > 1 else 5
+    rng = np.random.default_rng(stride * 10 + kernel + groups)
+    x = jnp.asarray(rng.normal(size=(members, 2, 9, 9, channels)))
+    weights = jnp.asarray(rng.normal(size=(members, kernel, kernel, channels // groups, out)))
+    pads = ((1, 2), (1, 2)) if stride == 2 else ((1, 1), (1, 1))
+    x_axis, k_axis = (None if shared == "x" else 0), (None if shared == "kernel" else 0)
+    x, weights = (x[0] if x_axis is None else x), (weights[0] if k_axis is None else weights)
+    ops = jax_ops.Ops("cpu")
+
+    def loss(x, k):
+        y = ops.conv2d(x, k, stride, pads, groups)
+        return jnp.sum(y * jnp.cos(y))  # an upstream gradient that differs per position and member
+
+    vmapped = jax.vmap(jax.value_and_grad(loss, argnums=(0, 1)), in_axes=(x_axis, k_axis))
+    values, (grad_x, grad_k) = vmapped(x, weights)
+    for m in range(members):
+        alone_x, alone_k = (x if x_axis is None else x[m]), (weights if k_axis is None else weights[m])
+        value, (want_x, want_k) = jax.value_and_grad(loss, argnums=(0, 1))(alone_x, alone_k)
+        np.testing.assert_allclose(float(values[m]), float(value), rtol=1e-12)
+        np.testing.assert_allclose(np.asarray(grad_x[m]), np.asarray(want_x), rtol=1e-11, atol=1e-12)
+        np.testing.assert_allclose(np.asarray(grad_k[m]), np.asarray(want_k), rtol=1e-11, atol=1e-12)
+    hlo = jax.jit(vmapped).lower(x, weights).as_text()
+    counts = [int(n) for n in re.findall(r"(?:feature|batch)_group_count = (\d+)", hlo)]
+    assert counts and set(counts) <= {1, groups}, f"convolutions grouped {sorted(set(counts))} ways, {members} members"
 
 
 def test_inference_on_cpu_takes_the_fusion_option_only_where_jaxlib_accepts_it(monkeypatch):

@@ -168,12 +168,15 @@ class Engine(base.Engine):
         return group
 
     def fastest_group_size(self):
-        # XLA on CPU lowers a vmapped convolution with per-member kernels to a grouped
-        # convolution that is far slower than the members' own: cnn3, 4 runs at batch
-        # 128 on the 2-core machine, 162-191 ms per vmapped step against 57-65 ms for
-        # the 4 steps one after the other. Accelerators are where batching pays: on an
-        # H200 (results/benchmarks/gpu/, two leases) cnn3's main job cost 2.5-3.2 s per
-        # run alone, 1.0-1.3 in groups of 4 and 0.64-0.71 in groups of 10.
+        # On CPU a vectorized group is slower than its runs one after another, even with
+        # its convolutions one member at a time (ops._member_convolution): mnist-cnn's
+        # projected seconds per run (1000 steps, 21 evaluations of 20,000 images; none /
+        # batch norm / standardization loss, the 2-core machine, steps side by side in one
+        # process): alone 17.7 / 20.7 / 19.7, groups of 4 21.6 / 24.2 / 21.5 (with XLA's
+        # grouped convolutions and a vmapped evaluation 138 / 148 / 144), groups of 10
+        # 20.2 / 23.3 / 22.9. Accelerators are where batching pays: on an H200
+        # (results/benchmarks/gpu/, two leases) cnn3's main job cost 2.5-3.2 s per run
+        # alone, 1.0-1.3 in groups of 4 and 0.64-0.71 in groups of 10.
         return 1 if self.jax_device.platform == "cpu" else 10
 
 
@@ -321,10 +324,7 @@ class VectorizedGroup(base.VectorizedGroup):
 
     def __init__(self, engine, program, members, train_images, train_labels, track):
         super().__init__(engine, program, len(members), track)
-        # XLA's own strided gradients: under vmap the phase-split one (Ops.phase_gradients)
-        # measured 5-8% slower (mnist-cnn, 4 members, every variant, the 2-core machine).
         ops = Ops(engine.jax_device.platform)
-        ops.phase_gradients = False
         self.params = _stacked([engine.import_tree(p) for p, _ in members])
         self.state = _stacked([engine.import_tree(s) for _, s in members])
         self.opt_state = jax.vmap(lambda p: program.optimizer.init(ops, p))(self.params)
@@ -350,6 +350,14 @@ class VectorizedGroup(base.VectorizedGroup):
         self._augmented_step = jax.jit(jax.vmap(batch_step, in_axes=(0, 0, 0, 0, 0, None, 0)), donate_argnums=(0, 1, 2))
         self._evaluation = jax.jit(jax.vmap(evaluation, in_axes=(0, 0, None, None)),
                                    compiler_options=_inference_options(ops.platform))
+        # On CPU each member is evaluated alone, by the function its runs alone share: cnn3's
+        # 20,000 evaluated images with the standardization loss took 0.36 s alone, 4.8 s for
+        # 4 members vmapped (its unrolled convolutions sliced from and stacked into the
+        # members' activations around single-threaded fusions), 17.7 s before they were
+        # unrolled (XLA's grouped convolutions). Same functions, so the same values.
+        self._members_evaluation = (engine.step_functions(program, track).evaluation
+                                    if ops.platform == "cpu" else None)
+        self._members = None  # (the stacked params and state, each member's own), read at an evaluation
 
     def step(self, indices, learning_rate, dropout_masks=None, images=None):
         e = self.engine
@@ -367,4 +375,11 @@ class VectorizedGroup(base.VectorizedGroup):
         return losses
 
     def _evaluate_batched(self, images, labels):
-        return jax.device_get(self._evaluation(self.params, self.state, images, labels))
+        if self._members_evaluation is None:
+            return jax.device_get(self._evaluation(self.params, self.state, images, labels))
+        if self._members is None or self._members[0] is not self.params:  # taken once per evaluated state
+            self._members = (self.params, [(base.member_of(self.params, m), base.member_of(self.state, m))
+                                           for m in range(self.size)])
+        outs = jax.device_get([self._members_evaluation(params, state, images, labels)
+                               for params, state in self._members[1]])
+        return jax.tree_util.tree_map(lambda *members: np.stack(members), *outs)

@@ -65,25 +65,6 @@ def _phase_gradient_pays(kernel, stride, groups):
     return stride > 1 and groups == 1 and grown(kh) * grown(kw) <= PHASE_GRADIENT_MAX_COST * kh * kw
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _strided_conv(x, kernel, stride, pads):
-    """`_conv` (no groups), with `_phase_input_gradient` as its input gradient."""
-    return _conv(x, kernel, stride, pads)
-
-
-def _strided_conv_forward(x, kernel, stride, pads):
-    return _conv(x, kernel, stride, pads), (x, kernel)
-
-
-def _strided_conv_backward(stride, pads, residuals, upstream):
-    x, kernel = residuals
-    _, kernel_vjp = jax.vjp(lambda k: _conv(x, k, stride, pads), kernel)
-    return _phase_input_gradient(upstream, kernel, x.shape, stride, pads), kernel_vjp(upstream)[0]
-
-
-_strided_conv.defvjp(_strided_conv_forward, _strided_conv_backward)
-
-
 def _phase_input_gradient(upstream, kernel, input_shape, stride, pads):
     """d conv(x, kernel, stride, pads) / dx applied to `upstream`, without dilation.
 
@@ -113,32 +94,79 @@ def _phase_input_gradient(upstream, kernel, input_shape, stride, pads):
     return padded[:, top:top + height, left:left + width, :]
 
 
-# log det(V^T V + shift I) from a QR factorization of [V; sqrt(shift) I] (base.Ops.log_det_gram).
-# Under jax.vmap (a vectorized group's step) jnp.linalg.qr and its gradient become batched
-# LAPACK calls, and XLA's CPU runtime (jax 0.10.2) never returned from cnn3's step with two
-# or more of them: every thread idle, the result never ready; one batched factorization, or
-# several unbatched, ran. So the factorization and the gradient's triangular solve each go
-# through `_one_matrix_at_a_time`, which a vmap turns into a loop over the members, and the
-# gradient is written out: d/dV = 2 Q_V R^-T, with Q_V the rows of Q that multiply V (what
-# JAX's own QR gradient computes for this cotangent; they agreed to 2e-7).
-def _one_matrix_at_a_time(f):
+# Under jax.vmap with a kernel per member (a vectorized group's step and evaluation), XLA
+# batches a convolution into one grouped convolution over every member's channels, which
+# its CPU backend runs far slower than the members' own convolutions: mnist-cnn's step of 4
+# members took 184-215 ms against 10.7-13.0 ms for one run alone (none, batch norm,
+# standardization loss; 2-core machine, side by side in one process). So on CPU every
+# convolution goes through `_member_convolution`, whose forward and gradients each run
+# one member at a time where a vmap batches two of their operands (`_one_member_at_a_time`):
+# the same step took 59-64 ms, 15-16 ms per run; 10 members 138-157 ms. That is with the
+# phase-split input gradient, which vectorized groups had declined while XLA grouped their
+# convolutions (5-8% slower then) and which now pays there too (standardization loss, 4
+# members: 50 ms against 60-63). Alone (no vmap) it is `_conv` and its gradients, the
+# same operations as before.
+def _one_member_at_a_time(f, paired_only=False):
+    """f, which jax.vmap batches as one unbatched call per member, unrolled (as a lax.map
+    loop, cnn3's vectorized step took twice as long as XLA's grouped convolutions). With
+    `paired_only`, only where two or more arguments have a member axis: a convolution
+    with one batched operand is one larger convolution to XLA (the members lengthen its
+    batch axis, or its output channels where only the kernel has them), never a grouped
+    one."""
     batched = custom_vmap(f)
 
     @batched.def_vmap
-    def _loop(axis_size, in_batched, *args):
-        args = tuple(a if b else jnp.broadcast_to(a, (axis_size, *a.shape)) for a, b in zip(args, in_batched))
-        out = lax.map(lambda xs: f(*xs), args)
+    def _rule(axis_size, in_batched, *args):
+        if paired_only and sum(map(bool, in_batched)) < 2:
+            out = jax.vmap(f, in_axes=tuple(0 if b else None for b in in_batched))(*args)
+        else:
+            outs = [f(*(a[member] if b else a for a, b in zip(args, in_batched))) for member in range(axis_size)]
+            out = jax.tree_util.tree_map(lambda *members: jnp.stack(members), *outs)
         return out, jax.tree_util.tree_map(lambda _: True, out)
 
     return batched
 
 
-@_one_matrix_at_a_time
+@functools.lru_cache(maxsize=None)
+def _member_convolution(stride, pads, groups, phase_gradient):
+    """`_conv` of this static configuration (custom_vmap takes arrays only), differentiated
+    by JAX, or with `_phase_input_gradient` as its input gradient where `phase_gradient`;
+    under a vmap, its forward and its gradients each `_one_member_at_a_time`."""
+    def forward(x, kernel):
+        return _conv(x, kernel, stride, pads, groups)
+
+    def gradients(x, kernel, upstream):
+        if phase_gradient:
+            _, kernel_vjp = jax.vjp(lambda k: forward(x, k), kernel)
+            return _phase_input_gradient(upstream, kernel, x.shape, stride, pads), kernel_vjp(upstream)[0]
+        return jax.vjp(forward, x, kernel)[1](upstream)
+
+    looped_forward = _one_member_at_a_time(forward, paired_only=True)
+    looped_gradients = _one_member_at_a_time(gradients, paired_only=True)
+
+    @jax.custom_vjp
+    def convolution(x, kernel):
+        return looped_forward(x, kernel)
+
+    convolution.defvjp(lambda x, kernel: (looped_forward(x, kernel), (x, kernel)),
+                       lambda residuals, upstream: looped_gradients(*residuals, upstream))
+    return convolution
+
+
+# log det(V^T V + shift I) from a QR factorization of [V; sqrt(shift) I] (base.Ops.log_det_gram).
+# Under jax.vmap (a vectorized group's step) jnp.linalg.qr and its gradient become batched
+# LAPACK calls, and XLA's CPU runtime (jax 0.10.2) never returned from cnn3's step with two
+# or more of them: every thread idle, the result never ready; one batched factorization, or
+# several unbatched, ran. So the factorization and the gradient's triangular solve each go
+# through `_one_member_at_a_time`, which a vmap turns into a loop over the members, and the
+# gradient is written out: d/dV = 2 Q_V R^-T, with Q_V the rows of Q that multiply V (what
+# JAX's own QR gradient computes for this cotangent; they agreed to 2e-7).
+@_one_member_at_a_time
 def _reduced_qr(matrix):
     return jnp.linalg.qr(matrix, mode="reduced")
 
 
-@_one_matrix_at_a_time
+@_one_member_at_a_time
 def _times_inverse_transpose(q, r):
     """q r^-T, from r q^T's triangular solve."""
     return solve_triangular(r, q.T, lower=False).T
@@ -194,9 +222,10 @@ class Ops(base.Ops):
 
     def conv2d(self, x, kernel, stride, pads, groups=1):
         pads = tuple(tuple(int(p) for p in pair) for pair in pads)  # hashable: a static argument
-        if self.phase_gradients and _phase_gradient_pays(kernel, stride, groups):
-            return _strided_conv(x, kernel, stride, pads)
-        return _conv(x, kernel, stride, pads, groups)
+        if self.platform != "cpu":
+            return _conv(x, kernel, stride, pads, groups)
+        phase_gradient = self.phase_gradients and _phase_gradient_pays(kernel, stride, groups)
+        return _member_convolution(stride, pads, groups, phase_gradient)(x, kernel)
 
     def max_pool2d(self, x, window, stride, pads):
         return lax.reduce_window(x, -jnp.inf, lax.max, (1, *window, 1), (1, stride, stride, 1),
