@@ -623,17 +623,17 @@ class VectorizedGroup(RunGroup):
                 self.engine.export_tree(member_of(self.state, member)))
 
     @abc.abstractmethod
-    def _evaluate_batched(self, images, labels) -> dict:
-        """`program.evaluation` of every member on one chunk of shared images: the output
-        tree with the members on a new first axis of every array (on the host already,
-        for frameworks that transfer whole trees)."""
+    def _evaluate_members(self, images, labels) -> list:
+        """`program.evaluation` of every member on one chunk of shared images: each
+        member's output tree, in member order (on the host already, for frameworks that
+        transfer whole trees), from one batched evaluation (`member_of` splits it) or from
+        each member's own."""
 
     def evaluate(self, images, labels, num_examples):
         per_member: list[list] = [[] for _ in range(self.size)]
         for start, stop in _chunk_bounds(num_examples, self.evaluation_chunk_size):
-            out = self._evaluate_batched(images[start:stop], labels[start:stop])
-            for member in range(self.size):
-                per_member[member].append((stop - start, chunk_to_numpy(self.engine, member_of(out, member))))
+            for member, out in enumerate(self._evaluate_members(images[start:stop], labels[start:stop])):
+                per_member[member].append((stop - start, chunk_to_numpy(self.engine, out)))
         return [aggregate_evaluation(self.program, self.track, chunks, num_examples) for chunks in per_member]
 
 

@@ -124,7 +124,10 @@ def test_vectorized_members_keep_their_own_dropout_masks(backend_name, spec_fact
     _compare_members(engine, plan, images, rng.integers(0, 10, EXAMPLES))
 
 
-def test_a_vectorized_group_evaluates_each_member_as_alone(backend_name, spec_factory):
+@pytest.mark.parametrize("batched", [False, True], ids=["members-alone", "batched"])
+def test_a_vectorized_group_evaluates_each_member_as_alone(backend_name, spec_factory, batched):
+    """On CPU a group evaluates each member by the function its run alone uses (faster
+    there); elsewhere, one batched evaluation of all members. Both are checked here."""
     engine = _vectorizing_engine(backend_name)
     spec = spec_factory(model="cnn-tiny", dtype="float32", batch_size=16, seeds=len(SEEDS),
                      variants=[{"name": "batch_norm", "normalization": "batch_norm"}], track_percentiles=["conv1"])
@@ -136,6 +139,10 @@ def test_a_vectorized_group_evaluates_each_member_as_alone(backend_name, spec_fa
     batches, results = rng.integers(0, EXAMPLES, (len(SEEDS), plan.batch_size)), {}
     for vectorize in (False, True):
         group = runner.make_group(engine, plan, SEEDS, *placed, vectorize)
+        if vectorize:
+            assert group._members_evaluation is not None  # a CPU engine: members alone by default
+            if batched:
+                group._members_evaluation = None
         group.step(batches, 0.1)  # parameters and running statistics move off their start
         # 70 images: chunks of the group's size and a ragged last one where the size is smaller
         results[vectorize] = group.evaluate(placed[0][:70], placed[1][:70], 70)

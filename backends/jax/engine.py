@@ -374,12 +374,12 @@ class VectorizedGroup(base.VectorizedGroup):
                 self.params, self.opt_state, self.state, batch, indices, lr, masks)
         return losses
 
-    def _evaluate_batched(self, images, labels):
+    def _evaluate_members(self, images, labels):
         if self._members_evaluation is None:
-            return jax.device_get(self._evaluation(self.params, self.state, images, labels))
-        if self._members is None or self._members[0] is not self.params:  # taken once per evaluated state
+            out = jax.device_get(self._evaluation(self.params, self.state, images, labels))
+            return [base.member_of(out, member) for member in range(self.size)]
+        if self._members is None or self._members[0] is not self.params:  # sliced once per evaluated state
             self._members = (self.params, [(base.member_of(self.params, m), base.member_of(self.state, m))
                                            for m in range(self.size)])
-        outs = jax.device_get([self._members_evaluation(params, state, images, labels)
+        return jax.device_get([self._members_evaluation(params, state, images, labels)
                                for params, state in self._members[1]])
-        return jax.tree_util.tree_map(lambda *members: np.stack(members), *outs)

@@ -235,6 +235,12 @@ class VectorizedGroup(base.VectorizedGroup):
         self._train_steps = {masked: vmap(member_step, in_dims=(0, 0, 0, 0, 0, 0 if masked else None, None))
                              for masked in (False, True)}
         self._evaluation = vmap(evaluation, in_dims=(0, 0, None, None))
+        # On CPU each member is evaluated alone, by the function its runs alone use: mnist-cnn's
+        # 20,000 evaluated images took 0.30-0.33 s per run alone, 1.13-1.71 s per run in a
+        # vmapped group of 4 (grouped convolutions) and 0.31-0.34 s this way (none, batch
+        # norm, standardization loss; 2-core machine), with the same cross-entropies.
+        self._members_evaluation = (engine.evaluation_function(program, track)
+                                    if engine.torch_device.type == "cpu" else None)
 
     def step(self, indices, learning_rate, dropout_masks=None, images=None):
         e = self.engine
@@ -247,6 +253,11 @@ class VectorizedGroup(base.VectorizedGroup):
                 self.params, self.opt_state, self.state, images, labels, masks, learning_rate)
         return losses
 
-    def _evaluate_batched(self, images, labels):
-        with torch.no_grad():
-            return self._evaluation(self.params, self.state, images, labels)
+    def _evaluate_members(self, images, labels):
+        if self._members_evaluation is None:
+            with torch.no_grad():
+                out = self._evaluation(self.params, self.state, images, labels)
+            return [base.member_of(out, member) for member in range(self.size)]
+        with torch.inference_mode():  # as a run alone evaluates (Trainer._evaluate_chunk)
+            return [self._members_evaluation(base.member_of(self.params, m), base.member_of(self.state, m), images, labels)
+                    for m in range(self.size)]
