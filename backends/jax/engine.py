@@ -52,10 +52,11 @@ STEP_FUNCTIONS_KEPT = 8  # programs whose compiled functions an engine keeps (En
 # 0.96-1.44x), resnet-small's 1.11-1.23x, and cnn3 with the decorrelation loss failed at its
 # first step ("unsupported layout in YNN fusion"); no choice was faster for every network.
 # Measured again at 1e8f974 (side by side in one process per network): convolution, dot and
-# elementwise listed took cnn3's steps 0.67-0.91x (none) and 0.84-0.86x (standardization
-# loss), but every small architecture's 1.04-1.72x (pointnet-small's the most), and the
-# decorrelation loss still failed; convolution and dot alone (no YNNPACK reductions)
-# measured 0.86-1.54x on cnn3, mlp3 and the small architectures, run to run.
+# elementwise listed took cnn3's steps 0.88-0.91x (none; 0.67 once, in a process holding
+# thirty trainers) and 0.84-0.86x (standardization loss), but every small architecture's
+# 1.04-1.72x (pointnet-small's the most), and the decorrelation loss still failed;
+# convolution and dot alone (no YNNPACK reductions) measured 0.86-1.54x on cnn3, mlp3 and
+# the small architectures, run to run.
 CPU_INFERENCE_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ",".join(
     f"LIBRARY_FUSION_TYPE_{kind}" for kind in ("ELTWISE", "INDIVIDUAL_CONVOLUTION", "DOT", "REDUCE"))}
 
