@@ -605,8 +605,8 @@ class LoopedGroup(RunGroup):
 
 class VectorizedGroup(RunGroup):
     """Members stacked on a new leading axis of every parameter, state and slot array and
-    trained by one batched (vmapped) step. A backend subclass supplies the step and the
-    batched evaluation of a chunk, and keeps the stacked trees in `params` and `state`;
+    trained by one batched (vmapped) step. A backend subclass supplies the step and each
+    member's evaluation of a chunk, and keeps the stacked trees in `params` and `state`;
     reading members out, chunking and aggregating evaluations are shared here. Each
     member's trajectory equals its run alone within the float32 trajectory tolerances of
     the parity tests (tests/test_vectorized_runs.py)."""
@@ -622,11 +622,15 @@ class VectorizedGroup(RunGroup):
         return (self.engine.export_tree(member_of(self.params, member)),
                 self.engine.export_tree(member_of(self.state, member)))
 
+    def _per_member(self, tree) -> list:
+        """A tree with the members on its first axis -> each member's tree, in member order."""
+        return [member_of(tree, member) for member in range(self.size)]
+
     @abc.abstractmethod
     def _evaluate_members(self, images, labels) -> list:
         """`program.evaluation` of every member on one chunk of shared images: each
         member's output tree, in member order (on the host already, for frameworks that
-        transfer whole trees), from one batched evaluation (`member_of` splits it) or from
+        transfer whole trees), from one batched evaluation (`_per_member` splits it) or from
         each member's own."""
 
     def evaluate(self, images, labels, num_examples):

@@ -382,10 +382,8 @@ class VectorizedGroup(base.VectorizedGroup):
 
     def _evaluate_members(self, images, labels):
         if self._members_evaluation is None:
-            out = jax.device_get(self._evaluation(self.params, self.state, images, labels))
-            return [base.member_of(out, member) for member in range(self.size)]
+            return self._per_member(jax.device_get(self._evaluation(self.params, self.state, images, labels)))
         if self._members is None or self._members[0] is not self.params:  # sliced once per evaluated state
-            self._members = (self.params, [(base.member_of(self.params, m), base.member_of(self.state, m))
-                                           for m in range(self.size)])
+            self._members = (self.params, list(zip(self._per_member(self.params), self._per_member(self.state))))
         return jax.device_get([self._members_evaluation(params, state, images, labels)
                                for params, state in self._members[1]])

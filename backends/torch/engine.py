@@ -256,8 +256,7 @@ class VectorizedGroup(base.VectorizedGroup):
     def _evaluate_members(self, images, labels):
         if self._members_evaluation is None:
             with torch.no_grad():
-                out = self._evaluation(self.params, self.state, images, labels)
-            return [base.member_of(out, member) for member in range(self.size)]
+                return self._per_member(self._evaluation(self.params, self.state, images, labels))
         with torch.inference_mode():  # as a run alone evaluates (Trainer._evaluate_chunk)
-            return [self._members_evaluation(base.member_of(self.params, m), base.member_of(self.state, m), images, labels)
-                    for m in range(self.size)]
+            return [self._members_evaluation(params, state, images, labels)
+                    for params, state in zip(self._per_member(self.params), self._per_member(self.state))]
