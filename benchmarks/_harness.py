@@ -111,6 +111,13 @@ WARMUP_STEPS = 5  # steps before any steady-state timing (allocator, kernel sele
 # about a thousand rounds for a median stable to ~1% on a noisy 2-core machine; 40
 # rounds of it wandered by +-8%.
 RATIO_ROUNDS, RATIO_SECONDS = 40, 3.0
+# A ratio measured in one process can be one process's: in the throughput record at
+# 1e8f974, TensorFlow's cnn3 batch-norm step over its step without normalization read 1.93
+# in its asv process (both sides slow there, none at 7.18 ms against 5.17 ms in the next
+# benchmark's), and 1.37 and 1.44 in two fresh processes afterwards. Ratios that declare
+# `processes` (bench_ratios) record the median over that many fresh worker processes,
+# measured one after another, so one slow process cannot set the published value.
+RATIO_WORKER_TIMEOUT_S = 600
 QUICK_STEPS, QUICK_EVAL_EVERY, QUICK_TEST_EXAMPLES, QUICK_RATIO_ROUNDS = 10, 5, 500, 3
 # Inference: latency of one image; time per image of a batch (the quick batch keeps CI's
 # every-combination run short).
@@ -134,6 +141,12 @@ def injected_sleep_s() -> float:
 
 def warmup_steps() -> int:
     return 1 if quick() else WARMUP_STEPS
+
+
+def ratio_processes(declared: int) -> int:
+    """Fresh processes a ratio that declares `declared` of them is measured in; 0: in this
+    process (every ratio in quick runs, whose numbers are not recorded)."""
+    return 0 if quick() or declared <= 1 else declared
 
 
 def ratio_rounds() -> tuple[int, float]:
@@ -594,15 +607,42 @@ def train_and_measure(backend: str, model: str, normalization: str, device: str)
 _RESULT_MARKER = "NORMBENCH_BENCH_RESULT "
 
 
-def _train_in_fresh_process(runs: list[dict]) -> list[dict]:
-    """`train_and_measure` for each run, in one new worker process."""
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--train", json.dumps(runs)],
-                          stdout=subprocess.PIPE, text=True, timeout=TRAIN_TIMEOUT_S * len(runs))
+def _in_fresh_process(mode: str, payload, what: str, timeout_s: float):
+    """This file's worker (`python _harness.py <mode> <json payload>`) in a new process: what
+    it printed after the result marker. The worker's stderr is this process's."""
+    # The repository root on the path: a ratio worker imports the `benchmarks` package.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(Path(__file__).resolve().parent.parent),
+                                                                    os.environ.get("PYTHONPATH")) if p)}
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), mode, json.dumps(payload)],
+                          stdout=subprocess.PIPE, text=True, timeout=timeout_s, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(_RESULT_MARKER)]
     if proc.returncode != 0 or not lines:
-        names = ", ".join("/".join(r.values()) for r in runs)
-        raise RuntimeError(f"training worker for {names} failed (exit {proc.returncode}); its traceback is on stderr above")
+        raise RuntimeError(f"{what} worker failed (exit {proc.returncode}); its traceback is on stderr above")
     return json.loads(lines[-1][len(_RESULT_MARKER):])
+
+
+def _train_in_fresh_process(runs: list[dict]) -> list[dict]:
+    """`train_and_measure` for each run, in one new worker process."""
+    return _in_fresh_process("--train", runs, "training " + ", ".join("/".join(r.values()) for r in runs),
+                             TRAIN_TIMEOUT_S * len(runs))
+
+
+def median_ratio_in_fresh_processes(benchmark: type, params: tuple, processes: int) -> tuple[float, list[dict]]:
+    """The median of `benchmark`'s ratio (a bench_ratios class: `prepare(*params)`, then
+    `measure(*params)` -> (ratio, its two medians)) over `processes` new worker processes,
+    one after another; and each process's measurement."""
+    target = {"module": benchmark.__module__, "class": benchmark.__qualname__, "params": list(params)}
+    name = f"{target['class']}{tuple(params)}"
+    measured = [_in_fresh_process("--ratio", target, f"ratio {name}", RATIO_WORKER_TIMEOUT_S) for _ in range(processes)]
+    return statistics.median(m["ratio"] for m in measured), measured
+
+
+def _measure_ratio(target: dict) -> dict:
+    """One ratio of a bench_ratios class, in this (worker) process."""
+    benchmark = getattr(importlib.import_module(target["module"]), target["class"])()
+    benchmark.prepare(*target["params"])
+    ratio, mine, other = benchmark.measure(*target["params"])
+    return {"ratio": ratio, "mine_s": mine, "other_s": other, "pid": os.getpid()}
 
 
 def run_key(model: str, normalization: str, device: str) -> str:
@@ -664,7 +704,13 @@ def training_result(cache: dict, model: str, normalization: str, device: str) ->
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3 or sys.argv[1] != "--train":
-        sys.exit("usage: python _harness.py --train '[{\"backend\": ..., \"model\": ..., \"normalization\": ..., \"device\": ...}, ...]'")
-    measured = [train_and_measure(**run) for run in json.loads(sys.argv[2])]
+    if len(sys.argv) != 3 or sys.argv[1] not in ("--train", "--ratio"):
+        sys.exit("usage: python _harness.py --train '[{\"backend\": ..., \"model\": ..., \"normalization\": ..., \"device\": ...}, ...]'\n"
+                 "       python _harness.py --ratio '{\"module\": \"benchmarks.bench_ratios\", \"class\": ..., \"params\": [...]}'")
+    if sys.argv[1] == "--train":
+        measured = [train_and_measure(**run) for run in json.loads(sys.argv[2])]
+    else:
+        # Through the package's copy of this module, which the benchmark classes use (this
+        # script's own copy, __main__, would hold a second set of engines and steppers).
+        measured = importlib.import_module("benchmarks._harness")._measure_ratio(json.loads(sys.argv[2]))
     print(_RESULT_MARKER + json.dumps(measured), flush=True)

@@ -11,6 +11,7 @@ import gc
 import importlib
 import json
 import math
+import os
 import pickle
 import re
 import sys
@@ -138,6 +139,31 @@ def test_injected_sleep_lands_inside_the_timed_step(monkeypatch):
     monkeypatch.setenv("NORMBENCH_INJECT_STEP_SLEEP_MS", "200")
     # A sleep lasts at least its duration: every timed step must, whatever the machine's load.
     assert harness.side_by_side_medians([stepper.step], 3)[0] >= 0.2
+
+
+def test_ratios_outside_quick_runs_are_medians_of_fresh_processes(monkeypatch):
+    """A ratio that declares `processes` records the median over that many new worker
+    processes, each preparing and timing its own steppers; this process builds none."""
+    harness = importlib.import_module("benchmarks._harness")
+    ratios = importlib.import_module("benchmarks.bench_ratios")
+    assert harness.ratio_processes(ratios.NormalizationOverhead.processes) == 0  # quick: in this process
+    monkeypatch.delenv("NORMBENCH_BENCH_QUICK")
+    assert harness.ratio_processes(ratios.NormalizationOverhead.processes) == ratios.NormalizationOverhead.processes == 3
+    assert harness.ratio_processes(ratios.MethodOverhead.processes) == 0
+    backend = next((b for b in ("torch", "tensorflow", "jax") if harness.registry.is_available(b)), None)
+    if backend is None:
+        pytest.skip("no backend available")
+    # The workers inherit quick budgets (3 rounds each); the path is the nightly one.
+    monkeypatch.setenv("NORMBENCH_BENCH_QUICK", "1")
+    params = (backend, "mlp3", "standardization_loss", "cpu")
+    warm_before = dict(harness._WARM)
+    median, measured = harness.median_ratio_in_fresh_processes(ratios.NormalizationOverhead, params, 2)
+    assert harness._WARM == warm_before
+    pids = {m["pid"] for m in measured}
+    assert len(pids) == 2 and os.getpid() not in pids
+    for m in measured:
+        assert m["mine_s"] > 0 and m["other_s"] > 0 and m["ratio"] == pytest.approx(m["mine_s"] / m["other_s"])
+    assert median == pytest.approx((measured[0]["ratio"] + measured[1]["ratio"]) / 2)
 
 
 @pytest.mark.parametrize("name", sorted(BENCHMARKS))
