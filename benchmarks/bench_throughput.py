@@ -10,8 +10,13 @@ then the `track_` methods read it), with real MNIST placed once:
   by side: each round times one step of every group, the order reversing every round;
   the median per group.
 - Evaluations: each group's evaluation of both splits (the 10,000 test images and the
-  fixed 10,000-image training subset), after one untimed evaluation (compilation); the
-  faster of two.
+  fixed 10,000-image training subset), after one untimed evaluation (compilation), timed
+  side by side like the steps: EVALUATION_ROUNDS rounds over every group, the order
+  reversing every round; the median per group. The faster of two evaluations timed one
+  group after another (the record at 0fe77fa) let one noisy sample pass: PyTorch's batch
+  norm alone 0.52 s against 0.37 s per run in a group of 4, so groups of 4 read 14.3 s per
+  run against 15.6 s alone, where their steps per run were equal (6.13-8.04 ms against
+  6.21-7.84) and both evaluations measured 0.36-0.41 s again side by side.
 - A run's time is projected from them: the spec's steps times the step, plus its
   evaluations (`spec.evaluation_steps`) times the evaluation, divided by the runs of the
   group. The whole main job trains for minutes per run; a projection from medians over
@@ -38,7 +43,6 @@ from __future__ import annotations
 
 import statistics
 import sys
-import time
 
 from . import _harness as h
 
@@ -52,6 +56,7 @@ GROUP_SIZES = [1, 4, 10]
 QUICK_GROUP_SIZES = [1, 2]
 QUICK_EVALUATION_EXAMPLES = 200
 MATMUL_SIZE, QUICK_MATMUL_SIZE = 2048, 256
+EVALUATION_ROUNDS, QUICK_EVALUATION_ROUNDS = 3, 1
 SETUP_TIMEOUT_S = 3 * 3600
 
 
@@ -122,7 +127,7 @@ def measure(backend: str, device: str = "cpu", compile: bool = False) -> dict:  
     data = h.mnist()
     train_images, train_labels = engine.put_images(data.train_images), engine.put_labels(data.train_labels)
     evaluator = runner._Evaluator(engine, data, spec)
-    cells, steppers = [], []
+    cells, steppers, evaluations = [], [], []
     for size in [1] if compile else _group_sizes():
         for variant in spec.variants:
             plan = resolve(spec, variant)
@@ -137,19 +142,21 @@ def measure(backend: str, device: str = "cpu", compile: bool = False) -> dict:  
                 engine.synchronize()
                 count[0] += 1
 
-            for _ in range(h.warmup_steps()):
-                step()
-            evaluations = []
-            for _ in range(3):  # the first compiles
-                start = time.perf_counter()
+            def evaluate(group=group):
                 for images, labels, n in evaluator.splits.values():
                     group.evaluate(images, labels, n)
-                evaluations.append(time.perf_counter() - start)
+
+            for _ in range(h.warmup_steps()):
+                step()
+            evaluate()  # compiles
             cells.append({"group_size": size, "variant": variant.name, "vectorized": type(group).__name__,
-                          "evaluation_s": min(evaluations[1:]),
                           "evaluated_images": sum(n for _, _, n in evaluator.splits.values())})
             steppers.append(step)
+            evaluations.append(evaluate)
             print(f"{backend}: group {size} {variant.name} ready", file=sys.stderr, flush=True)
+    for cell, median in zip(cells, h.side_by_side_medians(
+            evaluations, QUICK_EVALUATION_ROUNDS if h.quick() else EVALUATION_ROUNDS)):
+        cell["evaluation_s"] = median
     product, product_flops = matrix_product(engine)
     rounds, seconds = h.ratio_rounds()
     medians = h.side_by_side_medians(steppers + [product], rounds, seconds)
