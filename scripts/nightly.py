@@ -361,8 +361,8 @@ def export(results: list, benchmarks: dict, machine: str, info: dict, commit: st
              f"Commit `{commit[:12]}`, recorded {when} with asv on {info.get('cpu', '?')}, {info.get('num_cpu', '?')} cores, "
              f"{int(info.get('ram', 0) or 0) / 2**30:.0f} GiB, {info.get('os', '?')} (CPU extensions: {extensions}; "
              f"last-level cache: {provenance['cpu_last_level_cache']}). Medians (asv) of one process per benchmark; "
-             "ratios are measured side by side in one process, and the overhead over no normalization and the ratio "
-             "to the hand-written loop are the median of three such processes. All metrics are lower-is-better. "
+             "ratios are measured side by side in one process, and those of `NormalizationOverhead`, `CompiledOverhead` "
+             "and `ReferenceRatio` are the median of three such processes. All metrics are lower-is-better. "
              + _devices_sentence(provenance["backend_devices"]) +
              "What each benchmark measures: [benchmarks/README.md](../../../benchmarks/README.md). "
              "Every value, one row each: [benchmarks.csv](benchmarks.csv); provenance: [provenance.json](provenance.json).", ""]
