@@ -12,8 +12,10 @@ Environment variables:
   NORMBENCH_INJECT_STEP_SLEEP_MS=N    sleep N ms inside every timed backend step (to
                                       demonstrate that the nightly run catches a regression).
 
-This file is also the training worker: `python _harness.py --train '<json list>'` trains
-runs in a fresh process and prints their measurements (see `train_all`).
+This file is also the worker of every measurement taken in a fresh process: `python
+_harness.py --train '<json list>'` trains runs and prints their measurements (see
+`train_all`); `--ratio` measures one ratio of bench_ratios, `--call` calls one function of
+the `benchmarks` package (bench_throughput's concurrent workers).
 """
 
 from __future__ import annotations
@@ -172,6 +174,16 @@ def engine(backend: str, device: str, compile: bool = False):  # noqa: A002
     """The backend's engine on `device` (`compile`: see `Engine.__init__`), or
     NotImplementedError (asv's skip) when the adapter, the framework or the device is
     missing, or the device is deselected."""
+    check_selected(backend, device)
+    try:
+        return _engine(backend, device, compile)
+    except registry.BackendUnavailable as exc:
+        raise NotImplementedError(str(exc)) from None
+
+
+def check_selected(backend: str, device: str) -> None:
+    """`engine`'s skips that need no framework imported: NotImplementedError where the
+    backend is not installed, the device is deselected or no NVIDIA driver is present."""
     if not registry.is_available(backend):
         raise NotImplementedError(f"backend {backend!r} is not available here (see `normbench backends`)")
     if device not in selected_devices():
@@ -179,10 +191,6 @@ def engine(backend: str, device: str, compile: bool = False):  # noqa: A002
     if device != "cpu" and not _nvidia_driver_present():
         # Decided without importing the framework: an import costs seconds per benchmark process.
         raise NotImplementedError(f"device {device!r}: no NVIDIA driver on this machine")
-    try:
-        return _engine(backend, device, compile)
-    except registry.BackendUnavailable as exc:
-        raise NotImplementedError(str(exc)) from None
 
 
 def _nvidia_driver_present() -> bool:
@@ -607,18 +615,56 @@ def train_and_measure(backend: str, model: str, normalization: str, device: str)
 _RESULT_MARKER = "NORMBENCH_BENCH_RESULT "
 
 
-def _in_fresh_process(mode: str, payload, what: str, timeout_s: float):
-    """This file's worker (`python _harness.py <mode> <json payload>`) in a new process: what
-    it printed after the result marker. The worker's stderr is this process's."""
+def _start_worker(mode: str, payload, cores: list[int] | None = None, threads: int | None = None) -> subprocess.Popen:
+    """This file's worker (`python _harness.py <mode> <json payload>`) started in a new
+    process, its stdout piped, its stderr this process's. With `cores`, the process is
+    bound to them before anything is imported, so every thread it starts stays there (JAX's
+    XLA and TensorFlow size their thread pools by the cores they may run on); with
+    `threads`, the intra-op thread variables are set as `--executor processes` sets them."""
     # The repository root on the path: a ratio worker imports the `benchmarks` package.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(Path(__file__).resolve().parent.parent),
                                                                     os.environ.get("PYTHONPATH")) if p)}
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), mode, json.dumps(payload)],
-                          stdout=subprocess.PIPE, text=True, timeout=timeout_s, env=env)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(_RESULT_MARKER)]
+    if threads is not None:
+        from normbench.executors.processes import THREAD_VARIABLES
+
+        env.update({name: str(threads) for name in THREAD_VARIABLES})
+    bind = (lambda: os.sched_setaffinity(0, cores)) if cores is not None else None
+    return subprocess.Popen([sys.executable, str(Path(__file__).resolve()), mode, json.dumps(payload)],
+                            stdout=subprocess.PIPE, text=True, env=env, preexec_fn=bind)
+
+
+def _worker_result(proc: subprocess.Popen, what: str, timeout_s: float):
+    """What a started worker printed after the result marker, once it has exited."""
+    try:
+        out, _ = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise RuntimeError(f"{what} worker ran past {timeout_s:.0f} s and was stopped") from None
+    lines = [ln for ln in out.splitlines() if ln.startswith(_RESULT_MARKER)]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"{what} worker failed (exit {proc.returncode}); its traceback is on stderr above")
     return json.loads(lines[-1][len(_RESULT_MARKER):])
+
+
+def _in_fresh_process(mode: str, payload, what: str, timeout_s: float):
+    """This file's worker in a new process, waited for: what it printed after the result marker."""
+    return _worker_result(_start_worker(mode, payload), what, timeout_s)
+
+
+def in_concurrent_processes(calls: list[dict], cores: list[list[int]], threads: int, what: str, timeout_s: float) -> list:
+    """Each of `calls` ({"module", "function", "kwargs"}: a function of the `benchmarks`
+    package and its keyword arguments) in its own new worker process, all running at once,
+    call i bound to `cores[i]` with `threads` intra-op threads; their return values, in order.
+    A worker that fails stops the others."""
+    procs = [_start_worker("--call", call, share, threads) for call, share in zip(calls, cores)]
+    try:
+        return [_worker_result(proc, f"{what} {i}", timeout_s) for i, proc in enumerate(procs)]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
 
 
 def _train_in_fresh_process(runs: list[dict]) -> list[dict]:
@@ -704,13 +750,17 @@ def training_result(cache: dict, model: str, normalization: str, device: str) ->
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3 or sys.argv[1] not in ("--train", "--ratio"):
+    if len(sys.argv) != 3 or sys.argv[1] not in ("--train", "--ratio", "--call"):
         sys.exit("usage: python _harness.py --train '[{\"backend\": ..., \"model\": ..., \"normalization\": ..., \"device\": ...}, ...]'\n"
-                 "       python _harness.py --ratio '{\"module\": \"benchmarks.bench_ratios\", \"class\": ..., \"params\": [...]}'")
+                 "       python _harness.py --ratio '{\"module\": \"benchmarks.bench_ratios\", \"class\": ..., \"params\": [...]}'\n"
+                 "       python _harness.py --call '{\"module\": \"benchmarks.bench_throughput\", \"function\": ..., \"kwargs\": {...}}'")
     if sys.argv[1] == "--train":
         measured = [train_and_measure(**run) for run in json.loads(sys.argv[2])]
-    else:
+    elif sys.argv[1] == "--ratio":
         # Through the package's copy of this module, which the benchmark classes use (this
         # script's own copy, __main__, would hold a second set of engines and steppers).
         measured = importlib.import_module("benchmarks._harness")._measure_ratio(json.loads(sys.argv[2]))
+    else:
+        call = json.loads(sys.argv[2])
+        measured = getattr(importlib.import_module(call["module"]), call["function"])(**call["kwargs"])
     print(_RESULT_MARKER + json.dumps(measured), flush=True)

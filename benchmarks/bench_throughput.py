@@ -36,6 +36,10 @@ then the `track_` methods read it), with real MNIST placed once:
   alternating in one process: JAX 188 GFLOP/s (torch beside it 178), TensorFlow 187-190
   (torch 171-177), torch alone 129-185 in four processes.
 
+The `*WorkersRun` classes measure the same figures of runs alone as `--executor processes`
+trains them, one single-threaded worker per core at once (`measure_on_workers`), as the
+whole machine's.
+
 Under NORMBENCH_BENCH_QUICK every count is tiny (the same code path, in seconds).
 """
 
@@ -113,10 +117,14 @@ def counted_flops(plan, batch: int, training: bool) -> int:
     return int(counter.get_total_flops())
 
 
-def measure(backend: str, device: str = "cpu", compile: bool = False) -> dict:  # noqa: A002
-    """The body of `setup_cache`: step and evaluation times of every group size and variant.
-    With `compile` (PyTorch's `--compile`: the training loss and the evaluation compiled),
-    runs alone only: a vectorized group is not compiled, so it would time the eager one."""
+def measure(backend: str, device: str = "cpu", compile: bool = False, sizes: list[int] | None = None,  # noqa: A002
+            before_timing=None, after_timing=None) -> dict:
+    """The body of `setup_cache`: step and evaluation times of every group size (or of
+    `sizes`) and variant. With `compile` (PyTorch's `--compile`: the training loss and the
+    evaluation compiled), runs alone only: a vectorized group is not compiled, so it would
+    time the eager one. `before_timing()` is called once everything is built and warm,
+    `after_timing(steps)` once the timing is done, with the groups' step callables
+    (`measure_as_worker` meets the other workers there)."""
     import numpy as np
 
     from normbench import runner
@@ -128,7 +136,7 @@ def measure(backend: str, device: str = "cpu", compile: bool = False) -> dict:  
     train_images, train_labels = engine.put_images(data.train_images), engine.put_labels(data.train_labels)
     evaluator = runner._Evaluator(engine, data, spec)
     cells, steppers, evaluations = [], [], []
-    for size in [1] if compile else _group_sizes():
+    for size in [1] if compile else sizes or _group_sizes():
         for variant in spec.variants:
             plan = resolve(spec, variant)
             seeds = list(range(size))
@@ -154,12 +162,16 @@ def measure(backend: str, device: str = "cpu", compile: bool = False) -> dict:  
             steppers.append(step)
             evaluations.append(evaluate)
             print(f"{backend}: group {size} {variant.name} ready", file=sys.stderr, flush=True)
+    product, product_flops = matrix_product(engine)
+    if before_timing is not None:
+        before_timing()
     for cell, median in zip(cells, h.side_by_side_medians(
             evaluations, QUICK_EVALUATION_ROUNDS if h.quick() else EVALUATION_ROUNDS)):
         cell["evaluation_s"] = median
-    product, product_flops = matrix_product(engine)
     rounds, seconds = h.ratio_rounds()
     medians = h.side_by_side_medians(steppers + [product], rounds, seconds)
+    if after_timing is not None:
+        after_timing(steppers)
     for cell, median in zip(cells, medians):
         cell["step_s"] = median
     for cell in cells:
@@ -195,6 +207,132 @@ def _run_flops(spec, variant, evaluated_images: int) -> tuple[int, int]:
             evaluations * evaluated_images * counted_flops(plan, chunk, training=False) // chunk)
 
 
+# ----------------------------------------------------------------------------- runs on workers
+#
+# `--executor processes` (the README's faster way to run the main job on one machine)
+# trains one single-threaded run per core at once, each worker bound to its core. A run
+# there takes longer than alone on every core, but the machine finishes more runs per hour:
+# small convolutions and elementwise passes at batch 128 leave two threads of one run
+# partly idle. cnn3's steps (none / batch norm / standardization loss, ms, the 2-core
+# machine): torch 6.8 / 8.5 / 8.3 alone on both cores, 11.4 / 14.4 / 13.2 on each of two
+# workers at once; JAX 9.8 / 11.3 / 11.3 and 13.7 / 14.8 / 15.0; TensorFlow 5.2 / 7.3 / 6.4
+# and 8.0 / 10.5 / 9.6. Two single-threaded 2048 x 2048 torch products at once ran at 98
+# GFLOP/s each, one on both cores at 198: the FLOP floor is the machine's either way.
+WORKER_TIMEOUT_S = 3600  # one worker's whole measurement
+MEETING_TIMEOUT_S = 900  # how long a worker waits for the others to be ready or done
+
+
+class _Meeting:
+    """Where the workers of one measurement wait for each other: a folder in which each
+    worker leaves a file per point it has reached."""
+
+    def __init__(self, folder: str, workers: int, index: int):
+        from pathlib import Path
+
+        self.folder, self.workers, self.index = Path(folder), workers, index
+
+    def _arrived(self, point: str) -> int:
+        return len(list(self.folder.glob(f"{point}-*")))
+
+    def _arrive(self, point: str, wait) -> None:
+        import time
+
+        (self.folder / f"{point}-{self.index}").touch()
+        deadline = time.monotonic() + MEETING_TIMEOUT_S
+        while self._arrived(point) < self.workers:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"worker {self.index}: {self.workers - self._arrived(point)} other worker(s) "
+                                   f"never reached {point!r} within {MEETING_TIMEOUT_S} s")
+            wait()
+
+    def wait_for_all(self, point: str) -> None:
+        """Until every worker has reached `point`, idle."""
+        import time
+
+        self._arrive(point, lambda: time.sleep(0.01))
+
+    def keep_busy_until_all(self, point: str, steps) -> None:
+        """Until every worker has reached `point`, keep taking `steps`: a worker that has
+        finished timing still loads the machine while the others time theirs."""
+        def step_all():
+            for step in steps:
+                step()
+
+        self._arrive(point, step_all)
+
+
+def measure_as_worker(backend: str, index: int, workers: int, meeting: str) -> dict:
+    """`measure` of runs alone (group size 1) in worker `index` of `workers` started
+    together (`measure_on_workers`): every worker builds and warms up, they start timing
+    together, and each keeps stepping until the last has finished, so every timed step
+    shared the machine with the other workers' steps."""
+    import os
+    import time
+
+    place, timed = _Meeting(meeting, workers, index), {}
+
+    def before_timing():
+        place.wait_for_all("ready")
+        timed["from"] = time.time()
+
+    def after_timing(steps):
+        timed["until"] = time.time()
+        place.keep_busy_until_all("done", steps)
+
+    result = measure(backend, sizes=[1], before_timing=before_timing, after_timing=after_timing)
+    result.update(pid=os.getpid(), cores=sorted(os.sched_getaffinity(0)), threads=os.environ.get("OMP_NUM_THREADS"),
+                  timed_from=timed["from"], timed_until=timed["until"])
+    return result
+
+
+def measure_on_workers(backend: str) -> dict:
+    """`measure` (runs alone) as `--executor processes` trains them: one worker process per
+    core, bound to it with its share of the threads, all at once; the workers' figures
+    combined into the machine's (`on_the_machine`)."""
+    import os
+    import tempfile
+
+    from normbench.executors.processes import default_workers, worker_cores, worker_threads
+
+    h.check_selected(backend, "cpu")
+    workers = default_workers()
+    if workers < 2:
+        raise NotImplementedError("one core: a worker per core is the run alone (TorchRun and the others)")
+    cores = sorted(os.sched_getaffinity(0))
+    with tempfile.TemporaryDirectory(prefix="normbench-workers-") as meeting:
+        calls = [{"module": __name__, "function": "measure_as_worker",
+                  "kwargs": {"backend": backend, "index": i, "workers": workers, "meeting": meeting}} for i in range(workers)]
+        measured = h.in_concurrent_processes(calls, [worker_cores(i, workers, cores) for i in range(workers)],
+                                             worker_threads(workers), f"{backend} throughput worker", WORKER_TIMEOUT_S)
+    return on_the_machine(measured)
+
+
+def on_the_machine(measured: list[dict]) -> dict:
+    """Workers' `measure` results, taken at once, as one result of the whole machine: per
+    variant, the machine's time per step, per evaluation and per run is one over the sum of
+    the workers' rates (with n equal workers, a worker's time / n); its matrix-multiply rate
+    is the sum of theirs (each product timed beside that worker's steps), so a run's time
+    and its FLOP floor are both the machine's. Each worker's own figures are kept."""
+    def machine(key: str, k: int) -> float:
+        return 1.0 / sum(1.0 / m["cells"][k][key] for m in measured)
+
+    own = ("pid", "cores", "threads", "timed_from", "timed_until")
+    first = {k: v for k, v in measured[0].items() if k not in own}
+    cells = []
+    for k, cell in enumerate(first["cells"]):
+        if any(m["cells"][k]["variant"] != cell["variant"] for m in measured):
+            raise RuntimeError("the workers measured different variants")
+        cells.append({**cell, **{key: machine(key, k) for key in ("step_s", "evaluation_s", "group_run_s", "run_s")},
+                      "evaluation_share": statistics.mean(m["cells"][k]["evaluation_share"] for m in measured)})
+    rate = sum(m["matmul_flops_per_s"] for m in measured)
+    product_flops = first["matmul_flops_per_s"] * first["matrix_product_s"]
+    per_worker = [{key: m.get(key) for key in (*own, "matmul_flops_per_s", "device_description")}
+                  | {"run_s": {c["variant"]: c["run_s"] for c in m["cells"]}} for m in measured]
+    return {**first, "cells": cells, "matmul_flops_per_s": rate, "matrix_product_s": product_flops / rate,
+            "workers": len(measured), "per_worker": per_worker, "fastest_group_size": 1,
+            "device_description": f"{len(measured)} workers, each {first['device_description']}"}
+
+
 def _counted(cache: dict, key: str) -> dict:
     """`cache[key]`, FLOPs per variant, or asv's skip where torch was missing to count them."""
     if key not in cache:
@@ -223,6 +361,13 @@ class _Throughput:
 def _measured(backend: str, compile: bool = False) -> dict:  # noqa: A002
     try:
         return measure(backend, compile=compile)
+    except NotImplementedError as exc:
+        return {"skipped": str(exc)}
+
+
+def _measured_on_workers(backend: str) -> dict:
+    try:
+        return measure_on_workers(backend)
     except NotImplementedError as exc:
         return {"skipped": str(exc)}
 
@@ -338,3 +483,46 @@ class TensorflowRun(_Run):
 
 class TensorflowRunTime(_RunTime):
     setup_cache = TensorflowRun.setup_cache
+
+
+class TorchWorkersRun(_Run):
+    """TorchRun as `--executor processes` trains the runs: one single-threaded run per core
+    at once (`measure_on_workers`); times and the FLOP floor are the whole machine's."""
+
+    def setup_cache(self):
+        return _measured_on_workers("torch")
+
+    setup_cache.timeout = SETUP_TIMEOUT_S
+
+
+class TorchWorkersRunTime(_RunTime):
+    params = [[1]]  # runs alone: a worker trains one run at a time
+    setup_cache = TorchWorkersRun.setup_cache
+
+
+class JaxWorkersRun(_Run):
+    """JaxRun on workers (TorchWorkersRun)."""
+
+    def setup_cache(self):
+        return _measured_on_workers("jax")
+
+    setup_cache.timeout = SETUP_TIMEOUT_S
+
+
+class JaxWorkersRunTime(_RunTime):
+    params = [[1]]
+    setup_cache = JaxWorkersRun.setup_cache
+
+
+class TensorflowWorkersRun(_Run):
+    """TensorflowRun on workers (TorchWorkersRun)."""
+
+    def setup_cache(self):
+        return _measured_on_workers("tensorflow")
+
+    setup_cache.timeout = SETUP_TIMEOUT_S
+
+
+class TensorflowWorkersRunTime(_RunTime):
+    params = [[1]]
+    setup_cache = TensorflowWorkersRun.setup_cache

@@ -81,6 +81,9 @@ def test_discovery_finds_the_suite():
                     "track_main_job_flop_floor_seconds")),
         *(f"bench_throughput.{b}RunTime.track_seconds_per_run" for b in ("Torch", "Jax", "Tensorflow")),
         "bench_throughput.TorchCompiledRun.track_main_job_seconds",
+        *(f"bench_throughput.{b}WorkersRun.{m}" for b in ("Torch", "Jax", "Tensorflow")
+          for m in ("track_main_job_seconds", "track_run_to_flop_floor", "track_evaluation_share")),
+        *(f"bench_throughput.{b}WorkersRunTime.track_seconds_per_run" for b in ("Torch", "Jax", "Tensorflow")),
     }
     assert expected <= set(BENCHMARKS), sorted(expected - set(BENCHMARKS))
     assert all(b.check(str(BENCHMARK_DIR)) for b in BENCHMARKS.values())
@@ -105,12 +108,13 @@ def test_training_caches_one_per_backend():
 
 def test_throughput_measures_once_per_backend():
     """Each backend's throughput is measured once and read by both of its classes;
-    PyTorch's compiled runs are one more measurement of their own."""
+    PyTorch's compiled runs and each backend's runs on workers are one more measurement each."""
     keys = {name: get_setup_cache_key(b._setup_cache) for name, b in BENCHMARKS.items()
             if name.startswith("bench_throughput.")}
-    for backend in ("Torch", "Jax", "Tensorflow", "TorchCompiled"):
+    measured = ("Torch", "Jax", "Tensorflow", "TorchCompiled", "TorchWorkers", "JaxWorkers", "TensorflowWorkers")
+    for backend in measured:
         assert len({k for n, k in keys.items() if re.match(rf"bench_throughput\.{backend}Run(Time)?\.", n)}) == 1, backend
-    assert len(set(keys.values())) == 4
+    assert len(set(keys.values())) == len(measured)
 
 
 def test_full_budgets_follow_the_paper(monkeypatch):
@@ -164,6 +168,61 @@ def test_ratios_outside_quick_runs_are_medians_of_fresh_processes(monkeypatch):
     for m in measured:
         assert m["mine_s"] > 0 and m["other_s"] > 0 and m["ratio"] == pytest.approx(m["mine_s"] / m["other_s"])
     assert median == pytest.approx((measured[0]["ratio"] + measured[1]["ratio"]) / 2)
+
+
+def test_runs_on_workers_are_timed_at_once_each_worker_on_its_own_core():
+    """`--executor processes` as measured: one new process per core, each bound to its
+    share with one thread, timing while the others time (the intervals overlap); the
+    machine's time per run is one over the sum of the workers' rates."""
+    harness = importlib.import_module("benchmarks._harness")
+    throughput = importlib.import_module("benchmarks.bench_throughput")
+    workers = importlib.import_module("normbench.executors.processes").default_workers()
+    if workers < 2:
+        pytest.skip("one core: no workers to measure")
+    backend = next((b for b in ("torch", "tensorflow", "jax") if harness.registry.is_available(b)), None)
+    if backend is None:
+        pytest.skip("no backend available")
+    result = throughput.measure_on_workers(backend)
+    per_worker = result["per_worker"]
+    assert result["workers"] == len(per_worker) == workers
+    pids = {w["pid"] for w in per_worker}
+    assert len(pids) == workers and os.getpid() not in pids
+    cores = sorted(os.sched_getaffinity(0))
+    for i, w in enumerate(per_worker):
+        assert w["cores"] == importlib.import_module("normbench.executors.processes").worker_cores(i, workers, cores)
+        assert w["threads"] == str(max(1, os.cpu_count() // workers))
+    assert max(w["timed_from"] for w in per_worker) < min(w["timed_until"] for w in per_worker)
+    for cell in result["cells"]:
+        rates = [1.0 / w["run_s"][cell["variant"]] for w in per_worker]
+        assert cell["run_s"] == pytest.approx(1.0 / sum(rates))
+    assert result["matmul_flops_per_s"] == pytest.approx(sum(w["matmul_flops_per_s"] for w in per_worker))
+
+
+def test_the_machine_figures_of_workers_are_one_over_the_sum_of_their_rates():
+    throughput = importlib.import_module("benchmarks.bench_throughput")
+
+    def worker(run_s, step_s, rate):
+        cells = [{"group_size": 1, "variant": "a", "run_s": run_s, "group_run_s": run_s, "step_s": step_s,
+                  "evaluation_s": 2.0, "evaluation_share": 0.5, "evaluated_images": 100}]
+        return {"cells": cells, "matmul_flops_per_s": rate, "matrix_product_s": 8e9 / rate, "seeds": 10,
+                "device_description": "cpu (1 threads)", "pid": 1, "cores": [0], "threads": "1",
+                "timed_from": 0.0, "timed_until": 1.0, "run_flops": {"a": 1e12}}
+
+    machine = throughput.on_the_machine([worker(20.0, 0.010, 1e11), worker(30.0, 0.015, 0.5e11)])
+    (cell,) = machine["cells"]
+    assert cell["run_s"] == pytest.approx(12.0) and cell["step_s"] == pytest.approx(0.006)
+    assert cell["evaluation_s"] == pytest.approx(1.0) and cell["evaluation_share"] == 0.5
+    assert machine["matmul_flops_per_s"] == pytest.approx(1.5e11)
+    assert machine["matrix_product_s"] == pytest.approx(8e9 / 1.5e11)
+    assert "pid" not in machine and [w["run_s"] for w in machine["per_worker"]] == [{"a": 20.0}, {"a": 30.0}]
+    # The floor ratio reads the machine's time against the machine's rate.
+    run = throughput.TorchWorkersRun()
+    assert run.track_run_to_flop_floor(machine) == pytest.approx(12.0 / (1e12 / 1.5e11))
+    assert run.track_main_job_seconds(machine) == pytest.approx(120.0)
+    with pytest.raises(RuntimeError, match="different variants"):
+        other = worker(30.0, 0.015, 0.5e11)
+        other["cells"][0]["variant"] = "b"
+        throughput.on_the_machine([worker(20.0, 0.010, 1e11), other])
 
 
 @pytest.mark.parametrize("name", sorted(BENCHMARKS))
@@ -427,6 +486,9 @@ def test_the_main_jobs_wall_time_sums_one_share_per_framework():
     records = [{"benchmark": f"bench_throughput.{cls}Run.{share}", "value": value}
                for cls, value in (("Torch", 600.0), ("Jax", 900.0), ("Tensorflow", 300.0), ("TorchCompiled", 480.0))]
     assert [nightly._backend_of(r) for r in records] == ["torch", "jax", "tensorflow", "torch --compile"]
+    workers = {"benchmark": f"bench_throughput.JaxWorkersRun.{share}", "value": 720.0}
+    assert nightly._backend_of(workers) == "jax --executor processes"
+    assert "(torch --compile 8.0, jax --executor processes 12.0, tensorflow 5.0)" in nightly._throughput_summary(records + [workers])[2]
     lines = nightly._throughput_summary(records)
     assert lines[0].startswith("The main job's wall time (the backends one after another): 30.0 minutes (torch 10.0")
     assert lines[2].startswith("The main job's wall time with each framework's fastest option (the backends one after "

@@ -33,6 +33,16 @@ def worker_cores(index: int, workers: int, cores: list[int]) -> list[int]:
     return cores[index * share:(index + 1) * share]
 
 
+def default_workers() -> int:
+    """`--workers` left out: one worker per core."""
+    return os.cpu_count() or 1
+
+
+def worker_threads(workers: int) -> int:
+    """Each worker's intra-op threads where $OMP_NUM_THREADS does not choose: its share of the cores."""
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
 def dask_setup(worker):
     """Run by each worker process as it starts (a Dask preload), before any framework is
     imported: binds every thread of the process, and so every thread it starts later, to
@@ -51,9 +61,9 @@ def open(workers=None, scheduler=None, log=print):  # noqa: A001
     distributed = import_distributed()
     import dask
 
-    n = workers or os.cpu_count() or 1
+    n = workers or default_workers()
     chosen = os.environ.get("OMP_NUM_THREADS")
-    threads = chosen or str(max(1, (os.cpu_count() or 1) // n))
+    threads = chosen or str(worker_threads(n))
     env = {name: threads for name in THREAD_VARIABLES}
     if not chosen:  # a thread count the user chose is theirs to place
         env[WORKERS_VARIABLE] = str(n)
