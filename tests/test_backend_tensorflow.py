@@ -358,3 +358,12 @@ def test_one_channel_convolution_is_taken_against_eigens_cpu_kernels_only():
     assert "IdentityN" in op_types(tf_ops.Ops("cpu", onednn=False))  # tf.custom_gradient's mark
     assert "IdentityN" not in op_types(tf_ops.Ops("cpu", onednn=True))  # oneDNN's own is faster
     assert "IdentityN" not in op_types(tf_ops.Ops("gpu"))
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "sched_setaffinity"), reason="needs Linux's CPU affinity")
+def test_the_device_names_the_threads_of_the_cores_the_process_may_use():
+    """A worker of `--executor processes` is bound to its share of the cores, and
+    TensorFlow sizes its intra-op pool by them: the provenance's device says so, not the
+    machine's core count."""
+    bound = _engine_in_a_fresh_process("import os, torch; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})", {})
+    assert bound.stdout.strip().startswith("cpu (1 threads, "), bound.stderr[-2000:]

@@ -35,6 +35,10 @@ _DTYPES = {"float32": tf.float32, "float64": tf.float64}
 XLA_BY_DEVICE_TYPE = {"cpu": False, "gpu": False}
 
 
+def _schedulable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def onednn_enabled() -> bool | None:
     """Whether TensorFlow runs oneDNN's CPU kernels in this process (this package's
     __init__ says why normbench asks for them); None where this TensorFlow cannot say.
@@ -97,7 +101,10 @@ class Engine(base.Engine):
         if self.device_type == "gpu":
             details = tf.config.experimental.get_device_details(tf.config.list_physical_devices("GPU")[int(self.device[4:])])
             return f"gpu: {details.get('device_name', self.tf_device)} ({compiler})"
-        threads = tf.config.threading.get_intra_op_parallelism_threads() or os.cpu_count()
+        # 0 (unset): TensorFlow sizes its intra-op pool by the cores this process may run
+        # on, which a worker of `--executor processes` is bound to (one of the 2-core
+        # machine's), not by every core of the machine.
+        threads = tf.config.threading.get_intra_op_parallelism_threads() or _schedulable_cores()
         kernels = {True: "oneDNN", False: "Eigen", None: "unknown"}[self.onednn]
         return f"cpu ({threads} threads, {compiler}, {kernels} kernels)"
 
