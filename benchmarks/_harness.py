@@ -628,9 +628,14 @@ def _start_worker(mode: str, payload, cores: list[int] | None = None, threads: i
         from normbench.executors.processes import THREAD_VARIABLES
 
         env.update({name: str(threads) for name in THREAD_VARIABLES})
-    bind = (lambda: os.sched_setaffinity(0, cores)) if cores is not None else None
-    return subprocess.Popen([sys.executable, str(Path(__file__).resolve()), mode, json.dumps(payload)],
-                            stdout=subprocess.PIPE, text=True, env=env, preexec_fn=bind)
+    command = [sys.executable, str(Path(__file__).resolve()), mode, json.dumps(payload)]
+    if cores is not None:
+        # A one-line Python binds itself, then becomes the worker (exec keeps the binding):
+        # a preexec_fn could deadlock where this process already runs threads (a framework's).
+        command = [sys.executable, "-c", "import os, sys; os.sched_setaffinity(0, map(int, sys.argv[1].split(','))); "
+                   "os.execv(sys.executable, [sys.executable, *sys.argv[2:]])",
+                   ",".join(map(str, cores)), *command[1:]]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
 
 
 def _worker_result(proc: subprocess.Popen, what: str, timeout_s: float):
