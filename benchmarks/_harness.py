@@ -638,23 +638,23 @@ def _start_worker(mode: str, payload, cores: list[int] | None = None, threads: i
     return subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
 
 
-def _worker_result(proc: subprocess.Popen, what: str, timeout_s: float):
-    """What a started worker printed after the result marker, once it has exited."""
+def _worker_result(proc: subprocess.Popen, who: str, timeout_s: float):
+    """What a started worker (`who`, for errors) printed after the result marker, once it has exited."""
     try:
         out, _ = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.communicate()
-        raise RuntimeError(f"{what} worker ran past {timeout_s:.0f} s and was stopped") from None
+        raise RuntimeError(f"{who} ran past {timeout_s:.0f} s and was stopped") from None
     lines = [ln for ln in out.splitlines() if ln.startswith(_RESULT_MARKER)]
     if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"{what} worker failed (exit {proc.returncode}); its traceback is on stderr above")
+        raise RuntimeError(f"{who} failed (exit {proc.returncode}); its traceback is on stderr above")
     return json.loads(lines[-1][len(_RESULT_MARKER):])
 
 
 def _in_fresh_process(mode: str, payload, what: str, timeout_s: float):
     """This file's worker in a new process, waited for: what it printed after the result marker."""
-    return _worker_result(_start_worker(mode, payload), what, timeout_s)
+    return _worker_result(_start_worker(mode, payload), f"{what} worker", timeout_s)
 
 
 def in_concurrent_processes(calls: list[dict], cores: list[list[int]], threads: int, what: str, timeout_s: float) -> list:
@@ -663,8 +663,18 @@ def in_concurrent_processes(calls: list[dict], cores: list[list[int]], threads: 
     call i bound to `cores[i]` with `threads` intra-op threads; their return values, in order.
     A worker that fails stops the others."""
     procs = [_start_worker("--call", call, share, threads) for call, share in zip(calls, cores)]
+    results, pending, deadline = [None] * len(procs), set(range(len(procs))), time.monotonic() + timeout_s
     try:
-        return [_worker_result(proc, f"{what} {i}", timeout_s) for i, proc in enumerate(procs)]
+        # Each as it exits, so that one that failed stops the others at once instead of
+        # leaving them waiting for it (bench_throughput's workers meet before timing).
+        while pending:
+            for i in [i for i in sorted(pending) if procs[i].poll() is not None]:
+                results[i] = _worker_result(procs[i], f"{what} worker {i}", timeout_s)
+                pending.discard(i)
+            if pending and time.monotonic() > deadline:
+                raise RuntimeError(f"{what} worker {min(pending)} ran past {timeout_s:.0f} s and was stopped")
+            time.sleep(0.05)
+        return results
     finally:
         for proc in procs:
             if proc.poll() is None:

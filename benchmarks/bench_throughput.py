@@ -303,7 +303,7 @@ def measure_on_workers(backend: str) -> dict:
         calls = [{"module": __name__, "function": "measure_as_worker",
                   "kwargs": {"backend": backend, "index": i, "workers": workers, "meeting": meeting}} for i in range(workers)]
         measured = h.in_concurrent_processes(calls, [worker_cores(i, workers, cores) for i in range(workers)],
-                                             worker_threads(workers), f"{backend} throughput worker", WORKER_TIMEOUT_S)
+                                             worker_threads(workers), f"{backend} throughput", WORKER_TIMEOUT_S)
     return on_the_machine(measured)
 
 

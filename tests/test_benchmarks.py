@@ -15,6 +15,7 @@ import os
 import pickle
 import re
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -196,6 +197,20 @@ def test_runs_on_workers_are_timed_at_once_each_worker_on_its_own_core():
         rates = [1.0 / w["run_s"][cell["variant"]] for w in per_worker]
         assert cell["run_s"] == pytest.approx(1.0 / sum(rates))
     assert result["matmul_flops_per_s"] == pytest.approx(sum(w["matmul_flops_per_s"] for w in per_worker))
+
+
+def test_a_failed_concurrent_worker_stops_the_others_at_once(tmp_path):
+    """bench_throughput's workers wait for each other: one that dies must not leave the
+    rest waiting out their timeouts."""
+    harness = importlib.import_module("benchmarks._harness")
+    (tmp_path / "wait.py").write_text("import time\ntime.sleep(120)\n")
+    slow = {"module": "runpy", "function": "run_path", "kwargs": {"path_name": str(tmp_path / "wait.py")}}
+    broken = {"module": "json", "function": "loads", "kwargs": {"s": "{"}}
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="worker 1 failed"):
+        harness.in_concurrent_processes([slow, broken], [cores, cores], 1, "test", timeout_s=600)
+    assert time.monotonic() - started < 60
 
 
 def test_the_machine_figures_of_workers_are_one_over_the_sum_of_their_rates():
