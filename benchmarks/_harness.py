@@ -29,6 +29,7 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -617,7 +618,8 @@ _RESULT_MARKER = "NORMBENCH_BENCH_RESULT "
 
 def _start_worker(mode: str, payload, cores: list[int] | None = None, threads: int | None = None) -> subprocess.Popen:
     """This file's worker (`python _harness.py <mode> <json payload>`) started in a new
-    process, its stdout piped, its stderr this process's. With `cores`, the process is
+    process, its stdout to a temporary file (a pipe nobody reads until the worker exits could
+    fill and stop it), its stderr this process's. With `cores`, the process is
     bound to them before anything is imported, so every thread it starts stays there (JAX's
     XLA and TensorFlow size their thread pools by the cores they may run on); with
     `threads`, the intra-op thread variables are set as `--executor processes` sets them."""
@@ -635,18 +637,23 @@ def _start_worker(mode: str, payload, cores: list[int] | None = None, threads: i
         command = [sys.executable, "-c", "import os, sys; os.sched_setaffinity(0, map(int, sys.argv[1].split(','))); "
                    "os.execv(sys.executable, [sys.executable, *sys.argv[2:]])",
                    ",".join(map(str, cores)), *command[1:]]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
+    output = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(command, stdout=output, text=True, env=env)
+    proc.output = output  # read by _worker_result once the worker has exited
+    return proc
 
 
 def _worker_result(proc: subprocess.Popen, who: str, timeout_s: float):
     """What a started worker (`who`, for errors) printed after the result marker, once it has exited."""
     try:
-        out, _ = proc.communicate(timeout=timeout_s)
+        proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         proc.kill()
-        proc.communicate()
+        proc.wait()
         raise RuntimeError(f"{who} ran past {timeout_s:.0f} s and was stopped") from None
-    lines = [ln for ln in out.splitlines() if ln.startswith(_RESULT_MARKER)]
+    proc.output.seek(0)
+    lines = [ln for ln in proc.output.read().splitlines() if ln.startswith(_RESULT_MARKER)]
+    proc.output.close()
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"{who} failed (exit {proc.returncode}); its traceback is on stderr above")
     return json.loads(lines[-1][len(_RESULT_MARKER):])
@@ -679,7 +686,8 @@ def in_concurrent_processes(calls: list[dict], cores: list[list[int]], threads: 
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
-                proc.communicate()
+                proc.wait()
+            proc.output.close()
 
 
 def _train_in_fresh_process(runs: list[dict]) -> list[dict]:
