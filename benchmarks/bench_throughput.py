@@ -45,8 +45,12 @@ Under NORMBENCH_BENCH_QUICK every count is tiny (the same code path, in seconds)
 
 from __future__ import annotations
 
+import os
 import statistics
 import sys
+import tempfile
+import time
+from pathlib import Path
 
 from . import _harness as h
 
@@ -227,16 +231,12 @@ class _Meeting:
     worker leaves a file per point it has reached."""
 
     def __init__(self, folder: str, workers: int, index: int):
-        from pathlib import Path
-
         self.folder, self.workers, self.index = Path(folder), workers, index
 
     def _arrived(self, point: str) -> int:
         return len(list(self.folder.glob(f"{point}-*")))
 
     def _arrive(self, point: str, wait) -> None:
-        import time
-
         (self.folder / f"{point}-{self.index}").touch()
         deadline = time.monotonic() + MEETING_TIMEOUT_S
         while self._arrived(point) < self.workers:
@@ -247,8 +247,6 @@ class _Meeting:
 
     def wait_for_all(self, point: str) -> None:
         """Until every worker has reached `point`, idle."""
-        import time
-
         self._arrive(point, lambda: time.sleep(0.01))
 
     def keep_busy_until_all(self, point: str, steps) -> None:
@@ -266,9 +264,6 @@ def measure_as_worker(backend: str, index: int, workers: int, meeting: str) -> d
     together (`measure_on_workers`): every worker builds and warms up, they start timing
     together, and each keeps stepping until the last has finished, so every timed step
     shared the machine with the other workers' steps."""
-    import os
-    import time
-
     place, timed = _Meeting(meeting, workers, index), {}
 
     def before_timing():
@@ -289,9 +284,6 @@ def measure_on_workers(backend: str) -> dict:
     """`measure` (runs alone) as `--executor processes` trains them: one worker process per
     core, bound to it with its share of the threads, all at once; the workers' figures
     combined into the machine's (`on_the_machine`)."""
-    import os
-    import tempfile
-
     from normbench.executors.processes import default_workers, worker_cores, worker_threads
 
     h.check_selected(backend, "cpu")
