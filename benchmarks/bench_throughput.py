@@ -38,7 +38,7 @@ then the `track_` methods read it), with real MNIST placed once:
 
 The `*WorkersRun` classes measure the same figures of runs alone as `--executor processes`
 trains them, one single-threaded worker per core at once (`measure_on_workers`), as the
-whole machine's.
+whole machine's; `TorchCompiledWorkersRun` with `--compile` too.
 
 Under NORMBENCH_BENCH_QUICK every count is tiny (the same code path, in seconds).
 """
@@ -259,7 +259,7 @@ class _Meeting:
         self._arrive(point, step_all)
 
 
-def measure_as_worker(backend: str, index: int, workers: int, meeting: str) -> dict:
+def measure_as_worker(backend: str, index: int, workers: int, meeting: str, compile: bool = False) -> dict:  # noqa: A002
     """`measure` of runs alone (group size 1) in worker `index` of `workers` started
     together (`measure_on_workers`): every worker builds and warms up, they start timing
     together, and each keeps stepping until the last has finished, so every timed step
@@ -274,13 +274,13 @@ def measure_as_worker(backend: str, index: int, workers: int, meeting: str) -> d
         timed["until"] = time.time()
         place.keep_busy_until_all("done", steps)
 
-    result = measure(backend, sizes=[1], before_timing=before_timing, after_timing=after_timing)
+    result = measure(backend, compile=compile, sizes=[1], before_timing=before_timing, after_timing=after_timing)
     result.update(pid=os.getpid(), cores=sorted(os.sched_getaffinity(0)), threads=os.environ.get("OMP_NUM_THREADS"),
                   timed_from=timed["from"], timed_until=timed["until"])
     return result
 
 
-def measure_on_workers(backend: str) -> dict:
+def measure_on_workers(backend: str, compile: bool = False) -> dict:  # noqa: A002
     """`measure` (runs alone) as `--executor processes` trains them: one worker process per
     core, bound to it with its share of the threads, all at once; the workers' figures
     combined into the machine's (`on_the_machine`)."""
@@ -293,7 +293,7 @@ def measure_on_workers(backend: str) -> dict:
     cores = sorted(os.sched_getaffinity(0))
     with tempfile.TemporaryDirectory(prefix="normbench-workers-") as meeting:
         calls = [{"module": __name__, "function": "measure_as_worker",
-                  "kwargs": {"backend": backend, "index": i, "workers": workers, "meeting": meeting}} for i in range(workers)]
+                  "kwargs": {"backend": backend, "index": i, "workers": workers, "meeting": meeting, "compile": compile}} for i in range(workers)]
         measured = h.in_concurrent_processes(calls, [worker_cores(i, workers, cores) for i in range(workers)],
                                              worker_threads(workers), f"{backend} throughput", WORKER_TIMEOUT_S)
     return on_the_machine(measured)
@@ -357,9 +357,9 @@ def _measured(backend: str, compile: bool = False) -> dict:  # noqa: A002
         return {"skipped": str(exc)}
 
 
-def _measured_on_workers(backend: str) -> dict:
+def _measured_on_workers(backend: str, compile: bool = False) -> dict:  # noqa: A002
     try:
-        return measure_on_workers(backend)
+        return measure_on_workers(backend, compile=compile)
     except NotImplementedError as exc:
         return {"skipped": str(exc)}
 
@@ -490,6 +490,21 @@ class TorchWorkersRun(_Run):
 class TorchWorkersRunTime(_RunTime):
     params = [[1]]  # runs alone: a worker trains one run at a time
     setup_cache = TorchWorkersRun.setup_cache
+
+
+class TorchCompiledWorkersRun(_Run):
+    """TorchWorkersRun with `--compile`: each worker compiles every variant once, then
+    times runs alone as TorchCompiledRun does (`--compile --executor processes`)."""
+
+    def setup_cache(self):
+        return _measured_on_workers("torch", compile=True)
+
+    setup_cache.timeout = SETUP_TIMEOUT_S
+
+
+class TorchCompiledWorkersRunTime(_RunTime):
+    params = [[1]]
+    setup_cache = TorchCompiledWorkersRun.setup_cache
 
 
 class JaxWorkersRun(_Run):

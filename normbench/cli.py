@@ -46,7 +46,7 @@ def _apply_overrides(spec, seeds: int | None, steps: int | None):
 
 def _grouping(args) -> dict:
     """run_sweep's group_size and compile, passed only when given (the cluster executors
-    take neither; check_options says so)."""
+    take no group_size; check_options says so)."""
     return {**({} if args.group_size is None else {"group_size": args.group_size}),
             **({"compile": True} if args.compile else {})}
 
@@ -147,7 +147,7 @@ def _open_executor(args):
 def _cmd_run(args) -> int:
     from normbench import backends, executors, spec as spec_module
 
-    executors.check_options(args.executor, args.workers, args.scheduler, args.group_size, args.compile)
+    executors.check_options(args.executor, args.workers, args.scheduler, args.group_size)
     spec = _apply_overrides(spec_module.load(args.spec), args.seeds, args.steps)
     backend = backends.canonical_name(args.backend)
     out = Path(args.out) if args.out else Path("runs") / spec.name
@@ -161,7 +161,7 @@ def _cmd_run(args) -> int:
 def _cmd_reproduce(args) -> int:
     from normbench import executors, experiments
 
-    executors.check_options(args.executor, args.workers, args.scheduler, args.group_size, args.compile)
+    executors.check_options(args.executor, args.workers, args.scheduler, args.group_size)
     if args.experiment != "all":  # an unknown name fails before a cluster is started
         try:
             experiments.get(args.experiment)

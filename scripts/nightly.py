@@ -524,10 +524,10 @@ def _backend_of(record: dict) -> str:
     """The backend of a record: a parameter, or (training classes) the class name."""
     if record.get("backend"):
         return record["backend"]
-    cls = record["benchmark"].split(".")[-2]  # e.g. TorchTraining, JaxDeviceMemory, TorchCompiledRun, JaxWorkersRun
+    cls = record["benchmark"].split(".")[-2]  # e.g. TorchTraining, JaxDeviceMemory, TorchCompiledWorkersRun
     name = re.sub(r"(Training|DeviceMemory|RunTime|Run)$", "", cls)
     name = re.sub(r"^(\w+?)Workers$", r"\1 --executor processes", name)
-    return re.sub(r"^(\w+?)Compiled$", r"\1 --compile", name).lower()
+    return re.sub(r"^(\w+?)Compiled\b", r"\1 --compile", name).lower()
 
 
 # ----------------------------------------------------------------------------- main

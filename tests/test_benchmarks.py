@@ -82,9 +82,9 @@ def test_discovery_finds_the_suite():
                     "track_main_job_flop_floor_seconds")),
         *(f"bench_throughput.{b}RunTime.track_seconds_per_run" for b in ("Torch", "Jax", "Tensorflow")),
         "bench_throughput.TorchCompiledRun.track_main_job_seconds",
-        *(f"bench_throughput.{b}WorkersRun.{m}" for b in ("Torch", "Jax", "Tensorflow")
+        *(f"bench_throughput.{b}WorkersRun.{m}" for b in ("Torch", "TorchCompiled", "Jax", "Tensorflow")
           for m in ("track_main_job_seconds", "track_run_to_flop_floor", "track_evaluation_share")),
-        *(f"bench_throughput.{b}WorkersRunTime.track_seconds_per_run" for b in ("Torch", "Jax", "Tensorflow")),
+        *(f"bench_throughput.{b}WorkersRunTime.track_seconds_per_run" for b in ("Torch", "TorchCompiled", "Jax", "Tensorflow")),
     }
     assert expected <= set(BENCHMARKS), sorted(expected - set(BENCHMARKS))
     assert all(b.check(str(BENCHMARK_DIR)) for b in BENCHMARKS.values())
@@ -109,10 +109,12 @@ def test_training_caches_one_per_backend():
 
 def test_throughput_measures_once_per_backend():
     """Each backend's throughput is measured once and read by both of its classes;
-    PyTorch's compiled runs and each backend's runs on workers are one more measurement each."""
+    PyTorch's compiled runs and each backend's runs on workers (PyTorch's eager and compiled)
+    are one more measurement each."""
     keys = {name: get_setup_cache_key(b._setup_cache) for name, b in BENCHMARKS.items()
             if name.startswith("bench_throughput.")}
-    measured = ("Torch", "Jax", "Tensorflow", "TorchCompiled", "TorchWorkers", "JaxWorkers", "TensorflowWorkers")
+    measured = ("Torch", "Jax", "Tensorflow", "TorchCompiled", "TorchWorkers", "TorchCompiledWorkers", "JaxWorkers",
+                "TensorflowWorkers")
     for backend in measured:
         assert len({k for n, k in keys.items() if re.match(rf"bench_throughput\.{backend}Run(Time)?\.", n)}) == 1, backend
     assert len(set(keys.values())) == len(measured)
@@ -503,6 +505,10 @@ def test_the_main_jobs_wall_time_sums_one_share_per_framework():
     assert [nightly._backend_of(r) for r in records] == ["torch", "jax", "tensorflow", "torch --compile"]
     workers = {"benchmark": f"bench_throughput.JaxWorkersRun.{share}", "value": 720.0}
     assert nightly._backend_of(workers) == "jax --executor processes"
+    compiled_workers = {"benchmark": f"bench_throughput.TorchCompiledWorkersRunTime.{share}", "value": 360.0}
+    assert nightly._backend_of(compiled_workers) == "torch --compile --executor processes"
+    assert ("(torch --compile --executor processes 6.0, jax --executor processes 12.0, tensorflow 5.0)"
+            in nightly._throughput_summary(records + [workers, compiled_workers])[2])
     assert "(torch --compile 8.0, jax --executor processes 12.0, tensorflow 5.0)" in nightly._throughput_summary(records + [workers])[2]
     lines = nightly._throughput_summary(records)
     assert lines[0].startswith("The main job's wall time (the backends one after another): 30.0 minutes (torch 10.0")

@@ -198,6 +198,36 @@ def test_a_local_cluster_sweep_equals_the_local_sweep(tmp_path, local_reference)
     assert reused_count(again.stdout) == SMOKE_RUNS and f"resuming: {SMOKE_RUNS} of {SMOKE_RUNS}" in again.stderr
 
 
+@needs_torch
+def test_a_local_cluster_sweep_with_compile_compiles_on_the_workers(tmp_path):
+    """`--compile --executor processes`: every run is trained by a worker with its step
+    compiled (provenance `compiled_step`), keeps its run key, and its metrics are those of
+    the local `--compile` sweep, bit for bit (one thread each, the same generated kernels)."""
+    spec_path = tmp_path / "compiled.toml"
+    spec_path.write_text(tomli_w.dumps({
+        "name": "compiled", "model": "mlp-tiny", "dataset": "mnist", "batch_size": 16, "steps": 3, "eval_every": 3,
+        "train_eval_examples": 200, "seeds": 2, "optimizer": {"name": "sgd", "learning_rate": 0.05},
+        "variant": [{"name": "standardization_loss", "normalization": "standardization_loss",
+                     "standardization_loss_weight": 1.0}]}))
+    local, workers = tmp_path / "local", tmp_path / "workers"
+    result = run_cli("run", spec_path, "--backend", "torch", "--no-progress", "--compile", "--out", local)
+    assert result.returncode == 0, result.stderr
+    result = run_cli("run", spec_path, "--backend", "torch", "--no-progress", "--compile", "--out", workers,
+                     "--executor", "processes", "--workers", "2")
+    assert result.returncode == 0, result.stderr
+    assert metrics_rows(workers) == metrics_rows(local)
+    for run_dir, reference in zip(runner.finished_run_dirs(workers), runner.finished_run_dirs(local), strict=True):
+        mine, theirs = (json.loads((d / "provenance.json").read_text()) for d in (run_dir, reference))
+        assert mine["worker"].startswith("tcp://127.0.0.1:")
+        assert mine["compiled_step"] is True and theirs["compiled_step"] is True
+        assert mine["run_key"] == theirs["run_key"]
+    # The eager sweep reuses the compiled runs: the run key leaves the compilation out.
+    again = run_cli("run", spec_path, "--backend", "torch", "--no-progress", "--out", workers,
+                    "--executor", "processes", "--workers", "2")
+    assert again.returncode == 0, again.stderr
+    assert reused_count(again.stdout) == 2
+
+
 @pytest.mark.parametrize("workers,cores,expected", [
     (2, [0, 1], [[0], [1]]),
     (2, [0, 1, 2, 3], [[0, 1], [2, 3]]),

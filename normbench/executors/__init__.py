@@ -14,8 +14,8 @@ and resume, locking and metrics.csv behave as documented in normbench.runner.
 Each executor is one module here, named in EXECUTORS and imported only when chosen, so
 `import normbench` never imports dask. A module provides `open(workers, scheduler, log)`,
 a context manager yielding an object with
-`run_sweep(spec, backend_names, out, *, device, data_dir, progress, log) -> list[RunResult]`
-(the local executor's also takes `group_size` and `compile`, see runner.run_sweep).
+`run_sweep(spec, backend_names, out, *, device, data_dir, progress, log, compile) -> list[RunResult]`
+(`compile` as in runner.run_sweep; the local executor's also takes `group_size`).
 """
 
 from __future__ import annotations
@@ -41,8 +41,7 @@ def names() -> list[str]:
     return list(EXECUTORS)
 
 
-def check_options(executor: str, workers: int | None, scheduler: str | None, group_size: int | None = None,
-                  compile: bool = False) -> None:  # noqa: A002
+def check_options(executor: str, workers: int | None, scheduler: str | None, group_size: int | None = None) -> None:
     """Reject option combinations that make no sense, naming the option and the fix."""
     if executor not in EXECUTORS:
         raise ExecutorError(f"--executor {executor!r}: choose from {', '.join(EXECUTORS)}")
@@ -51,9 +50,6 @@ def check_options(executor: str, workers: int | None, scheduler: str | None, gro
         # runs one by one); grouping runs is the local executor's.
         raise ExecutorError(f"--group-size is only for --executor local (got --executor {executor}); "
                             "drop --group-size or use --executor local")
-    if compile and executor != "local":
-        raise ExecutorError(f"--compile is only for --executor local (got --executor {executor}); "
-                            "drop --compile or use --executor local")
     if workers is not None and executor != "processes":
         raise ExecutorError(f"--workers is only for --executor processes (got --executor {executor}); "
                             "add --executor processes or drop --workers")

@@ -69,9 +69,10 @@ def _cached(key, make):
 
 
 def train_task(spec, variant_name: str, seed: int, backend: str, device: str | None, data_dir: str | None,
-               expected_key: str) -> dict:
+               expected_key: str, compile: bool = False) -> dict:  # noqa: A002
     """Train one run on this worker: {"outcome", "record"}, or {"refused", "worker"} when the
-    worker cannot run it at all (retrying would not help)."""
+    worker cannot run it at all (retrying would not help). `compile` as in runner.run_sweep:
+    the worker compiles each variant once and its runs share the compiled step."""
     import normbench
     from normbench import backends, provenance, resources, runner
     from normbench.datasets import DatasetError
@@ -84,8 +85,8 @@ def train_task(spec, variant_name: str, seed: int, backend: str, device: str | N
             raise ExecutorError(f"run key {key} computed here differs from the submitter's {expected_key}: this worker "
                                 f"has normbench {normbench.__version__} at {provenance.git_state()['git_commit']}; "
                                 "install the submitter's version on every worker")
-        engine_key = ("engine", backend, device, spec.dtype)
-        engine = _cached(engine_key, lambda: backends.get_engine(backend, device=device, dtype=spec.dtype))
+        engine_key = ("engine", backend, device, spec.dtype, compile)
+        engine = _cached(engine_key, lambda: backends.get_engine(backend, device=device, dtype=spec.dtype, compile=compile))
         data_key = ("data", spec.dataset, spec.dtype, data_dir)
         data = _cached(data_key, lambda: runner.load_data(spec, data_dir))
         _cached(("fits", engine_key, spec.hash()), lambda: resources.check_fits(spec, [engine]))
@@ -113,7 +114,8 @@ class DaskExecutor:
         if not self.workers:
             log(f"no Dask worker is connected to {where} yet; the runs wait for one (`dask worker {where}`)")
 
-    def run_sweep(self, spec, backend_names, out, *, device=None, data_dir=None, progress=True, log=print):
+    def run_sweep(self, spec, backend_names, out, *, device=None, data_dir=None, progress=True, log=print,
+                  compile=False):  # noqa: A002
         resources = None
         if self.gpu_resources and device and device.startswith("cuda"):
             resources = {"GPU": 1}  # one run holds one GPU
@@ -121,11 +123,11 @@ class DaskExecutor:
                 log(f"no worker of {self.where} offers a GPU resource yet; the runs wait for one "
                     f"(start them with `dask worker {self.where} --resources GPU=1`, see docs/cluster.md)")
         return run_sweep(self.client, spec, backend_names, out, device=device, data_dir=data_dir, progress=progress,
-                         log=log, resources=resources, where=self.where)
+                         log=log, resources=resources, where=self.where, compile=compile)
 
 
 def run_sweep(client, spec, backend_names, out, *, device=None, data_dir=None, progress=True, log=print,
-              resources=None, where="the cluster"):
+              resources=None, where="the cluster", compile=False):  # noqa: A002
     """Run every variant x seed of `spec` on each backend through `client`, resuming
     finished runs; the same results directory, files and guarantees as runner.run_sweep."""
     from distributed import as_completed
@@ -176,8 +178,11 @@ def run_sweep(client, spec, backend_names, out, *, device=None, data_dir=None, p
 
     def submit(i: int):
         backend, variant, seed = todo[i]
-        future = client.submit(train_task, spec, variant.name, seed, backend, device, data_dir, keys[i],
-                               key=f"normbench-run-{keys[i]}", resources=resources, retries=RETRIES)
+        # Dask shares a task between submitters that give the same key: a compiled and an
+        # eager run of one run key must not answer for each other (provenance differs).
+        task = f"normbench-run-{keys[i]}" + ("-compiled" if compile else "")
+        future = client.submit(train_task, spec, variant.name, seed, backend, device, data_dir, keys[i], compile,
+                               key=task, resources=resources, retries=RETRIES)
         futures[future] = i
         return future
 
