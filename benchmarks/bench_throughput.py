@@ -455,6 +455,11 @@ class TorchCompiledRun(_Run):
     setup_cache.timeout = SETUP_TIMEOUT_S
 
 
+class TorchCompiledRunTime(_RunTime):
+    params = [[1]]  # a vectorized group is not compiled (`measure`)
+    setup_cache = TorchCompiledRun.setup_cache
+
+
 class JaxRun(_Run):
     def setup_cache(self):
         return _measured("jax")

@@ -82,6 +82,7 @@ def test_discovery_finds_the_suite():
                     "track_main_job_flop_floor_seconds")),
         *(f"bench_throughput.{b}RunTime.track_seconds_per_run" for b in ("Torch", "Jax", "Tensorflow")),
         "bench_throughput.TorchCompiledRun.track_main_job_seconds",
+        "bench_throughput.TorchCompiledRunTime.track_seconds_per_run",
         *(f"bench_throughput.{b}WorkersRun.{m}" for b in ("Torch", "TorchCompiled", "Jax", "Tensorflow")
           for m in ("track_main_job_seconds", "track_run_to_flop_floor", "track_evaluation_share")),
         *(f"bench_throughput.{b}WorkersRunTime.track_seconds_per_run" for b in ("Torch", "TorchCompiled", "Jax", "Tensorflow")),
