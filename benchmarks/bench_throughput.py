@@ -293,7 +293,8 @@ def measure_on_workers(backend: str, compile: bool = False) -> dict:  # noqa: A0
     cores = sorted(os.sched_getaffinity(0))
     with tempfile.TemporaryDirectory(prefix="normbench-workers-") as meeting:
         calls = [{"module": __name__, "function": "measure_as_worker",
-                  "kwargs": {"backend": backend, "index": i, "workers": workers, "meeting": meeting, "compile": compile}} for i in range(workers)]
+                  "kwargs": {"backend": backend, "index": i, "workers": workers, "meeting": meeting, "compile": compile}}
+                 for i in range(workers)]
         measured = h.in_concurrent_processes(calls, [worker_cores(i, workers, cores) for i in range(workers)],
                                              worker_threads(workers), f"{backend} throughput", WORKER_TIMEOUT_S)
     return on_the_machine(measured)

@@ -86,7 +86,8 @@ def train_task(spec, variant_name: str, seed: int, backend: str, device: str | N
                                 f"has normbench {normbench.__version__} at {provenance.git_state()['git_commit']}; "
                                 "install the submitter's version on every worker")
         engine_key = ("engine", backend, device, spec.dtype, compile)
-        engine = _cached(engine_key, lambda: backends.get_engine(backend, device=device, dtype=spec.dtype, compile=compile))
+        engine = _cached(engine_key,
+                         lambda: backends.get_engine(backend, device=device, dtype=spec.dtype, compile=compile))
         data_key = ("data", spec.dataset, spec.dtype, data_dir)
         data = _cached(data_key, lambda: runner.load_data(spec, data_dir))
         _cached(("fits", engine_key, spec.hash()), lambda: resources.check_fits(spec, [engine]))
