@@ -645,15 +645,15 @@ def _start_worker(mode: str, payload, cores: list[int] | None = None, threads: i
 
 def _worker_result(proc: subprocess.Popen, who: str, timeout_s: float):
     """What a started worker (`who`, for errors) printed after the result marker, once it has exited."""
-    try:
-        proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        raise RuntimeError(f"{who} ran past {timeout_s:.0f} s and was stopped") from None
-    proc.output.seek(0)
-    lines = [ln for ln in proc.output.read().splitlines() if ln.startswith(_RESULT_MARKER)]
-    proc.output.close()
+    with proc.output:  # closed on every path, the timeout's too
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise RuntimeError(f"{who} ran past {timeout_s:.0f} s and was stopped") from None
+        proc.output.seek(0)
+        lines = [ln for ln in proc.output.read().splitlines() if ln.startswith(_RESULT_MARKER)]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"{who} failed (exit {proc.returncode}); its traceback is on stderr above")
     return json.loads(lines[-1][len(_RESULT_MARKER):])
