@@ -72,7 +72,8 @@ def _add_run_options(p: argparse.ArgumentParser, default_out: str) -> None:
     p.add_argument("--executor", default="local", metavar="NAME",
                    help="where runs execute: local (this process, the default), processes (a local Dask cluster "
                         "of --workers processes) or dask (the Dask cluster at --scheduler); see docs/cluster.md")
-    p.add_argument("--workers", type=_positive_int, help="worker processes of --executor processes (default: the cores)")
+    p.add_argument("--workers", type=_positive_int,
+                   help="worker processes of --executor processes (default: the cores this process may run on)")
     p.add_argument("--scheduler", metavar="ADDRESS", help="Dask scheduler of --executor dask, e.g. tcp://head:8786")
 
 

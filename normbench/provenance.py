@@ -38,6 +38,16 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def schedulable_cores() -> int:
+    """How many cores this process may run on: its affinity where the platform has one
+    (taskset, a container's cpuset, a Slurm allocation), else every core of the machine.
+    Sizes worker pools and thread counts; `os.cpu_count()` would count cores the process
+    cannot use and oversubscribe the ones it can."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 # The command line being served, set by the CLI (which may be called as `main(argv)` from
 # Python, where sys.argv is the caller's, not normbench's).
 _command_line: list[str] | None = None

@@ -241,6 +241,21 @@ def test_local_workers_get_disjoint_equal_shares_of_the_cores(workers, cores, ex
     assert [processes.worker_cores(i, workers, cores) for i in range(workers)] == expected
 
 
+def test_local_workers_are_counted_from_the_cores_this_process_may_run_on(monkeypatch):
+    """Under taskset, a container's cpuset or a Slurm allocation, os.cpu_count() still
+    counts the whole machine: sizing by it would start a worker per machine core, all
+    round-robin on the few allowed, each with a machine's share of threads."""
+    from normbench import provenance
+    from normbench.executors import processes
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3, 4, 5, 6}, raising=False)
+    assert (processes.default_workers(), processes.worker_threads(2), processes.worker_threads(8)) == (4, 2, 1)
+    assert provenance.schedulable_cores() == 4
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)  # macOS, Windows: no affinity to read
+    assert (processes.default_workers(), processes.worker_threads(2)) == (16, 8)
+
+
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
                     reason="needs Linux and two cores")
 def test_local_cluster_workers_are_bound_to_their_own_cores(monkeypatch):

@@ -22,7 +22,7 @@ if importlib.util.find_spec("torch") is not None:
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from normbench import resources  # noqa: E402
+from normbench import provenance, resources  # noqa: E402
 from normbench.backends import base  # noqa: E402
 from normbench.backends.tensorflow.ops import Ops  # noqa: E402
 
@@ -33,10 +33,6 @@ _DTYPES = {"float32": tf.float32, "float64": tf.float64}
 # slower for cnn3 and mlp3 in every variant, and compiled 2-5x longer. GPU: not measured
 # yet, so the graph executor stays the default there too. Engine(jit_compile=True) forces it.
 XLA_BY_DEVICE_TYPE = {"cpu": False, "gpu": False}
-
-
-def _schedulable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def onednn_enabled() -> bool | None:
@@ -104,7 +100,7 @@ class Engine(base.Engine):
         # 0 (unset): TensorFlow sizes its intra-op pool by the cores this process may run
         # on, which a worker of `--executor processes` is bound to (one of the 2-core
         # machine's), not by every core of the machine.
-        threads = tf.config.threading.get_intra_op_parallelism_threads() or _schedulable_cores()
+        threads = tf.config.threading.get_intra_op_parallelism_threads() or provenance.schedulable_cores()
         kernels = {True: "oneDNN", False: "Eigen", None: "unknown"}[self.onednn]
         return f"cpu ({threads} threads, {compiler}, {kernels} kernels)"
 

@@ -19,6 +19,7 @@ import os
 
 from normbench.executors import ExecutorError
 from normbench.executors.dask_sweep import ALLOWED_FAILURES, DaskExecutor, import_distributed
+from normbench.provenance import schedulable_cores
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 WORKERS_VARIABLE = "NORMBENCH_LOCAL_WORKERS"  # set for the workers: how many share the cores
@@ -34,13 +35,13 @@ def worker_cores(index: int, workers: int, cores: list[int]) -> list[int]:
 
 
 def default_workers() -> int:
-    """`--workers` left out: one worker per core."""
-    return os.cpu_count() or 1
+    """`--workers` left out: one worker per core this process may run on."""
+    return schedulable_cores()
 
 
 def worker_threads(workers: int) -> int:
     """Each worker's intra-op threads where $OMP_NUM_THREADS does not choose: its share of the cores."""
-    return max(1, (os.cpu_count() or 1) // workers)
+    return max(1, schedulable_cores() // workers)
 
 
 def dask_setup(worker):
