@@ -59,6 +59,7 @@ from pathlib import Path
 import numpy as np
 
 from normbench.durable import fsync_path
+from normbench.provenance import schedulable_cores
 
 from .base import (
     HELD_MEMORY_FRACTION,
@@ -289,8 +290,8 @@ def _build_split(directory: Path, cache: Path, split: str, entries: list, image_
         images = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=shape)
     _write_durably(digest_path, "".join(f"{line}\n" for line in lines))
     digests = {name: digest for digest, _, name in (line.partition("  ") for line in lines)}
-    workers = max(1, min(8, os.cpu_count() or 1))
-    # Pillow decodes and resizes without holding the GIL: threads use every core.
+    workers = min(8, schedulable_cores())
+    # Pillow decodes and resizes without holding the GIL: threads use every core this process may run on.
     with ThreadPoolExecutor(workers) as pool:
         for start in range(len(lines), len(entries), STREAM_CHUNK):
             chunk = [relative for relative, _ in entries[start:start + STREAM_CHUNK]]
